@@ -1,0 +1,327 @@
+"""Llama / Qwen2-family decoder in Flax NNX, with an LM head and/or a value head.
+
+One `Transformer` class covers the three model roles of the blueprint:
+  * policy       = trunk + LM head             (`lm_head=True,  value_head='none'`)
+  * value / PRM  = trunk + scalar MLP head      (`lm_head=False, value_head='sigmoid'|'logit'`)
+  * actor-critic = one trunk with both heads    (`lm_head=True,  value_head=...`)
+
+Attention is slot based, which makes left padding, right padding and a KV cache one
+mechanism: a key in slot j is visible to a query in slot i iff j <= i and slot j holds a real
+token. Rotary positions come from the caller (`positions_from_mask` for padded rows), so a
+left-padded prompt gets the same positions as the unpadded one.
+
+Every parameter carries `logical_axes` metadata; `rlm_jax.sharding` maps them to the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlm_jax import sharding
+
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a decoder. Field names follow HF Llama/Qwen2 where they overlap."""
+
+  vocab_size: int
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: int = 64
+  d_ff: int = 704
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2 has biases on q, k and v.
+  lm_head: bool = True
+  value_head: Literal['none', 'sigmoid', 'logit'] = 'none'
+  value_hidden: int = 0  # 0 -> d_model.
+  dtype: str = 'float32'  # compute dtype, e.g. 'bfloat16'.
+  param_dtype: str = 'float32'  # storage dtype of the master weights.
+  remat: Literal['none', 'full', 'dots'] = 'none'
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f'model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}'
+      )
+    if self.head_dim % 2:
+      raise ValueError(f'model.head_dim={self.head_dim} must be even (rotary embedding)')
+    if not self.lm_head and self.value_head == 'none':
+      raise ValueError("model has no head: set model.lm_head=True or model.value_head != 'none'")
+    if self.tie_embeddings and not self.lm_head:
+      raise ValueError('model.tie_embeddings=True needs model.lm_head=True')
+    for name in ('dtype', 'param_dtype'):
+      if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(
+            f"model.{name}='{getattr(self, name)}': must be one of 'float32', 'bfloat16', 'float16'"
+        )
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+class KVCache(NamedTuple):
+  """Per-layer keys/values in T slots, plus which slots hold real tokens."""
+
+  k: tuple[jax.Array, ...]  # n_layers x [B, T, KVH, Dh]
+  v: tuple[jax.Array, ...]
+  valid_BxT: jax.Array  # bool
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, size: int) -> 'KVCache':
+    shape = (batch, size, cfg.n_kv_heads, cfg.head_dim)
+    zeros = lambda: jnp.zeros(shape, cfg.compute_dtype)
+    return cls(
+        k=tuple(zeros() for _ in range(cfg.n_layers)),
+        v=tuple(zeros() for _ in range(cfg.n_layers)),
+        valid_BxT=jnp.zeros((batch, size), bool),
+    )
+
+  @property
+  def size(self) -> int:
+    return self.valid_BxT.shape[1]
+
+
+class ModelOutput(NamedTuple):
+  logits_BxLxV: jax.Array | None
+  values_BxL: jax.Array | None
+  hidden_BxLxD: jax.Array
+  cache: KVCache | None
+
+
+def positions_from_mask(mask_BxL: jax.Array) -> jax.Array:
+  """Rotary positions 0, 1, ... over the real tokens of each row (padding gets 0)."""
+  return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, std: float | None = None):
+  std = cfg.init_std if std is None else std
+  value = std * jax.random.normal(rngs.params(), shape, jnp.dtype(cfg.param_dtype))
+  return nnx.Param(value, logical_axes=axes)
+
+
+def _ones(shape, axes, cfg):
+  return nnx.Param(jnp.ones(shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
+
+
+def _zeros(shape, axes, cfg):
+  return nnx.Param(jnp.zeros(shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, cfg: ModelConfig):
+    self.eps = cfg.norm_eps
+    self.scale = _ones((dim,), ('norm',), cfg)
+
+  def __call__(self, x):
+    # Normalise in float32 (as HF Llama does), then scale in the compute dtype.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return x32.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the half-split ('rotate_half') layout used by HF Llama/Qwen2."""
+  d = x_BxLxHxD.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles_BxLxF = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_BxLxF)[:, :, None, :]
+  sin = jnp.sin(angles_BxLxF)[:, :, None, :]
+  x = x_BxLxHxD.astype(jnp.float32)
+  x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxD.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.wq = _param(rngs, (d, h, dh), ('embed', 'heads', 'head_dim'), cfg)
+    self.wk = _param(rngs, (d, kv, dh), ('embed', 'kv_heads', 'head_dim'), cfg)
+    self.wv = _param(rngs, (d, kv, dh), ('embed', 'kv_heads', 'head_dim'), cfg)
+    self.wo = _param(rngs, (h, dh, d), ('heads', 'head_dim', 'embed'), cfg)
+    if cfg.qkv_bias:
+      self.bq = _zeros((h, dh), ('heads', 'head_dim'), cfg)
+      self.bk = _zeros((kv, dh), ('kv_heads', 'head_dim'), cfg)
+      self.bv = _zeros((kv, dh), ('kv_heads', 'head_dim'), cfg)
+
+  def __call__(self, x_BxLxD, positions_BxL, visible_BxLxT, kv_cache, cache_index):
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    q = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wq[...].astype(dt))
+    k = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wk[...].astype(dt))
+    v = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wv[...].astype(dt))
+    if cfg.qkv_bias:
+      q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+    q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
+    q = apply_rope(q, positions_BxL, cfg.rope_theta)
+    k = apply_rope(k, positions_BxL, cfg.rope_theta)
+    if kv_cache is not None:
+      k_cache, v_cache = kv_cache
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+      new_kv = (k, v)
+    else:
+      new_kv = None
+    b, l, h, dh = q.shape
+    groups = h // cfg.n_kv_heads
+    q_BxLxKxGxD = q.reshape(b, l, cfg.n_kv_heads, groups, dh)
+    scores = jnp.einsum('blkgd,btkd->bkglt', q_BxLxKxGxD, k.astype(dt)).astype(jnp.float32)
+    scores = scores * (dh**-0.5)
+    scores = jnp.where(visible_BxLxT[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum('bkglt,btkd->blkgd', probs, v.astype(dt)).reshape(b, l, h, dh)
+    out = jnp.einsum('blhk,hkd->bld', out, self.wo[...].astype(dt))
+    return out, new_kv
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.w_gate = _param(rngs, (cfg.d_model, cfg.d_ff), ('embed', 'mlp'), cfg)
+    self.w_up = _param(rngs, (cfg.d_model, cfg.d_ff), ('embed', 'mlp'), cfg)
+    self.w_down = _param(rngs, (cfg.d_ff, cfg.d_model), ('mlp', 'embed'), cfg)
+
+  def __call__(self, x_BxLxD):
+    dt = self.cfg.compute_dtype
+    gate = x_BxLxD @ self.w_gate[...].astype(dt)
+    up = x_BxLxD @ self.w_up[...].astype(dt)
+    h_BxLxF = sharding.constrain(jax.nn.silu(gate) * up, ('batch', 'length', 'mlp'))
+    return h_BxLxF @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.d_model, cfg)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, cfg)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, visible, kv_cache, cache_index):
+    h, new_kv = self.attn(self.attn_norm(x), positions, visible, kv_cache, cache_index)
+    x = x + h
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, ('batch', 'length', 'embed')), new_kv
+
+
+class ValueHead(nnx.Module):
+  """Small MLP from the trunk's hidden state to one scalar per position."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    hidden = cfg.value_hidden or cfg.d_model
+    self.w1 = _param(rngs, (cfg.d_model, hidden), ('embed', 'value_hidden'), cfg)
+    self.b1 = _zeros((hidden,), ('value_hidden',), cfg)
+    self.w2 = _param(rngs, (hidden, 1), ('value_hidden', None), cfg)
+    self.b2 = _zeros((1,), (None,), cfg)
+
+  def __call__(self, h_BxLxD):
+    h = h_BxLxD.astype(jnp.float32)
+    z = jax.nn.gelu(h @ self.w1[...].astype(jnp.float32) + self.b1[...])
+    z_BxL = (z @ self.w2[...].astype(jnp.float32) + self.b2[...])[..., 0]
+    if self.cfg.value_head == 'sigmoid':
+      return 2.0 * jax.nn.sigmoid(z_BxL) - 1.0  # in (-1, 1) for +-1 targets (MSE).
+    return z_BxL  # logit of P(correct) (BCE).
+
+
+class Transformer(nnx.Module):
+  """Decoder trunk with optional LM and value heads.
+
+  Call with `tokens_BxL`, `positions_BxL` and `mask_BxL` (True on real tokens). Without a
+  cache the L inputs attend causally among themselves. With `cache` (T slots) the new tokens
+  are written to slots [cache_index, cache_index + L) and attend to every valid earlier slot.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), cfg)
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, cfg)
+    if cfg.lm_head and not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ('embed', 'vocab'), cfg)
+    if cfg.value_head != 'none':
+      self.value_head = ValueHead(cfg, rngs)
+
+  def __call__(
+      self,
+      tokens_BxL: jax.Array,
+      positions_BxL: jax.Array | None = None,
+      mask_BxL: jax.Array | None = None,
+      *,
+      cache: KVCache | None = None,
+      cache_index: jax.Array | int = 0,
+  ) -> ModelOutput:
+    cfg = self.cfg
+    b, l = tokens_BxL.shape
+    if mask_BxL is None:
+      mask_BxL = jnp.ones((b, l), bool)
+    mask_BxL = mask_BxL.astype(bool)
+    if positions_BxL is None:
+      positions_BxL = positions_from_mask(mask_BxL)
+
+    if cache is None:
+      slots_q = jnp.arange(l)
+      valid_BxT = mask_BxL
+      slots_k = slots_q
+    else:
+      if l > cache.size:
+        raise ValueError(f'{l} input tokens do not fit a KV cache of {cache.size} slots')
+      slots_q = cache_index + jnp.arange(l)
+      valid_BxT = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxT, mask_BxL, cache_index, axis=1)
+      slots_k = jnp.arange(cache.size)
+    visible_BxLxT = valid_BxT[:, None, :] & (slots_k[None, None, :] <= slots_q[None, :, None])
+
+    x = self.embed[...].astype(cfg.compute_dtype)[tokens_BxL]
+    x = sharding.constrain(x, ('batch', 'length', 'embed'))
+    new_k, new_v = [], []
+    for i, block in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, new_kv = _call_block(block, cfg.remat, x, positions_BxL, visible_BxLxT, kv, cache_index)
+      if new_kv is not None:
+        new_k.append(new_kv[0])
+        new_v.append(new_kv[1])
+    h_BxLxD = self.final_norm(x)
+
+    logits = values = None
+    if cfg.lm_head:
+      w_DxV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+      logits = (h_BxLxD @ w_DxV.astype(cfg.compute_dtype)).astype(jnp.float32)
+      logits = sharding.constrain(logits, ('batch', 'length', 'vocab'))
+    if cfg.value_head != 'none':
+      values = self.value_head(h_BxLxD)
+    new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), valid_BxT)
+    return ModelOutput(logits, values, h_BxLxD, new_cache)
+
+
+def _call_block(block: Block, remat: str, *args):
+  if remat == 'none':
+    return block(*args)
+  # 'full' saves only the block inputs; 'dots' also keeps matmul outputs (less recompute).
+  policy = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[remat]
+  return nnx.remat(lambda blk, *a: blk(*a), policy=policy)(block, *args)
+
+
+def count_params(state) -> int:
+  return sum(x.size for x in jax.tree.leaves(state))
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  """Builds a model on the default device (tests, notebooks). For meshes use `sharding.init_sharded`."""
+  return Transformer(cfg, rngs=nnx.Rngs(params=seed))

@@ -1,0 +1,173 @@
+"""On-device batched sampler: one prefill, then a `lax.while_loop` decode over a KV cache.
+
+Prompts come left-padded (`prompt_mask_BxLp` marks real tokens), so every row's last prompt
+token sits in the last prompt slot and all rows decode in lock step. The cache lives inside
+the compiled program as loop carry, so XLA updates it in place; nothing returns to the host
+until the loop ends. A row stops on EOS, on the step delimiter (when `stop_at_step`), or after
+`max_new_tokens`; the loop exits early once every row has stopped.
+
+`generate` is traceable (use it inside larger jitted programs: GRPO iterations, MCTS);
+`sample` is the same function jitted with the model graph and config static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlm_jax.models.transformer import KVCache, positions_from_mask
+
+
+class StopReason:
+  LENGTH = 0  # hit max_new_tokens
+  EOS = 1
+  STEP = 2  # emitted the step delimiter (stop_at_step=True)
+  EMPTY = 3  # the prompt had no tokens: nothing generated
+  NAMES = ('length', 'eos', 'step', 'empty')
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to pick tokens. `greedy` ignores temperature/top_k/top_p."""
+
+  max_new_tokens: int
+  eos_id: int
+  pad_id: int
+  step_id: int = -1  # step delimiter; only used when stop_at_step
+  stop_at_step: bool = False
+  greedy: bool = False
+  temperature: float = 1.0
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1 = off
+
+  def __post_init__(self):
+    if self.max_new_tokens < 0:
+      raise ValueError(f'sampling.max_new_tokens={self.max_new_tokens}: must be >= 0')
+    if not self.greedy and self.temperature <= 0:
+      raise ValueError(f'sampling.temperature={self.temperature}: must be > 0 (or set greedy=True)')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'sampling.top_p={self.top_p}: must be in (0, 1]')
+    if self.top_k < 0:
+      raise ValueError(f'sampling.top_k={self.top_k}: must be >= 0')
+    if self.stop_at_step and self.step_id < 0:
+      raise ValueError('sampling.stop_at_step=True needs a step_id')
+
+
+class SampleOutput(NamedTuple):
+  tokens_BxT: jax.Array  # int32, pad after the stop
+  logprobs_BxT: jax.Array  # float32 log pi(token) under the untempered model; 0 on padding
+  lengths_B: jax.Array  # tokens generated, the stop token included
+  stop_reason_B: jax.Array  # StopReason codes
+
+
+def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Sets logits outside the top-k / nucleus (top-p) set to -inf."""
+  neg_inf = jnp.finfo(logits_BxV.dtype).min
+  if top_k > 0:
+    kth_B = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B, neg_inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    keep_BxV = mass_before_BxV < top_p
+    cutoff_B = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff_B, neg_inf, logits_BxV)
+  return logits_BxV
+
+
+def choose_tokens(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  if cfg.greedy:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = filter_logits(logits_BxV / cfg.temperature, cfg.top_k, cfg.top_p)
+  return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def generate(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompt_BxLp: jax.Array,
+    prompt_mask_BxLp: jax.Array,
+    key: jax.Array,
+    cfg: SamplingConfig,
+) -> SampleOutput:
+  """Samples up to `cfg.max_new_tokens` tokens for each left-padded prompt.
+
+  Args:
+    graphdef, state: the policy, split with `nnx.split` (must have an LM head).
+    prompt_BxLp: int tokens, left-padded.
+    prompt_mask_BxLp: True on real prompt tokens (a suffix of each row).
+    key: PRNG key; token t of the batch uses `fold_in(key, t)`, so results do not depend on
+      how the loop is compiled. Unused when `cfg.greedy`.
+    cfg: static sampling configuration.
+
+  Returns:
+    SampleOutput with T = cfg.max_new_tokens columns.
+  """
+  model = nnx.merge(graphdef, state)
+  b, lp = prompt_BxLp.shape
+  t_max = cfg.max_new_tokens
+  prompt_mask_BxLp = prompt_mask_BxLp.astype(bool)
+  prompt_len_B = prompt_mask_BxLp.sum(axis=1).astype(jnp.int32)
+
+  cache = KVCache.zeros(model.cfg, b, lp + t_max)
+  out = model(prompt_BxLp, positions_from_mask(prompt_mask_BxLp), prompt_mask_BxLp, cache=cache, cache_index=0)
+  empty_B = prompt_len_B == 0
+
+  class Carry(NamedTuple):
+    i: jax.Array
+    cache: KVCache
+    logits_BxV: jax.Array
+    done_B: jax.Array
+    tokens_BxT: jax.Array
+    logprobs_BxT: jax.Array
+    lengths_B: jax.Array
+    reason_B: jax.Array
+
+  def cond(c: Carry):
+    return (c.i < t_max) & ~jnp.all(c.done_B)
+
+  def body(c: Carry):
+    tok_B = choose_tokens(c.logits_BxV, jax.random.fold_in(key, c.i), cfg)
+    tok_B = jnp.where(c.done_B, cfg.pad_id, tok_B)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(c.logits_BxV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
+    logp_B = jnp.where(c.done_B, 0.0, logp_B)
+    live_B = ~c.done_B
+    is_eos_B = live_B & (tok_B == cfg.eos_id)
+    is_step_B = live_B & (tok_B == cfg.step_id) & cfg.stop_at_step
+    reason_B = jnp.where(is_eos_B, StopReason.EOS, jnp.where(is_step_B, StopReason.STEP, c.reason_B))
+    positions_Bx1 = (prompt_len_B + c.i)[:, None]
+    step_out = model(
+        tok_B[:, None], positions_Bx1, live_B[:, None], cache=c.cache, cache_index=lp + c.i
+    )
+    return Carry(
+        i=c.i + 1,
+        cache=step_out.cache,
+        logits_BxV=step_out.logits_BxLxV[:, -1],
+        done_B=c.done_B | is_eos_B | is_step_B,
+        tokens_BxT=c.tokens_BxT.at[:, c.i].set(tok_B),
+        logprobs_BxT=c.logprobs_BxT.at[:, c.i].set(logp_B),
+        lengths_B=c.lengths_B + live_B.astype(jnp.int32),
+        reason_B=reason_B.astype(jnp.int32),
+    )
+
+  init = Carry(
+      i=jnp.array(0, jnp.int32),
+      cache=out.cache,
+      logits_BxV=out.logits_BxLxV[:, -1],
+      done_B=empty_B,
+      tokens_BxT=jnp.full((b, t_max), cfg.pad_id, jnp.int32),
+      logprobs_BxT=jnp.zeros((b, t_max), jnp.float32),
+      lengths_B=jnp.zeros((b,), jnp.int32),
+      reason_B=jnp.where(empty_B, StopReason.EMPTY, StopReason.LENGTH).astype(jnp.int32),
+  )
+  final = jax.lax.while_loop(cond, body, init)
+  return SampleOutput(final.tokens_BxT, final.logprobs_BxT, final.lengths_B, final.reason_B)
+
+
+sample = jax.jit(generate, static_argnames=('graphdef', 'cfg'))

@@ -1,0 +1,151 @@
+"""Behavioural tests of the decoder: causality, padding, KV cache, GQA, heads, dtypes."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlm_jax.models import transformer as tfm
+
+CFG = tfm.ModelConfig(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
+
+
+def _tokens(b, l, seed=0):
+  return jax.random.randint(jax.random.key(seed), (b, l), 4, CFG.vocab_size)
+
+
+def test_future_tokens_do_not_change_past_logits():
+  model = tfm.init_model(CFG)
+  x = _tokens(2, 10)
+  y = x.at[:, 6:].set(5)
+  a = model(x).logits_BxLxV
+  b = model(y).logits_BxLxV
+  np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-6)
+  assert np.abs(a[:, 6:] - b[:, 6:]).max() > 1e-3
+
+
+def test_gradient_wrt_future_embeddings_is_zero():
+  model = tfm.init_model(CFG)
+  gdef, state = nnx.split(model)
+  x = _tokens(1, 8)
+
+  def loss_at(s, t):
+    return nnx.merge(gdef, s)(x).logits_BxLxV[0, t].sum()
+
+  g = np.asarray(jax.grad(loss_at)(state, 3)['embed'][...])
+  future = np.asarray(x[0, 4:])
+  past = np.asarray(x[0, :4])
+  only_future = [t for t in set(future.tolist()) if t not in set(past.tolist())]
+  assert only_future, 'test needs a token that appears only in the future'
+  np.testing.assert_array_equal(np.asarray(g[only_future]), 0.0)
+  assert np.abs(np.asarray(g[past])).sum() > 0
+
+
+@pytest.mark.parametrize('side', ['left', 'right'])
+def test_padding_does_not_change_real_positions(side):
+  model = tfm.init_model(CFG)
+  x = _tokens(1, 6)
+  ref = model(x).logits_BxLxV[0]
+  pad = jnp.zeros((1, 3), jnp.int32)
+  if side == 'left':
+    xp, mask = jnp.concatenate([pad, x], 1), jnp.arange(9)[None] >= 3
+    got = model(xp, mask_BxL=mask).logits_BxLxV[0, 3:]
+  else:
+    xp, mask = jnp.concatenate([x, pad], 1), jnp.arange(9)[None] < 6
+    got = model(xp, mask_BxL=mask).logits_BxLxV[0, :6]
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_kv_cache_decode_matches_full_forward():
+  model = tfm.init_model(CFG)
+  x = _tokens(2, 9)
+  full = model(x).logits_BxLxV
+  cache = tfm.KVCache.zeros(CFG, 2, 12)
+  out = model(x[:, :5], cache=cache, cache_index=0)
+  np.testing.assert_allclose(out.logits_BxLxV, full[:, :5], atol=1e-5)
+  cache = out.cache
+  for t in range(5, 9):
+    pos = jnp.full((2, 1), t)
+    out = model(x[:, t : t + 1], pos, cache=cache, cache_index=t)
+    cache = out.cache
+    np.testing.assert_allclose(out.logits_BxLxV[:, 0], full[:, t], atol=1e-5)
+
+
+def test_grouped_query_attention_equals_repeated_kv_heads():
+  gqa = tfm.init_model(CFG, seed=1)
+  mha_cfg = dataclasses.replace(CFG, n_kv_heads=CFG.n_heads)
+  mha = tfm.init_model(mha_cfg, seed=2)
+  _, gqa_state = nnx.split(gqa)
+  _, mha_state = nnx.split(mha)
+  reps = CFG.n_heads // CFG.n_kv_heads
+  flat = dict(nnx.to_flat_state(gqa_state))
+  for path, var in nnx.to_flat_state(mha_state):
+    value = flat[path][...]
+    if path[-1] in ('wk', 'wv'):
+      value = jnp.repeat(value, reps, axis=1)  # kv head j serves query heads j*reps..
+    var[...] = value
+  x = _tokens(2, 7)
+  np.testing.assert_allclose(gqa(x).logits_BxLxV, mha(x).logits_BxLxV, atol=1e-5)
+
+
+def test_value_head_modes():
+  for mode in ('sigmoid', 'logit'):
+    cfg = dataclasses.replace(CFG, lm_head=False, value_head=mode, init_std=0.5)
+    out = tfm.init_model(cfg)(_tokens(2, 5))
+    assert out.logits_BxLxV is None and out.values_BxL.shape == (2, 5)
+    if mode == 'sigmoid':
+      assert np.all(np.abs(out.values_BxL) < 1)
+    else:
+      assert np.abs(out.values_BxL).max() > 1  # raw logits are unbounded
+
+
+def test_shared_trunk_with_both_heads():
+  cfg = dataclasses.replace(CFG, value_head='sigmoid')
+  out = tfm.init_model(cfg)(_tokens(2, 5))
+  assert out.logits_BxLxV.shape == (2, 5, CFG.vocab_size) and out.values_BxL.shape == (2, 5)
+
+
+def test_tied_embeddings_use_embedding_matrix():
+  cfg = dataclasses.replace(CFG, tie_embeddings=True)
+  model = tfm.init_model(cfg)
+  out = model(_tokens(1, 4))
+  np.testing.assert_allclose(out.logits_BxLxV, out.hidden_BxLxD @ model.embed[...].T, atol=1e-5)
+  assert not hasattr(model, 'lm_head')
+
+
+def test_bf16_compute_with_fp32_params_is_close():
+  model32 = tfm.init_model(CFG)
+  model16 = tfm.init_model(dataclasses.replace(CFG, dtype='bfloat16'))
+  assert model16.embed[...].dtype == jnp.float32
+  x = _tokens(2, 6)
+  a, b = model32(x).logits_BxLxV, model16(x).logits_BxLxV
+  assert np.abs(a - b).max() < 0.05 * np.abs(a).max() + 1e-2
+
+
+def test_remat_gives_same_gradients():
+  x = _tokens(2, 6)
+
+  def grads(cfg):
+    gdef, state = nnx.split(tfm.init_model(cfg))
+    loss = lambda s: nnx.merge(gdef, s)(x).logits_BxLxV.std()
+    return jax.grad(loss)(state)
+
+  g0 = grads(CFG)
+  g1 = grads(dataclasses.replace(CFG, remat='full'))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+def test_bad_configs_fail_with_named_field():
+  with pytest.raises(ValueError, match='n_kv_heads'):
+    tfm.ModelConfig(vocab_size=8, n_heads=4, n_kv_heads=3)
+  with pytest.raises(ValueError, match="model.dtype='fp8'"):
+    tfm.ModelConfig(vocab_size=8, dtype='fp8')
+
+
+def test_every_param_has_logical_axes_of_right_rank():
+  _, state = nnx.split(tfm.init_model(dataclasses.replace(CFG, value_head='logit', qkv_bias=True)))
+  for path, var in nnx.to_flat_state(state):
+    axes = var.get_metadata()['logical_axes']
+    assert len(axes) == var[...].ndim, path

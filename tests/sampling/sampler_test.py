@@ -1,0 +1,141 @@
+"""Sampler tests: greedy and logprobs against full forwards, keys, stops, compile count."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlm_jax.data.tokenizer import pad_batch
+from rlm_jax.models import transformer as tfm
+from rlm_jax.sampling import sampler as smp
+
+CFG = tfm.ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+                      init_std=0.3)
+EOS, PAD, STEP = 2, 0, 3
+PROMPTS = [[1, 9, 17, 5, 30], [1, 12], [1, 7, 7, 8]]
+
+
+@pytest.fixture(scope='module')
+def model():
+  return nnx.split(tfm.init_model(CFG, seed=3))
+
+
+def _batch(rows=PROMPTS, length=6):
+  tokens, mask = pad_batch(rows, length, PAD, side='left')
+  return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def _reference_greedy(gdef, state, prompt, n, stop_ids):
+  """Step-by-step argmax of the full forward (no cache), one unpadded row at a time."""
+  m = nnx.merge(gdef, state)
+  seq, out, logps = list(prompt), [], []
+  for _ in range(n):
+    logits = m(jnp.asarray([seq])).logits_BxLxV[0, -1]
+    tok = int(jnp.argmax(logits))
+    out.append(tok)
+    logps.append(float(jax.nn.log_softmax(logits)[tok]))
+    seq.append(tok)
+    if tok in stop_ids:
+      break
+  return out, logps
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forward(model):
+  gdef, state = model
+  cfg = smp.SamplingConfig(max_new_tokens=8, eos_id=EOS, pad_id=PAD, greedy=True)
+  out = smp.sample(gdef, state, *_batch(), jax.random.key(0), cfg)
+  for i, prompt in enumerate(PROMPTS):
+    ref, ref_logp = _reference_greedy(gdef, state, prompt, 8, {EOS})
+    n = int(out.lengths_B[i])
+    assert out.tokens_BxT[i, :n].tolist() == ref
+    np.testing.assert_allclose(out.logprobs_BxT[i, :n], ref_logp, atol=1e-4)
+    assert np.all(np.asarray(out.tokens_BxT[i, n:]) == PAD)
+
+
+def test_sampled_logprobs_equal_full_forward(model):
+  gdef, state = model
+  cfg = smp.SamplingConfig(max_new_tokens=7, eos_id=-1, pad_id=PAD, temperature=0.7, top_k=10)
+  tokens, mask = _batch()
+  out = smp.sample(gdef, state, tokens, mask, jax.random.key(1), cfg)
+  full = jnp.concatenate([tokens, out.tokens_BxT], 1)
+  full_mask = jnp.concatenate([mask, jnp.ones_like(out.tokens_BxT, bool)], 1)
+  logits = nnx.merge(gdef, state)(full, mask_BxL=full_mask).logits_BxLxV
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, 5:-1]), out.tokens_BxT[..., None], -1)[..., 0]
+  np.testing.assert_allclose(out.logprobs_BxT, logp, atol=1e-4)
+
+
+def test_fixed_key_reproducible_and_keys_differ(model):
+  gdef, state = model
+  cfg = smp.SamplingConfig(max_new_tokens=10, eos_id=-1, pad_id=PAD, temperature=1.5)
+  a = smp.sample(gdef, state, *_batch(), jax.random.key(7), cfg)
+  b = smp.sample(gdef, state, *_batch(), jax.random.key(7), cfg)
+  c = smp.sample(gdef, state, *_batch(), jax.random.key(8), cfg)
+  np.testing.assert_array_equal(a.tokens_BxT, b.tokens_BxT)
+  assert not np.array_equal(a.tokens_BxT, c.tokens_BxT)
+
+
+def test_top_k_one_equals_greedy(model):
+  gdef, state = model
+  greedy = smp.SamplingConfig(max_new_tokens=8, eos_id=EOS, pad_id=PAD, greedy=True)
+  topk1 = smp.SamplingConfig(max_new_tokens=8, eos_id=EOS, pad_id=PAD, temperature=2.0, top_k=1)
+  a = smp.sample(gdef, state, *_batch(), jax.random.key(0), greedy)
+  b = smp.sample(gdef, state, *_batch(), jax.random.key(5), topk1)
+  np.testing.assert_array_equal(a.tokens_BxT, b.tokens_BxT)
+
+
+def test_top_p_keeps_smallest_prefix_reaching_mass():
+  logits = jnp.log(jnp.array([[0.5, 0.2, 0.3, 1e-9]]))
+  kept = np.isfinite(np.asarray(smp.filter_logits(logits, 0, 0.6))) & (np.asarray(smp.filter_logits(logits, 0, 0.6)) > -1e30)
+  assert kept.tolist() == [[True, False, True, False]]  # 0.5 + 0.3 >= 0.6
+  kept = np.asarray(smp.filter_logits(logits, 0, 0.5)) > -1e30
+  assert kept.tolist() == [[True, False, False, False]]
+  kept = np.asarray(smp.filter_logits(logits, 2, 1.0)) > -1e30
+  assert kept.tolist() == [[True, False, True, False]]
+
+
+def test_stops_on_step_delimiter_and_eos(model):
+  gdef, state = model
+  # Use the greedy continuation's tokens as "delimiter" and "eos" to force known stops.
+  g = smp.SamplingConfig(max_new_tokens=8, eos_id=-1, pad_id=PAD, greedy=True)
+  free = smp.sample(gdef, state, *_batch(), jax.random.key(0), g)
+  step_tok = int(free.tokens_BxT[0, 2])
+  cfg = smp.SamplingConfig(max_new_tokens=8, eos_id=-1, pad_id=PAD, greedy=True, step_id=step_tok,
+                           stop_at_step=True)
+  out = smp.sample(gdef, state, *_batch(), jax.random.key(0), cfg)
+  for i in range(3):
+    row = free.tokens_BxT[i].tolist()
+    if step_tok in row:
+      n = row.index(step_tok) + 1
+      assert int(out.lengths_B[i]) == n and int(out.stop_reason_B[i]) == smp.StopReason.STEP
+      assert out.tokens_BxT[i, :n].tolist() == row[:n]
+    else:
+      assert int(out.lengths_B[i]) == 8 and int(out.stop_reason_B[i]) == smp.StopReason.LENGTH
+  assert int(out.lengths_B[0]) <= 3
+
+
+def test_empty_prompt_and_all_rows_finished_at_step_zero(model):
+  gdef, state = model
+  cfg = smp.SamplingConfig(max_new_tokens=5, eos_id=EOS, pad_id=PAD, greedy=True)
+  tokens, mask = _batch([[], [1, 12]], 4)
+  out = smp.sample(gdef, state, tokens, mask, jax.random.key(0), cfg)
+  assert out.stop_reason_B.tolist()[0] == smp.StopReason.EMPTY and int(out.lengths_B[0]) == 0
+  ref, _ = _reference_greedy(gdef, state, [1, 12], 5, {EOS})
+  assert out.tokens_BxT[1, : len(ref)].tolist() == ref
+  tokens, mask = _batch([[], []], 4)
+  out = smp.sample(gdef, state, tokens, mask, jax.random.key(0), cfg)
+  assert out.lengths_B.tolist() == [0, 0] and np.all(np.asarray(out.tokens_BxT) == PAD)
+
+
+def test_no_recompile_for_same_shapes(model):
+  gdef, state = model
+  counted = jax.jit(chex.assert_max_traces(smp.generate, n=1), static_argnames=('graphdef', 'cfg'))
+  cfg = smp.SamplingConfig(max_new_tokens=4, eos_id=EOS, pad_id=PAD, temperature=1.0)
+  for seed, rows in enumerate([PROMPTS, [[1, 2, 3], [1], [1, 5, 6, 7, 8]]]):
+    counted(gdef, state, *_batch(rows), jax.random.key(seed), cfg)
+  chex.clear_trace_counter()
+
+
+def test_bad_sampling_config_names_field():
+  with pytest.raises(ValueError, match='temperature'):
+    smp.SamplingConfig(max_new_tokens=4, eos_id=2, pad_id=0, temperature=0.0)
