@@ -1,0 +1,193 @@
+"""Checkpoints with orbax: save every N steps, keep the last K, resume from the latest.
+
+Atomicity: orbax writes a step into `<dir>/<step>.orbax-checkpoint-tmp-<ts>/`, writes
+`commit_success.txt` into it and only then renames it to `<dir>/<step>/` (on GCS, where rename
+is not atomic, the commit file alone marks completion). A process killed half-way leaves a
+tmp directory, which is never listed as a step and is deleted by the next manager. On top of
+that, `Checkpointer` only trusts step directories that contain `commit_success.txt`, so a
+half-copied step directory (e.g. an interrupted `cp -r`/`gsutil cp`) is ignored as well.
+
+Typical loop::
+
+  ckpt = Checkpointer(workdir / 'ckpt', save_every=cfg.save_every, keep=cfg.keep)
+  stop = install_preemption_handler()
+  if ckpt.latest_step() is not None:
+    state, extra = ckpt.restore(abstract_state)   # shardings taken from abstract_state
+    start = extra['step'] + 1
+  for step in range(start, num_steps):
+    state = train_step(state, ...)
+    stopping = stop()
+    ckpt.save(step, state, {'step': step}, force=stopping or step == num_steps - 1)
+    if stopping:
+      break
+  ckpt.close()
+
+Multi-host: every process calls `save`/`restore` with its own shards; orbax coordinates.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+COMMIT_FILE = "commit_success.txt"
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """Raised when a checkpoint was asked for and none (or not that step) exists."""
+
+
+class Checkpointer:
+  """Saves/restores a state pytree plus a small JSON dict with orbax.
+
+  Args:
+    directory: where steps live (`<directory>/<step>/`); made absolute.
+    save_every: `save(step)` writes only when `step % save_every == 0` (or `force`).
+    keep: number of most recent checkpoints kept; older ones are deleted.
+    async_save: if True, `save` returns once device arrays are copied to host and writing
+      continues in a background thread (call `wait()` before reading the files).
+    create: create `directory` if it does not exist; otherwise a missing directory raises.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int,
+               async_save: bool = False, create: bool = True):
+    if save_every < 1:
+      raise ValueError(f"Checkpointer: save_every={save_every} must be >= 1")
+    if keep < 1:
+      raise ValueError(f"Checkpointer: keep={keep} must be >= 1")
+    self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    if not create and not self.directory.is_dir():
+      raise CheckpointNotFoundError(f"checkpoint directory {self.directory} does not exist")
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=save_every, create=create,
+        enable_async_checkpointing=async_save,
+        # Leftovers of a killed save are never valid; delete them at start-up.
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "extra"))
+
+  def all_steps(self) -> list[int]:
+    """Steps with a complete checkpoint, ascending."""
+    self._manager.reload()  # another process may have written or deleted steps
+    steps = self._manager.all_steps()
+    return sorted(s for s in steps if (self.directory / str(s) / COMMIT_FILE).exists())
+
+  def latest_step(self) -> int | None:
+    """The newest complete step, or None when there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any, extra: dict | None = None,
+           force: bool = False) -> bool:
+    """Saves `state` (any pytree of arrays) and `extra` (JSON-able dict) as `step`.
+
+    Args:
+      step: training step; written only if `step % save_every == 0`, unless `force`.
+      state: pytree of jax arrays (e.g. an nnx.State); each process writes its shards.
+      extra: small JSON-serialisable dict (data position, rng seeds, ...).
+      force: save regardless of `save_every` (end of training, preemption).
+
+    Returns:
+      True if a checkpoint was (or, with async_save, is being) written.
+    """
+    if step in self._manager.all_steps():
+      return False  # already saved this step (e.g. the final forced save right after one)
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              extra=ocp.args.JsonSave(dict(extra or {})))
+    return bool(self._manager.save(step, args=args, force=force))
+
+  def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
+    """Restores a checkpoint into the structure, dtypes and shardings of `target`.
+
+    Args:
+      target: pytree like the saved state whose leaves are `jax.ShapeDtypeStruct` with
+        `.sharding` (abstract state, e.g. from `sharding.init_sharded`'s abstract twin) or
+        concrete `jax.Array`s; restored arrays get these shardings.
+      step: which step; None means the latest complete one.
+
+    Returns:
+      (state, extra): the restored pytree and the JSON dict saved with it.
+
+    Raises:
+      CheckpointNotFoundError: no complete checkpoint (or not `step`) in the directory.
+    """
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise CheckpointNotFoundError(f"no complete checkpoint in {self.directory}")
+      step = steps[-1]
+    elif step not in steps:
+      raise CheckpointNotFoundError(
+          f"no complete checkpoint for step {step} in {self.directory} "
+          f"(available: {steps or 'none'})")
+    out = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+    return out.state, dict(out.extra or {})
+
+  def wait(self) -> None:
+    """Blocks until an async save has finished writing."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases resources."""
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class PreemptionFlag:
+  """Callable returning True once a stop signal (SIGTERM by default) has arrived.
+
+  Created by `install_preemption_handler`. The signal handler only sets a flag; the training
+  loop polls it, saves a checkpoint and exits cleanly.
+  """
+
+  def __init__(self, signals: tuple[int, ...]):
+    self._event = threading.Event()
+    self._signals = signals
+    self._previous = {s: signal.signal(s, self._handle) for s in signals}
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    self._event.set()
+
+  def __call__(self) -> bool:
+    """True once a stop signal has been received.
+
+    Multi-host: processes receive the signal at different times; call this at the same
+    step on every process and agree on the answer, e.g. with
+    `jax.experimental.multihost_utils.process_allgather(np.int32(flag())).any()`, so that
+    all processes save the same step.
+    """
+    return self._event.is_set()
+
+  def uninstall(self) -> None:
+    """Restores the previous signal handlers."""
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def install_preemption_handler(
+    signals: tuple[int, ...] = (signal.SIGTERM,)) -> Callable[[], bool]:
+  """Installs handlers that record a stop request instead of killing the process.
+
+  Must be called from the main thread.
+
+  Args:
+    signals: signals to catch; SIGTERM is what schedulers (k8s, slurm, TPU maintenance)
+      send before killing a job.
+
+  Returns:
+    A `PreemptionFlag`: call it to ask whether a stop was requested; `.uninstall()` restores
+    the previous handlers.
+  """
+  return PreemptionFlag(tuple(signals))
