@@ -1,0 +1,290 @@
+"""The experiment driver: phase 1 SFT on solver traces, phase 2 GRPO, evaluation, checkpoints.
+
+The host loop only dispatches compiled steps and logs. Each phase checkpoints into its own
+directory (`<workdir>/ckpt/<phase>`) and resumes from the latest complete step, so a killed
+run restarted with the same command continues where it stopped; batches and rollout keys are
+functions of (seed, step), which makes a resumed run follow the same trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlm_jax import checkpoint as ckpt_lib
+from rlm_jax import metrics as metrics_lib
+from rlm_jax import sharding
+from rlm_jax import tasks as tasks_lib
+from rlm_jax.data import encoding
+from rlm_jax.data.tokenizer import Tokenizer, load_tokenizer
+from rlm_jax.models.transformer import ModelConfig, Transformer
+from rlm_jax.sampling.sampler import SamplingConfig
+from rlm_jax.training import evaluate as eval_lib
+from rlm_jax.training import grpo as grpo_lib
+from rlm_jax.training import losses
+from rlm_jax.training.rewards import RewardConfig
+from rlm_jax.training.sft import sft_step_jit
+from rlm_jax.training.state import OptimConfig, TrainState, create_train_state, make_optimizer
+
+
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss or gradient; the message names the phase and step."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  kind: Literal['char', 'hf'] = 'char'
+  path: str = ''
+  step_delimiter: str = '\n\n'
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  domain: str = 'arithmetic'
+  levels: tuple[int, ...] = (1, 2, 3)
+  train_size: int = 3000
+  seed: int = 0  # held-out tasks use seed + 1 and exclude training problems
+  prompt_len: int = 32
+  completion_len: int = 48
+  answer_len: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  steps: int = 300
+  batch_size: int = 64
+  optim: OptimConfig = OptimConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  algo: Literal['grpo', 'none'] = 'grpo'
+  iterations: int = 100
+  prompts_per_iteration: int = 32
+  group_size: int = 8
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  optim: OptimConfig = OptimConfig()
+  grpo: losses.GRPOConfig = losses.GRPOConfig()
+  reward: RewardConfig = RewardConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  save_every: int = 100
+  keep: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  seed: int
+  tokenizer: TokenizerConfig
+  model: ModelConfig  # vocab_size 0 = take it from the tokenizer
+  mesh: sharding.MeshConfig
+  task: TaskConfig
+  sft: SFTConfig
+  rl: RLConfig
+  eval: eval_lib.EvalConfig
+  checkpoint: CheckpointConfig
+
+
+@dataclasses.dataclass
+class Data:
+  """Tokenised tasks of one split (host numpy)."""
+
+  tasks: list
+  prompt: np.ndarray
+  prompt_mask: np.ndarray
+  answer: np.ndarray
+  answer_len: np.ndarray
+  sft: dict
+
+
+def build_data(tok: Tokenizer, cfg: TaskConfig, eval_size: int) -> tuple[Data, Data]:
+  per_level = lambda n: -(-n // len(cfg.levels)) * len(cfg.levels)
+  train = tasks_lib.generate_dataset(cfg.domain, per_level(cfg.train_size), cfg.seed, levels=cfg.levels)
+  seen = {t['problem'] for t in train}
+  held = [t for t in tasks_lib.generate_dataset(cfg.domain, per_level(4 * eval_size), cfg.seed + 1,
+                                                levels=cfg.levels) if t['problem'] not in seen]
+  rng = np.random.default_rng(cfg.seed)
+  held = [held[i] for i in sorted(rng.choice(len(held), min(eval_size, len(held)), replace=False))]
+
+  def encode(ts):
+    prompt, mask = encoding.encode_prompts(tok, ts, cfg.prompt_len)
+    answer, answer_len = encoding.encode_answers(tok, ['Answer: ' + tasks_lib.answer_text(t) for t in ts],
+                                                 cfg.answer_len)
+    sft = encoding.encode_sft(tok, ts, cfg.prompt_len + cfg.completion_len)
+    return Data(list(ts), prompt, mask, answer, answer_len, sft)
+
+  return encode(train), encode(held)
+
+
+class Experiment:
+  """Holds the static pieces of a run (model graph, data, optimizers); state stays a pytree."""
+
+  def __init__(self, cfg: ExperimentConfig, workdir: str):
+    self.cfg = cfg
+    self.workdir = workdir
+    self.tok = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.step_delimiter)
+    model_cfg = cfg.model
+    if model_cfg.vocab_size == 0:
+      model_cfg = dataclasses.replace(model_cfg, vocab_size=self.tok.vocab_size)
+    elif model_cfg.vocab_size < self.tok.vocab_size:
+      raise ValueError(f'model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer '
+                       f'vocabulary ({self.tok.vocab_size})')
+    self.model_cfg = model_cfg
+    self.mesh = sharding.make_mesh(cfg.mesh)
+    self.rules = cfg.mesh.rules
+    self.train, self.held = build_data(self.tok, cfg.task, cfg.eval.size)
+    self.metrics = None
+    self.results_path = os.path.join(workdir, 'results.json')
+
+  # --- pieces -----------------------------------------------------------------------------
+
+  def init_params(self) -> tuple[nnx.GraphDef, nnx.State]:
+    seed = self.cfg.seed
+    return sharding.init_sharded(lambda: Transformer(self.model_cfg, rngs=nnx.Rngs(params=seed)),
+                                 self.mesh, self.rules)
+
+  def _rollout_sampling(self) -> SamplingConfig:
+    rl = self.cfg.rl
+    return SamplingConfig(max_new_tokens=self.cfg.task.completion_len, eos_id=self.tok.eos_id,
+                          pad_id=self.tok.pad_id, step_id=self.tok.step_id, temperature=rl.temperature,
+                          top_k=rl.top_k, top_p=rl.top_p)
+
+  def evaluate(self, graphdef, params, tag: str, step: int) -> dict:
+    res = eval_lib.evaluate(graphdef, params, self.tok, self.held.tasks, self.held.prompt,
+                            self.held.prompt_mask, self.cfg.task.completion_len, self.cfg.eval,
+                            jax.random.key(self.cfg.seed + 7))
+    self.metrics.write(step, {f'eval/{k}': v for k, v in res.items()})
+    results = self.load_results()
+    results[tag] = res
+    with open(self.results_path + '.tmp', 'w') as f:
+      json.dump(results, f, indent=1)
+    os.replace(self.results_path + '.tmp', self.results_path)
+    return res
+
+  def load_results(self) -> dict:
+    if os.path.exists(self.results_path):
+      with open(self.results_path) as f:
+        return json.load(f)
+    return {}
+
+  def _run_phase(self, name: str, num_steps: int, step_offset: int, state: TrainState, step_fn, batch_fn,
+                 stop) -> tuple[TrainState, bool]:
+    """Generic resumable loop. Returns (state, finished) — finished False on preemption."""
+    ck = ckpt_lib.Checkpointer(os.path.join(self.workdir, 'ckpt', name), save_every=self.cfg.checkpoint.save_every,
+                               keep=self.cfg.checkpoint.keep)
+    start = 0
+    if ck.latest_step() is not None:
+      abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+      state, extra = ck.restore(abstract)
+      start = extra['step'] + 1
+    if start < num_steps:  # drop metrics logged after the checkpoint we resume from
+      self.metrics.truncate_after(step_offset + start - 1)
+    pending = None  # metrics of the previous step, pulled after the next step is dispatched
+
+    def flush(item):
+      step, m = item
+      m = jax.device_get(m)
+      if not bool(m.pop('finite', True)):
+        raise TrainingDiverged(f'{name}: non-finite loss or gradient at step {step}; '
+                               f'the last good checkpoint in {ck.directory} is kept')
+      self.metrics.write(step_offset + step, {f'{name}/{k}': v for k, v in m.items()})
+
+    finished = True
+    bar = metrics_lib.progress(range(start, num_steps), total=num_steps, initial=start, desc=name)
+    try:
+      for step in bar:
+        state, m = step_fn(state, batch_fn(step), step)
+        if pending is not None:
+          flush(pending)
+        pending = (step, m)
+        stopping = stop()
+        ck.save(step, state, {'step': step}, force=stopping or step == num_steps - 1)
+        if stopping:
+          finished = False
+          break
+      if pending is not None:
+        flush(pending)
+    finally:
+      bar.close()
+      ck.close()
+    return state, finished
+
+  # --- phases -----------------------------------------------------------------------------
+
+  def run(self) -> dict:
+    cfg = self.cfg
+    stop = ckpt_lib.install_preemption_handler()
+    self.metrics = metrics_lib.MetricWriter(self.workdir)
+    try:
+      with sharding.use_mesh_rules(self.mesh, self.rules):
+        graphdef, params = self.init_params()
+        # Phase 1: SFT.
+        tx = make_optimizer(cfg.sft.optim)
+        state = create_train_state(params, tx)
+        train = self.train
+        n_train = len(train.tasks)
+
+        def sft_batch(step):
+          idx = np.random.default_rng((cfg.seed, 1, step)).choice(n_train, cfg.sft.batch_size, replace=False)
+          return {k: jnp.asarray(v[idx]) for k, v in train.sft.items()}
+
+        sft_fn = lambda st, b, step: sft_step_jit(graphdef, tx, st, b)
+        state, done = self._run_phase('sft', cfg.sft.steps, 0, state, sft_fn, sft_batch, stop)
+        if not done:
+          return {'preempted': True}
+        sft_params = state.params
+        results = self.load_results()
+        if 'sft' not in results:
+          self.evaluate(graphdef, sft_params, 'sft', cfg.sft.steps)
+
+        # Phase 2: RL.
+        if cfg.rl.algo == 'grpo' and cfg.rl.iterations > 0:
+          rl = cfg.rl
+          tx_rl = make_optimizer(rl.optim)
+          setup = grpo_lib.GRPOSetup(group_size=rl.group_size, loss=rl.grpo, sampling=self._rollout_sampling(),
+                                     reward=rl.reward, step_id=self.tok.step_id)
+          ref = sft_params if rl.grpo.beta > 0 else None
+          state = create_train_state(sft_params, tx_rl)
+          if ref is not None:
+            ref = jax.tree.map(jnp.copy, ref)  # the policy state is donated; keep the reference alive
+
+          def rl_batch(step):
+            idx = np.random.default_rng((cfg.seed, 2, step)).choice(n_train, rl.prompts_per_iteration,
+                                                                     replace=False)
+            return {'prompt': jnp.asarray(train.prompt[idx]), 'prompt_mask': jnp.asarray(train.prompt_mask[idx]),
+                    'answer': jnp.asarray(train.answer[idx]), 'answer_len': jnp.asarray(train.answer_len[idx])}
+
+          rl_key = jax.random.key(cfg.seed + 3)
+          rl_fn = lambda st, b, step: grpo_lib.grpo_iteration_jit(graphdef, tx_rl, setup, st, ref, b,
+                                                                  jax.random.fold_in(rl_key, step))
+          state, done = self._run_phase('grpo', rl.iterations, cfg.sft.steps + 1, state, rl_fn, rl_batch, stop)
+          if not done:
+            return {'preempted': True}
+          if 'grpo' not in self.load_results():
+            self.evaluate(graphdef, state.params, 'grpo', cfg.sft.steps + rl.iterations + 1)
+        return self.load_results()
+    finally:
+      self.metrics.close()
+      stop.uninstall()
+
+
+def format_results(results: dict, strategies) -> str:
+  """Markdown table: one row per phase, one column per strategy (held-out accuracy)."""
+  head = '| after | ' + ' | '.join(strategies) + ' |'
+  lines = [head, '|' + '---|' * (len(strategies) + 1)]
+  for phase in ('sft', 'grpo'):
+    if phase in results:
+      cells = [f"{results[phase].get(f'{s}/accuracy', float('nan')):.3f}" for s in strategies]
+      lines.append(f'| {phase.upper()} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
