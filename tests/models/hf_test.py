@@ -32,11 +32,11 @@ CASES = {
 }
 
 
-def _hf_model(kind: str, tie: bool, seed: int = 0):
+def _hf_model(kind: str, tie: bool, seed: int = 0, vocab: int = V):
   torch.manual_seed(seed)
   kw = dict(
       hidden_size=32, head_dim=16, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=2, vocab_size=V, tie_word_embeddings=tie, rope_theta=500.0,
+      num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=tie, rope_theta=500.0,
       rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
   )
   if kind == 'llama':
@@ -250,3 +250,63 @@ def test_bad_tensors_name_tensor_and_file(tmp_path):
   with pytest.raises(FileNotFoundError, match='no model.safetensors'):
     model.config.save_pretrained(str(tmp_path / 'empty'))
     hf.load_hf(str(tmp_path / 'empty'))
+
+
+def _bpe_tokenizer(path):
+  """A byte-level BPE trained on a few strings, saved with a chat template; returns its size.
+
+  Byte-level, because transformers rebuilds a qwen2 folder's tokenizer with Qwen2's own
+  byte-level pre-tokenizer (from config.json's model_type), whose unk token is <|endoftext|>.
+  """
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=300, special_tokens=['<pad>', '<s>', '</s>', '<|im_start|>', '<|im_end|>', '<|endoftext|>'],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+  )
+  tok.train_from_iterator(['user: what is two plus three?\nassistant: five'] * 20, trainer)
+  fast = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token='<pad>', bos_token='<s>', eos_token='</s>', unk_token='<|endoftext|>',
+      additional_special_tokens=['<|im_start|>', '<|im_end|>'],
+  )
+  fast.chat_template = (
+      "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+  )
+  fast.save_pretrained(path)
+  return len(fast)
+
+
+def test_checkpoint_folder_with_tokenizer_and_chat_template(tmp_path):
+  """Model, tokenizer and chat template from one folder: a chat prompt decodes like HF."""
+  from rlm_jax.data.tokenizer import HFTokenizer, pad_batch  # pylint: disable=g-import-not-at-top
+
+  path = str(tmp_path)
+  vocab = _bpe_tokenizer(path)
+  model = _hf_model('qwen2', True, seed=11, vocab=vocab)
+  _save(model, path)
+  tok = HFTokenizer(path, step_delimiter='\n')
+  ref_tok = transformers.AutoTokenizer.from_pretrained(path)
+  assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (PAD, BOS, EOS, vocab)
+  assert tok.step_id == ref_tok.convert_tokens_to_ids('\u010a')  # byte-level '\n'
+  chats = [[{'role': 'user', 'content': 'what is two plus three?'}], [{'role': 'user', 'content': 'two?'}]]
+  texts = [tok.apply_chat_template(c, add_generation_prompt=True) for c in chats]
+  assert texts[1] == '<|im_start|>user\ntwo?<|im_end|>\n<|im_start|>assistant\n'
+  rows = [tok.encode(t) for t in texts]
+  assert rows[1][0] == ref_tok.convert_tokens_to_ids('<|im_start|>') == 3
+  assert rows == [ref_tok.encode(t, add_special_tokens=False) for t in texts]
+  assert tok.decode(rows[1], strip_special=False) == texts[1]
+  tokens, mask = pad_batch(rows, 24, tok.pad_id)
+
+  graphdef, state = hf.load_hf(path)
+  cfg = SamplingConfig(max_new_tokens=8, eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True)
+  got = np.asarray(sample(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jax.random.key(0), cfg).tokens_BxT)
+  with torch.no_grad():
+    ref = model.generate(input_ids=torch.tensor(tokens, dtype=torch.int64),
+                         attention_mask=torch.tensor(mask.astype(np.int64)), max_new_tokens=8,
+                         do_sample=False, eos_token_id=EOS, pad_token_id=PAD).numpy()[:, 24:]
+  np.testing.assert_array_equal(got[:, : ref.shape[1]], ref)
+  assert tok.decode(got[0]) == ref_tok.decode(ref[0], skip_special_tokens=True)
