@@ -35,18 +35,20 @@ _WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_mathverify_
 class _Worker:
   """A math-verify process fed JSON lines; killed and restarted when it overruns."""
 
-  def __init__(self):
+  def __init__(self, script: str = _WORKER):
+    self._script = script
     self._proc: subprocess.Popen | None = None
     self._lock = threading.Lock()
 
   def _start(self) -> None:
     self._proc = subprocess.Popen(
-        [sys.executable, _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        [sys.executable, self._script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL, text=True, bufsize=1)
     reply = self._read(_STARTUP_S)
     if reply is None or not reply.get("ready"):
       self.stop()
-      raise RuntimeError(f"math-verify worker did not start ({_WORKER}); is math-verify installed?")
+      raise RuntimeError(f"math-verify worker did not start ({self._script}); "
+                         "is math-verify installed?")
 
   def _read(self, timeout_s: float) -> dict | None:
     ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)

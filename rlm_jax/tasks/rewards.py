@@ -51,6 +51,6 @@ def reward_array(scores: Sequence[int] | np.ndarray,
   s = np.asarray(scores)
   if s.size and not np.isin(s, SCORES).all():
     bad = s[~np.isin(s, SCORES)].ravel()[0]
-    raise ValueError(f"score must be one of {list(SCORES)}, got {bad!r}")
+    raise ValueError(f"score must be one of {list(SCORES)}, got {bad.item()!r}")
   lut = np.array([table[k] for k in SCORES], np.float32)
   return lut[s.astype(np.int64) + 1] if s.size else np.zeros(s.shape, np.float32)
