@@ -37,7 +37,7 @@ def _generate(args) -> int:
     raise ValueError(f"--out {args.out}: must end in .json or .json.bz2 (x1 format)")
   t0 = time.perf_counter()
   if args.source:
-    if registry._norm(args.domain) != "gsm8k":
+    if registry.normalize_name(args.domain) != "gsm8k":
       raise ValueError("--source only applies to --domain gsm8k")
     pool = files.load_tasks(args.source)
     per, rem = divmod(args.n, len(levels))

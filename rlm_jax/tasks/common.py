@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 import sys
 import unicodedata
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -122,7 +122,3 @@ def check_task(task: Any, *fields: str) -> None:
   for f in fields:
     if f not in task:
       raise ValueError(f"task of type {task.get('type')!r} lacks field {f!r}")
-
-
-def pick_distinct(rng: random.Random, items: Sequence[Any], k: int) -> list[Any]:
-  return rng.sample(list(items), k)

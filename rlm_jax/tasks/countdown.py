@@ -150,7 +150,7 @@ def _combine(a, b, op):
   return v, f"{ta}{op}{tb}", p
 
 
-def _ops_for(rng, va, vb):
+def _ops_for(va, vb):
   ops = ["+", "*"]
   if va > vb:
     ops.append("-")
@@ -187,7 +187,7 @@ def generate(seed, difficulty: float) -> dict:
       a, b = pool[i], pool[j]
       if a[0] < b[0]:  # keep subtraction and division non-negative and exact
         a, b = b, a
-      ops = _ops_for(rng, a[0], b[0])
+      ops = _ops_for(a[0], b[0])
       op = rng.choice(ops)
       c = _combine(a, b, op)
       steps.append(f"{a[0]}{op}{b[0]}={c[0]}")

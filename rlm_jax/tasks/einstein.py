@@ -64,14 +64,6 @@ def _rel(kind: str, a, b):
   return np.abs(a.astype(np.int16) - b) == 1
 
 
-def holds(clue: Clue, houses: dict[tuple[int, int], int]) -> bool:
-  """Whether `clue` holds in a grid given as (type, value) -> house."""
-  kind, t1, v1, t2, v2 = clue
-  a = np.int16(houses[t1, v1])
-  b = np.int16(v2 if t2 == _HOUSE else houses[t2, v2])
-  return bool(_rel(kind, a, b))
-
-
 class Constraints:
   """Per-clue masks/matrices, combined on demand for a subset of clues."""
 
@@ -326,14 +318,14 @@ def final_house(output: str) -> int | None:
   else the last "house N"."""
   text = tail(output)
   marks = extract.marker_positions(text)
-  for start, end in reversed(marks[-32:]):
+  for start, end in reversed(marks[-extract.MAX_MARKERS:]):
     if text[start:end].startswith("\\"):
-      seg = extract._braced_after(text, start) or ""
+      seg = extract.braced_after(text, start) or ""
     else:
       seg = text[end:end + 80]
-    m = _HOUSE_RE.search(seg) or _INT_RE.search(seg)
-    if m:
-      return int(m.group(1))
+    found = [m for m in (_HOUSE_RE.search(seg), _INT_RE.search(seg)) if m]
+    if found:
+      return int(min(found, key=lambda m: m.start()).group(1))
   last = None
   for m in _HOUSE_RE.finditer(text):
     last = m

@@ -12,59 +12,59 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
-from typing import Iterable
 
 from rlm_jax.tasks.common import tail
 
 # Where a final answer is announced. "A:" is case-sensitive (PrOntoQA/GSM8K-style "A: 18") so
 # that a lone "a:" inside prose does not count.
 _MARKER_RE = re.compile(
-    r"####|\banswer\s{0,3}(?:is|=|:)|\banswer\b|\\boxed\s{0,2}\{|\\fbox\s{0,2}\{|(?<![A-Za-z])A:",
+    r"####|\banswer\s{0,3}(?:is|=|:)|\banswer\b|\\boxed\s{0,2}\{|\\fbox\s{0,2}\{"
+    r"|(?-i:(?<![A-Za-z])A:)",
     re.IGNORECASE)
-_MARKER_CASE_RE = re.compile(r"(?<![A-Za-z])A:")
 
 # A number as written in answers: optional sign and currency, digits with or without thousands
-# separators, optional decimals, optional percent. Alternation branches do not overlap in what
-# they can start with past the sign, so there is no catastrophic backtracking.
+# separators, optional decimals (a trailing `%` or unit is simply not part of the match).
+# Alternation branches do not overlap past the sign, so there is no catastrophic backtracking.
 _NUMBER_RE = re.compile(
     r"(?<![\w.])(?P<sign>[-+]?)(?:\$\s?)?"
     r"(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?P<frac>\.\d+)?(?![\d])"
     r"|(?<![\w.])(?P<sign2>[-+]?)\$?(?P<lead>\.\d+)(?![\d])")
-_FRAC_RE = re.compile(r"\\d?frac\s{0,2}\{\s{0,2}(-?\d{1,30})\s{0,2}\}\s{0,2}\{\s{0,2}(\d{1,30})\s{0,2}\}")
+_PLAIN_NUMBER_RE = re.compile(r"[-+]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?%?")
+_FRAC_RE = re.compile(
+    r"\\d?frac\s{0,2}\{\s{0,2}(-?\d{1,30})\s{0,2}\}\s{0,2}\{\s{0,2}(\d{1,30})\s{0,2}\}")
 _SLASH_FRAC_RE = re.compile(r"(?<![\w./])(-?\d{1,30})\s{0,2}/\s{0,2}(\d{1,30})(?![\w/]|\.\d)")
 _BOOL_RE = re.compile(r"\b(true|false|yes|no)\b", re.IGNORECASE)
 _TF_RE = re.compile(r"\b(true|false)\b", re.IGNORECASE)
-_TRUE_OR_FALSE_RE = re.compile(r"\btrue\s{0,3}(?:or|/)\s{0,3}false\b|\bfalse\s{0,3}(?:or|/)\s{0,3}true\b",
-                               re.IGNORECASE)
+_TRUE_OR_FALSE_RE = re.compile(
+    r"\btrue\s{0,3}(?:or|/)\s{0,3}false\b|\bfalse\s{0,3}(?:or|/)\s{0,3}true\b", re.IGNORECASE)
+_BRACE_RE = re.compile(r"[{}]")
 
 # Digits beyond this are not a plausible answer and would hit Python's int-conversion limit.
 _MAX_DIGITS = 60
 # How far after an answer marker the answer itself may start.
 _MARKER_WINDOW = 80
+# A boxed answer longer than this is not an answer; the cap bounds the brace scan.
+_MAX_BOXED = 1000
+# Only the last few markers are examined, so a text made of markers costs O(len), not O(len^2).
+MAX_MARKERS = 32
 
 
 def last_boxed(text: str) -> str | None:
   """Content of the last `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, else None."""
   text = tail(text)
   start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-  for _ in range(_MAX_MARKERS):
+  for _ in range(MAX_MARKERS):
     if start < 0:
       break
-    content = _braced_after(text, start)
+    content = braced_after(text, start)
     if content is not None:
       return content
     start = max(text.rfind("\\boxed", 0, start), text.rfind("\\fbox", 0, start))
   return None
 
 
-_BRACE_RE = re.compile(r"[{}]")
-# A boxed answer longer than this is not an answer; the cap bounds the brace scan.
-_MAX_BOXED = 1000
-# Only the last few markers are examined, so a text made of markers costs O(len) not O(len^2).
-_MAX_MARKERS = 32
-
-
-def _braced_after(text: str, start: int) -> str | None:
+def braced_after(text: str, start: int) -> str | None:
+  """Content of the `{...}` group of the `\\boxed`/`\\fbox` at `start` (balanced), else None."""
   i = text.find("{", start, start + 12)
   if i < 0 or text[start:i].strip("\\boxedfbx ") != "":
     return None
@@ -78,12 +78,7 @@ def _braced_after(text: str, start: int) -> str | None:
 
 def marker_positions(text: str) -> list[tuple[int, int]]:
   """(start, end) of every answer marker in `text`, in order."""
-  return [(m.start(), m.end()) for m in _MARKER_RE.finditer(text)
-          if not _is_lowercase_a_colon(m)]
-
-
-def _is_lowercase_a_colon(m: re.Match) -> bool:
-  return m.group(0).lower() == "a:" and not _MARKER_CASE_RE.fullmatch(m.group(0))
+  return [(m.start(), m.end()) for m in _MARKER_RE.finditer(text)]
 
 
 def answer_segment(text: str) -> str | None:
@@ -94,7 +89,7 @@ def answer_segment(text: str) -> str | None:
     return None
   start, end = marks[-1]
   if text[start:end].startswith("\\"):
-    boxed = _braced_after(text, start)
+    boxed = braced_after(text, start)
     if boxed is not None:
       return boxed
   seg = text[end:end + 300]
@@ -124,14 +119,16 @@ def parse_number(text: str) -> Fraction | None:
   if m:
     return _fraction(m.group(1), m.group(2))
   m = _SLASH_FRAC_RE.search(text)
-  if m and not _NUMBER_BEFORE(text, m.start()):
+  if m and _NUMBER_RE.search(text, 0, m.start()) is None:
     return _fraction(m.group(1), m.group(2))
   m = _NUMBER_RE.search(text)
   return _number_of(m) if m else None
 
 
-def _NUMBER_BEFORE(text: str, pos: int) -> bool:
-  return _NUMBER_RE.search(text[:pos]) is not None
+def is_plain_number(text: str) -> bool:
+  """True for text that is just a number (`18`, `-3.5`, `$1,080`, `50%`), not LaTeX."""
+  t = text.replace(" ", "")
+  return bool(t) and any(c.isdigit() for c in t) and _PLAIN_NUMBER_RE.fullmatch(t) is not None
 
 
 def _fraction(num: str, den: str) -> Fraction | None:
@@ -149,14 +146,6 @@ def _number_of(m: re.Match) -> Fraction | None:
     return None
   value = Fraction(digits + frac)
   return -value if sign == "-" else value
-
-
-def numbers_in(text: str) -> Iterable[Fraction]:
-  """All parseable numbers in `text`, in order (fractions `a/b` as one value)."""
-  for m in _NUMBER_RE.finditer(text):
-    v = _number_of(m)
-    if v is not None:
-      yield v
 
 
 def last_number(text: str) -> Fraction | None:
@@ -188,9 +177,9 @@ def final_number(text: str) -> Fraction | None:
     return None
   text = tail(text).replace("\u2212", "-")
   marks = marker_positions(text)
-  for start, end in reversed(marks[-_MAX_MARKERS:]):
+  for start, end in reversed(marks[-MAX_MARKERS:]):
     if text[start:end].startswith("\\"):
-      content = _braced_after(text, start)
+      content = braced_after(text, start)
       if content is not None:
         value = parse_number(content)
         if value is not None:
@@ -247,10 +236,10 @@ def final_bool(text: str) -> bool | None:
   if not isinstance(text, str):
     return None
   text = _TRUE_OR_FALSE_RE.sub(" ", tail(text))
-  for start, end in reversed(marker_positions(text)[-_MAX_MARKERS:]):
+  for start, end in reversed(marker_positions(text)[-MAX_MARKERS:]):
     seg = text[end:end + _MARKER_WINDOW]
     if text[start:end].startswith("\\"):
-      seg = _braced_after(text, start) or ""
+      seg = braced_after(text, start) or ""
     m = _BOOL_RE.search(seg)
     if m:
       return m.group(1).lower() in ("true", "yes")

@@ -80,7 +80,7 @@ def _load_jsonl(path: str) -> list[dict]:
         tasks.append(_check_task(obj, where))
   if records:  # GSM8K levels are ranks within the file
     idx = [i for i, _ in records]
-    leveled = gsm8k._assign_levels([r for _, r in records], [tasks[i] for i in idx])
+    leveled = gsm8k.assign_levels([r for _, r in records], [tasks[i] for i in idx])
     for i, t in zip(idx, leveled):
       tasks[i] = t
   return tasks

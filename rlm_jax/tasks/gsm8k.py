@@ -101,10 +101,11 @@ def records_to_tasks(records: Iterable[dict], **kwargs) -> list[dict]:
     solution lines, answer length), ties broken by position.
   """
   records = list(records)
-  return _assign_levels(records, [record_to_task(r, **kwargs) for r in records])
+  return assign_levels(records, [record_to_task(r, **kwargs) for r in records])
 
 
-def _assign_levels(records: list[dict], tasks: list[dict]) -> list[dict]:
+def assign_levels(records: list[dict], tasks: list[dict]) -> list[dict]:
+  """Sets `tasks[i]["level"]` to the difficulty decile of `records[i]` (see module docstring)."""
   order = sorted(range(len(records)), key=lambda i: (_difficulty_key(records[i]), i))
   for rank, i in enumerate(order):
     tasks[i]["level"] = 1 + (rank * NUM_LEVELS) // len(records)
@@ -126,7 +127,7 @@ def load_jsonl(path: str, **kwargs) -> list[dict]:
       except ValueError as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}:{lineno}: {e}") from None
       records.append(rec)
-  return _assign_levels(records, tasks)
+  return assign_levels(records, tasks)
 
 
 def from_hf(source: Any, split: str = "test", **kwargs) -> list[dict]:
@@ -216,7 +217,7 @@ def parse_task(task: dict) -> Fraction | str:
   if not sol:
     raise ValueError("gsm8k task has an empty solution")
   value = extract.parse_number(sol)
-  if value is not None and re.fullmatch(r"[-+]?\$?[\d,]*\.?\d+%?", sol.replace(" ", "")):
+  if value is not None and extract.is_plain_number(sol):
     return value
   return sol
 

@@ -99,10 +99,11 @@ def math_equal(gold: str, pred: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> bo
   """
   gold = gold.strip()
   pred = tail(pred, MAX_PRED_CHARS)
-  g, p = extract.parse_number(gold), extract.final_number(pred)
-  if g is not None and extract._NUMBER_RE.fullmatch(gold.replace(" ", "")) and p is not None:
+  if extract.is_plain_number(gold):
     # Plain numeric gold: exact comparison, no worker needed.
-    return g == p
+    g, p = extract.parse_number(gold), extract.final_number(pred)
+    if g is not None and p is not None:
+      return g == p
   boxed = extract.last_boxed(pred)
   if boxed is not None and boxed.strip() == gold:
     return True

@@ -18,7 +18,8 @@ from rlm_jax.tasks.common import NUM_LEVELS, difficulty_of
 log = logging.getLogger(__name__)
 
 
-def _norm(name: str) -> str:
+def normalize_name(name: str) -> str:
+  """Lower-case, punctuation-free form of a domain/type name ("PrOntoQA" -> "prontoqa")."""
   return re.sub(r"[^a-z0-9]", "", str(name).lower())
 
 
@@ -28,15 +29,15 @@ class DomainTable(dict):
 
   def __getitem__(self, name):
     try:
-      return super().__getitem__(_norm(name))
+      return super().__getitem__(normalize_name(name))
     except KeyError:
       raise KeyError(f"unknown task domain {name!r}; known: {sorted(self)}") from None
 
   def __contains__(self, name):
-    return super().__contains__(_norm(name))
+    return super().__contains__(normalize_name(name))
 
   def get(self, name, default=None):
-    return super().get(_norm(name), default)
+    return super().get(normalize_name(name), default)
 
 
 DOMAINS: DomainTable = DomainTable(

@@ -2,7 +2,6 @@ import collections
 import itertools
 import re
 
-import numpy as np
 import pytest
 
 from rlm_jax.tasks import einstein

@@ -25,7 +25,7 @@ def test_domain_table():
 
 def _corrupt(task):
   """An answer that must not verify as 2."""
-  kind = registry._norm(task["type"])
+  kind = registry.normalize_name(task["type"])
   ans = T.answer_text(task)
   if kind == "sat":
     first = sat.parse_formula(task["solution"])[0]
