@@ -13,6 +13,7 @@ are masked out of the loss (their advantages are 0 anyway) instead of being resa
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import optax
 from flax import nnx
 
 from rlm_jax.models.transformer import positions_from_mask
-from rlm_jax.sampling.sampler import SamplingConfig, StopReason, generate
+from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, StopReason, generate
 from rlm_jax.training import advantages, losses
 from rlm_jax.training.rewards import RewardConfig, final_step_score, score_to_reward
 from rlm_jax.training.state import TrainState, all_finite, apply_gradients
@@ -35,6 +36,14 @@ class GRPOSetup:
   sampling: SamplingConfig
   reward: RewardConfig
   step_id: int
+  # Jittable verifier: (SampleOutput, batch with rows repeated G times) -> scores in {-1, 0, 1, 2}.
+  # None: the final step must equal batch['answer'] (`final_step_score`).
+  score_fn: Callable[[SampleOutput, dict], jax.Array] | None = None
+
+
+def answer_match_score(out: SampleOutput, batch: dict, step_id: int) -> jax.Array:
+  return final_step_score(out.tokens_BxT, out.lengths_B, out.stop_reason_B, batch['answer'],
+                          batch['answer_len'], step_id)
 
 
 def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int):
@@ -48,12 +57,13 @@ def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int
 
 def rollout(graphdef, params, batch: dict, key: jax.Array, setup: GRPOSetup) -> dict:
   """Samples G completions per prompt and scores them. Rows are prompt-major: [B·G]."""
-  g = setup.group_size
-  rep = lambda x: jnp.repeat(x, g, axis=0)
-  prompt, prompt_mask = rep(batch['prompt']), rep(batch['prompt_mask'])
+  batch = jax.tree.map(lambda x: jnp.repeat(x, setup.group_size, axis=0), batch)
+  prompt, prompt_mask = batch['prompt'], batch['prompt_mask']
   out = generate(graphdef, params, prompt, prompt_mask, key, setup.sampling)
-  score = final_step_score(out.tokens_BxT, out.lengths_B, out.stop_reason_B, rep(batch['answer']),
-                           rep(batch['answer_len']), setup.step_id)
+  if setup.score_fn is None:
+    score = answer_match_score(out, batch, setup.step_id)
+  else:
+    score = setup.score_fn(out, batch)
   t = out.tokens_BxT.shape[1]
   completion_mask = jnp.arange(t)[None] < out.lengths_B[:, None]
   return {

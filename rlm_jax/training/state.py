@@ -50,8 +50,14 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def create_train_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+def _create(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def create_train_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+  """Optimizer state laid out like `params` (jitted, so under a mesh every leaf — step counters
+  included — gets the sharding the train step returns and the step never recompiles)."""
+  return jax.jit(_create, static_argnums=1)(params, tx)
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation) -> TrainState:
