@@ -195,10 +195,12 @@ def test_from_loaded_config(config_path):
 _MAIN = """
 import dataclasses
 from typing import Literal
+from absl import flags
 from ml_collections import config_flags
 from rlm_jax import configlib
 
 _CONFIG = config_flags.DEFINE_config_file('config', lock_config=True)
+flags.mark_flags_as_required(['config'])
 
 @dataclasses.dataclass(frozen=True)
 class M:
@@ -249,6 +251,11 @@ def test_cli_one_line_errors(tmp_path, config_path):
     assert r.returncode == 2, (extra, r.stderr)
     assert r.stderr.strip().splitlines() == [expected], extra
     assert "Traceback" not in r.stderr
+
+  r = _run_cli(tmp_path)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [
+      "error: flag --config=None: Flag --config must have a value other than None."]
 
   missing = str(tmp_path / "missing.py")
   r = _run_cli(tmp_path, f"--config={missing}")
