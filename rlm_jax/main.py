@@ -33,7 +33,11 @@ def main(argv):
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(_CONFIG.value.to_json_best_effort(indent=1))
   try:
-    results = pipeline.Experiment(cfg, workdir).run()
+    experiment = pipeline.Experiment(cfg, workdir)
+  except (ValueError, FileNotFoundError) as e:  # bad values only visible once the run is built
+    raise configlib.ConfigError(str(e)) from e
+  try:
+    results = experiment.run()
   except pipeline.TrainingDiverged as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
