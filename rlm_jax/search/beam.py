@@ -1,0 +1,127 @@
+"""Step-level beam search guided by the value model / PRM, on the same tree arrays as MCTS.
+
+Search starts from one beam, the question. Every level expands each live beam with
+`expansions` candidate steps (B*W*E rows, ONE policy call and ONE value call), then keeps the best beam_width among the new candidates and
+the beams that already finished (Prune). A beam is finished when its last step was terminal or
+it reached max_depth. The loop stops early once no beam is live. The answer is the best
+finished beam that is terminal, else the best beam.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+from rlm_jax.search import expansion
+from rlm_jax.search import operators
+from rlm_jax.search import tree as tree_lib
+from rlm_jax.search.base import Params, SearchModel, SearchResult
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamConfig:
+  """Beam-search knobs (static).
+
+  Attributes:
+    beam_width: beams kept per problem.
+    expansions: candidate steps sampled per beam and level.
+    max_depth: steps per path.
+    score: 'last' (value / PRM of the newest step; verifier reward at terminals in training
+      mode) or 'min' (lowest such value along the path, PRM-min).
+    merge_duplicates: merge identical sibling steps.
+  """
+
+  beam_width: int = 4
+  expansions: int = 4
+  max_depth: int = 8
+  score: Literal['last', 'min'] = 'last'
+  merge_duplicates: bool = True
+
+  def __post_init__(self):
+    for name in ('beam_width', 'expansions', 'max_depth'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'beam.{name}={getattr(self, name)}: must be >= 1')
+    if self.score not in ('last', 'min'):
+      raise ValueError(f"beam.score='{self.score}': must be 'last' or 'min'")
+
+  @property
+  def num_nodes(self) -> int:
+    return 1 + self.max_depth * self.beam_width * self.expansions
+
+
+def _scores(tree: tree_lib.Tree, node_BxC, config: BeamConfig):
+  b, c = node_BxC.shape
+  bb = jnp.arange(b)[:, None]
+  node = jnp.maximum(node_BxC, 0)
+  if config.score == 'last':
+    return tree.value_BxN[bb, node]
+  b_M = jnp.broadcast_to(bb, (b, c)).reshape(-1)
+  path = tree_lib.path_by_depth(tree, b_M, node.reshape(-1), config.max_depth)
+  vals = tree.value_BxN[b_M[:, None], jnp.maximum(path, 0)]
+  return jnp.min(jnp.where(path >= 0, vals, jnp.inf), axis=1).reshape(b, c)
+
+
+def beam_search(params: Params, key: jax.Array, prompt_BxLp, prompt_mask_BxLp, *, model: SearchModel,
+                config: BeamConfig, problem_B: Optional[jax.Array] = None) -> SearchResult:
+  """Runs step-level beam search for B problems; traceable.
+
+  Args/Returns as `mcts.mcts_search`; score_B is the chosen beam's score, `extra['leaf_B']` its node.
+  """
+  b = prompt_BxLp.shape[0]
+  wb, e, d = config.beam_width, config.expansions, config.max_depth
+  if problem_B is None:
+    problem_B = jnp.arange(b, dtype=jnp.int32)
+  roots = expansion.root_nodes(prompt_BxLp, prompt_mask_BxLp, problem_B, model.pad_id)
+  root_value = expansion.last_values(model, params, roots)
+  probe = jax.eval_shape(
+      lambda p, kk, n: model.policy_fn(p, kk, n, 1, to_end=False, greedy=False), params, key, roots)
+  tree = tree_lib.empty(roots.tokens_MxT, roots.mask_MxT, problem_B, config.num_nodes,
+                        probe.tokens_MxKxL.shape[-1], model.pad_id, root_value)
+  counters = expansion.Counters(jnp.zeros((b,), jnp.int32),
+                                jnp.full((b,), int(model.value_fn is not None), jnp.int32))
+  opts = expansion.ExpandOptions(num_children=e, max_depth=d, merge_duplicates=config.merge_duplicates)
+  bb = jnp.arange(b)[:, None]
+  # Level 0: one beam, the question.
+  beams = jnp.full((b, wb), tree_lib.NO_NODE, jnp.int32).at[:, 0].set(0)
+
+  def live_of(tree, beams):
+    node = jnp.maximum(beams, 0)
+    return (beams >= 0) & ~tree.terminal_BxN[bb, node] & (tree.depth_BxN[bb, node] < d)
+
+  def cond(c):
+    i, tree, beams, _ = c
+    return (i < d) & jnp.any(live_of(tree, beams))
+
+  def body(c):
+    i, tree, beams, counters = c
+    live = live_of(tree, beams)
+    tree, kids, spent = expansion.expand_and_evaluate(
+        params, jax.random.fold_in(key, i), tree, jnp.maximum(beams, 0), live, model=model, opts=opts)
+    # Visits count evaluations below a node, as in MCTS trees (exported trees read the same).
+    tree = tree_lib.add_visits(tree, jnp.broadcast_to(bb, (b, wb)).reshape(-1),
+                               jnp.maximum(beams, 0).reshape(-1), (kids >= 0).sum(axis=2).reshape(-1), d)
+    done = jnp.where((beams >= 0) & ~live, beams, tree_lib.NO_NODE)
+    cand = jnp.concatenate([kids.reshape(b, wb * e), done], axis=1)
+    idx, kept = operators.prune(_scores(tree, cand, config), cand >= 0, wb)
+    beams = jnp.where(kept, jnp.take_along_axis(cand, idx, axis=1), tree_lib.NO_NODE)
+    return i + 1, tree, beams, counters + spent
+
+  _, tree, beams, counters = jax.lax.while_loop(cond, body, (jnp.array(0), tree, beams, counters))
+
+  scores = _scores(tree, beams, config)
+  node = jnp.maximum(beams, 0)
+  term = (beams >= 0) & tree.terminal_BxN[bb, node]
+  # Terminal beams first, then the score.
+  rank = jnp.where(beams >= 0, scores, -jnp.inf) + jnp.where(term, 1e6, 0.0)
+  pick = jnp.argmax(rank, axis=1)
+  leaf_B = jnp.take_along_axis(node, pick[:, None], axis=1)[:, 0]
+  bi = jnp.arange(b)
+  tokens, _, lengths = tree_lib.solutions(tree, bi, leaf_B, d, model.pad_id)
+  return SearchResult(
+      tokens_BxL=tokens, lengths_B=lengths,
+      score_B=jnp.take_along_axis(scores, pick[:, None], axis=1)[:, 0],
+      terminal_B=tree.terminal_BxN[bi, leaf_B], policy_tokens_B=counters.policy_tokens_B,
+      model_calls_B=counters.model_calls_B, tree=tree, extra={'leaf_B': leaf_B, 'beams_BxW': beams})

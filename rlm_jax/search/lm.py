@@ -1,0 +1,187 @@
+"""Adapter: Flax policy / value models + the sampler -> the `SearchModel` callables.
+
+    model = lm.make_search_model(policy_graphdef, options, tok_ids, value_graphdef=vgd,
+                                 reward_fn=reward)
+    params = lm.LMParams(policy=policy_state, value=value_state, reward=answers)
+    result = jax.jit(partial(mcts, model=model, config=cfg))(params, key, prompt, mask)
+
+* Policy: `sampler.generate` on the node states repeated `num` times (ONE sampler call of
+  M * num rows; rows differ because every row draws its own tokens). `to_end=False` stops a
+  row at the step delimiter, `to_end=True` at EOS. The step's prior comes from the sampler's
+  untempered log-probs.
+* Value: a separate value model (`value_graphdef`), or the policy's own value head
+  (`value_from_policy=True`, actor-critic), read at every position. A 'logit' head (P(correct))
+  is mapped to reward units 2 sigmoid(z) - 1 so every q lives in [-1, 1].
+* Reward (training mode / data generation): `reward_fn(reward_params, tokens_BxL, mask_BxL,
+  problem_idx_B) -> reward_B` on the solution tokens (right-padded, no prompt); the per-problem
+  data (e.g. answer tokens) travels in `LMParams.reward`, so a new batch of problems does not
+  recompile. `answer_reward_fn` is the one for synthetic tasks with a canonical final step.
+
+Known cost: each expansion repeats a node's prefix K times and the sampler prefills every copy;
+sharing one prefill across the K samples needs a `num_samples` option in the sampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlm_jax.data.tokenizer import Tokenizer, pad_batch
+from rlm_jax.models.transformer import positions_from_mask
+from rlm_jax.sampling import sampler as sampler_lib
+from rlm_jax.search.base import NodeBatch, SearchModel, SearchResult, Steps
+
+
+class LMParams(NamedTuple):
+  """Everything traced that the LM callables read (a pytree)."""
+
+  policy: Any  # nnx.State of the policy
+  value: Any = None  # nnx.State of the value model (None: no separate value model)
+  reward: Any = None  # per-problem data for the reward callable (e.g. answer tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMOptions:
+  """How the policy samples (static).
+
+  Attributes:
+    step_tokens: most tokens per step (a longer step is cut and stays non-terminal).
+    completion_tokens: most tokens per whole completion (chain, best-of-N, rollouts).
+    temperature, top_k, top_p: sampling filters (priors use the untempered log-probs).
+    value_from_policy: read values from the policy's value head instead of a value model.
+  """
+
+  step_tokens: int = 32
+  completion_tokens: int = 128
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  value_from_policy: bool = False
+
+  def __post_init__(self):
+    if self.step_tokens < 1 or self.completion_tokens < 1:
+      raise ValueError(f'lm.step_tokens={self.step_tokens} and lm.completion_tokens='
+                       f'{self.completion_tokens} must be >= 1')
+
+
+class TokenIds(NamedTuple):
+  pad_id: int
+  eos_id: int
+  step_id: int
+
+  @classmethod
+  def of(cls, tok: Tokenizer) -> 'TokenIds':
+    return cls(tok.pad_id, tok.eos_id, tok.step_id)
+
+
+def _values(graphdef, state, tokens_MxT, mask_MxT) -> jax.Array:
+  model = nnx.merge(graphdef, state)
+  if model.cfg.value_head == 'none':
+    raise ValueError('value model has no value head (model.value_head is "none")')
+  out = model(tokens_MxT, positions_from_mask(mask_MxT), mask_MxT)
+  v = out.values_BxL.astype(jnp.float32)
+  return 2.0 * jax.nn.sigmoid(v) - 1.0 if model.cfg.value_head == 'logit' else v
+
+
+def make_search_model(policy_graphdef: nnx.GraphDef, options: LMOptions, ids: TokenIds, *,
+                      value_graphdef: Optional[nnx.GraphDef] = None,
+                      reward_fn: Optional[Callable[..., jax.Array]] = None) -> SearchModel:
+  """Builds the search callables from model graphs (the weights come later, in LMParams).
+
+  Args:
+    policy_graphdef: graph of the policy (`nnx.split(model)[0]`), with an LM head.
+    options: sampling options.
+    ids: pad / eos / step token ids of the tokenizer.
+    value_graphdef: graph of a separate value model / PRM; None uses the policy's value head
+      when `options.value_from_policy`, else there is no value model (searches then rely on
+      the reward and rollouts only).
+    reward_fn: jittable `(reward_params, tokens_BxL, mask_BxL, problem_idx_B) -> reward_B` in
+      [-1, 1], or None (inference without a verifier).
+
+  Returns:
+    SearchModel whose callables take `LMParams`.
+  """
+  if value_graphdef is not None and options.value_from_policy:
+    raise ValueError('give either value_graphdef or lm.value_from_policy=True, not both')
+
+  def policy_fn(params: LMParams, key, nodes: NodeBatch, num: int, *, to_end: bool, greedy: bool) -> Steps:
+    m = nodes.tokens_MxT.shape[0]
+    cfg = sampler_lib.SamplingConfig(
+        max_new_tokens=options.completion_tokens if to_end else options.step_tokens,
+        eos_id=ids.eos_id, pad_id=ids.pad_id, step_id=ids.step_id, stop_at_step=not to_end,
+        greedy=greedy, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
+    rep = lambda x: jnp.repeat(x, num, axis=0)
+    out = sampler_lib.generate(policy_graphdef, params.policy, rep(nodes.tokens_MxT), rep(nodes.mask_MxT),
+                               key, cfg)
+    shape = lambda x: x.reshape((m, num) + x.shape[1:])
+    return Steps(tokens_MxKxL=shape(out.tokens_BxT), lengths_MxK=shape(out.lengths_B),
+                 logprob_MxK=shape(out.logprobs_BxT.sum(axis=1)),
+                 terminal_MxK=shape(out.stop_reason_B == sampler_lib.StopReason.EOS))
+
+  value_fn = None
+  if value_graphdef is not None:
+    value_fn = lambda params, nodes: _values(value_graphdef, params.value, nodes.tokens_MxT, nodes.mask_MxT)
+  elif options.value_from_policy:
+    value_fn = lambda params, nodes: _values(policy_graphdef, params.policy, nodes.tokens_MxT, nodes.mask_MxT)
+
+  search_reward = None
+  if reward_fn is not None:
+    search_reward = lambda params, tokens, mask, problem: reward_fn(params.reward, tokens, mask, problem)
+  return SearchModel(policy_fn=policy_fn, value_fn=value_fn, reward_fn=search_reward,
+                     pad_id=ids.pad_id, eos_id=ids.eos_id, step_id=ids.step_id)
+
+
+# ------------------------------------------------------------------------------------------
+# Synthetic tasks: reward by matching the canonical final step.
+
+
+class AnswerTable(NamedTuple):
+  """Canonical final-step tokens per problem ('Answer: X'), the `LMParams.reward` of
+  `answer_reward_fn`."""
+
+  answer_PxA: jax.Array
+  answer_len_P: jax.Array
+
+
+def answer_table(tok: Tokenizer, answers: Sequence[str], width: int) -> AnswerTable:
+  """Tokenises final steps (e.g. 'Answer: ' + tasks.answer_text(task)), right-padded."""
+  rows = [tok.encode(a) for a in answers]
+  tokens, _ = pad_batch(rows, width, tok.pad_id, side='right', what='answer')
+  return AnswerTable(jnp.asarray(tokens), jnp.asarray([len(r) for r in rows], jnp.int32))
+
+
+def answer_reward_fn(ids: TokenIds) -> Callable[..., jax.Array]:
+  """+1 when the solution ends with EOS and its last step equals the problem's answer tokens,
+  -1 otherwise (wrong, unfinished or malformed). Same match as `training.rewards`."""
+
+  def reward(table: AnswerTable, tokens_BxL, mask_BxL, problem_B):
+    b, l = tokens_BxL.shape
+    a = table.answer_PxA.shape[1]
+    n_B = mask_BxL.sum(axis=1).astype(jnp.int32)
+    pos = jnp.arange(l)
+    last = jnp.take_along_axis(tokens_BxL, jnp.clip(n_B - 1, 0, l - 1)[:, None], axis=1)[:, 0]
+    finished = (n_B > 0) & (last == ids.eos_id)
+    delim = (tokens_BxL == ids.step_id) & (pos[None] < (n_B - 1)[:, None])
+    start = jnp.max(jnp.where(delim, pos[None], -1), axis=1) + 1
+    seg = jnp.take_along_axis(tokens_BxL, jnp.clip(start[:, None] + jnp.arange(a), 0, l - 1), axis=1)
+    ans, ans_len = table.answer_PxA[problem_B], table.answer_len_P[problem_B]
+    inside = jnp.arange(a)[None] < ans_len[:, None]
+    same = jnp.all(jnp.where(inside, seg == ans, True), axis=1) & ((n_B - 1) - start == ans_len)
+    return jnp.where(finished & same, 1.0, -1.0)
+
+  return reward
+
+
+# ------------------------------------------------------------------------------------------
+# Host helpers.
+
+
+def decode_result(tok: Tokenizer, result: SearchResult) -> list[str]:
+  """Text of each problem's chosen solution (step delimiters become the delimiter text)."""
+  tokens, lengths = jax.device_get((result.tokens_BxL, result.lengths_B))
+  return [tok.decode(np.asarray(tokens[i, : int(lengths[i])])) for i in range(len(lengths))]

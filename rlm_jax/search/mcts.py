@@ -1,0 +1,363 @@
+"""MCTS over reasoning steps for B problems at once, as one traceable program.
+
+One simulation, for all B trees together:
+  1. Select: W walkers per tree descend from the root by PUCT (or UCT) on min-max normalised
+     q, one after the other; each walker adds a virtual loss (virtual visits of normalised
+     value 0) along its path so the next one tends to pick a different leaf. Walkers that end
+     on the same leaf as an earlier one sit this simulation out.
+  2. Expand + Evaluate (`expansion.expand_and_evaluate`): each active leaf gets K sampled next
+     steps, B*W*K rows in ONE policy call; identical siblings are merged (prior added);
+     children are scored in ONE value call (verifier reward at terminal steps in training mode,
+     optional rollouts mixed in with weight alpha). A walker that ends on a terminal or
+     depth-capped leaf re-visits it (its value is backed up again).
+  3. Backpropagate level by level from max_depth up to the root: visits += evaluations added
+     below; q by x1's TD form `q <- (1-lam) q + lam gamma sum N(c) q(c) / sum N(c)` or by the
+     running mean (config `backup`). Both recompute a node from its children, so several
+     walkers sharing an ancestor write the same value.
+The tree starts as the evaluated root, so simulation 0 expands the root (its other W-1
+walkers idle); one code path keeps the compiled program to one policy and one value call.
+
+Why not mctx's loop: mctx expands one node per tree per simulation over a fixed action set,
+carries `[B, N, A]` child tables through vmapped while-loops (cost grows with the tree), and
+backs up one path per tree. An LM expansion samples K candidate steps (no fixed action set,
+duplicates to merge), every child is evaluated when it is created, and several leaves per tree
+must share one model call to fill an accelerator. Every per-simulation operation here touches
+O(B*W*K*D) entries, never O(B*N). mctx's Gumbel root selection assumes a fixed action set with
+known logits and sequential halving over the simulation budget; it is not used. mctx's
+`qtransform_by_min_max` normalises by the children of one node; the blueprint asks for a
+running min/max over the tree, kept in `Tree.q_min_B / q_max_B`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+from rlm_jax.search import expansion
+from rlm_jax.search import operators
+from rlm_jax.search import tree as tree_lib
+from rlm_jax.search.base import Params, SearchModel, SearchResult
+
+
+@dataclasses.dataclass(frozen=True)
+class MCTSConfig:
+  """MCTS knobs (static). Built from `config.search.mcts` by `search.config`.
+
+  Attributes:
+    num_simulations: S (simulation 0 expands the root).
+    num_children: K candidate steps per expansion.
+    num_walkers: W leaves expanded per tree per simulation (virtual loss spreads them).
+    max_depth: D, steps per path; nodes at depth D are not expanded.
+    selection: 'puct' (prior from step log-probs) or 'uct'.
+    c1, c2: PUCT constants (AlphaZero / MuZero).
+    uct_c: UCT exploration constant.
+    prior: 'logprob' (softmax of step log-probs over siblings) or 'uniform'.
+    prior_temperature: divides the step log-probs before the softmax.
+    backup: 'td' (x1) or 'mean' (MuZero running mean).
+    gamma: discount.
+    td_lambda: x1's TD learning rate lambda (backup='td').
+    virtual_loss: virtual visits each walker puts on its path.
+    merge_duplicates: merge identical sibling steps.
+    num_rollouts: R completions to the end per new non-terminal child (0 = none).
+    rollout_weight: alpha in q = (1 - alpha) q_model + alpha mean(rollout rewards).
+    answer: 'best_terminal' (highest q among terminal nodes; most-visited path if none) or
+      'most_visited' (descend by visits).
+  """
+
+  num_simulations: int = 16
+  num_children: int = 4
+  num_walkers: int = 1
+  max_depth: int = 8
+  selection: Literal['puct', 'uct'] = 'puct'
+  c1: float = 1.25
+  c2: float = 19652.0
+  uct_c: float = 1.0
+  prior: Literal['logprob', 'uniform'] = 'logprob'
+  prior_temperature: float = 1.0
+  backup: Literal['td', 'mean'] = 'td'
+  gamma: float = 0.96
+  td_lambda: float = 1.0
+  virtual_loss: float = 1.0
+  merge_duplicates: bool = True
+  num_rollouts: int = 0
+  rollout_weight: float = 0.5
+  answer: Literal['best_terminal', 'most_visited'] = 'best_terminal'
+
+  def __post_init__(self):
+    for name in ('num_simulations', 'num_children', 'num_walkers', 'max_depth'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'mcts.{name}={getattr(self, name)}: must be >= 1')
+    choices = {'selection': ('puct', 'uct'), 'prior': ('logprob', 'uniform'),
+               'backup': ('td', 'mean'), 'answer': ('best_terminal', 'most_visited')}
+    for name, allowed in choices.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"mcts.{name}='{getattr(self, name)}': must be one of {allowed}")
+    if not 0.0 < self.gamma <= 1.0:
+      raise ValueError(f'mcts.gamma={self.gamma}: must be in (0, 1]')
+    if not 0.0 <= self.td_lambda <= 1.0:
+      raise ValueError(f'mcts.td_lambda={self.td_lambda}: must be in [0, 1]')
+    if not 0.0 <= self.rollout_weight <= 1.0:
+      raise ValueError(f'mcts.rollout_weight={self.rollout_weight}: must be in [0, 1]')
+    if self.num_rollouts < 0:
+      raise ValueError(f'mcts.num_rollouts={self.num_rollouts}: must be >= 0')
+    if self.prior_temperature <= 0:
+      raise ValueError(f'mcts.prior_temperature={self.prior_temperature}: must be > 0')
+    if self.virtual_loss < 0:
+      raise ValueError(f'mcts.virtual_loss={self.virtual_loss}: must be >= 0')
+
+  @property
+  def num_nodes(self) -> int:
+    """Slots per tree: the root and K per expansion (at most W expansions per simulation)."""
+    return 1 + self.num_children * self.num_simulations * self.num_walkers
+
+  def expand_options(self) -> expansion.ExpandOptions:
+    return expansion.ExpandOptions(
+        num_children=self.num_children, max_depth=self.max_depth, prior=self.prior,
+        prior_temperature=self.prior_temperature, merge_duplicates=self.merge_duplicates,
+        num_rollouts=self.num_rollouts, rollout_weight=self.rollout_weight)
+
+
+# ------------------------------------------------------------------------------------------
+# Select.
+
+
+def _child_scores(tree: tree_lib.Tree, node_B, vl_BxN, config: MCTSConfig):
+  """Selection scores of the K child slots of one node per tree: (child_BxK, scores_BxK)."""
+  b = node_B.shape[0]
+  k = config.num_children
+  bb = jnp.arange(b)[:, None]
+  k_K = jnp.arange(k)
+  child_BxK = tree.first_child_BxN[bb[:, 0], node_B][:, None] + k_K
+  valid_BxK = k_K < tree.num_children_BxN[bb[:, 0], node_B][:, None]
+  child_c = jnp.where(valid_BxK, child_BxK, 0)
+  n_c = tree.visits_BxN[bb, child_c].astype(jnp.float32)
+  vl_c = vl_BxN[bb, child_c]
+  qn = operators.normalize_q(tree.q_BxN[bb, child_c], tree.q_min_B[:, None], tree.q_max_B[:, None])
+  # Virtual visits count as the worst normalised value.
+  qn = n_c * qn / jnp.maximum(n_c + vl_c, 1e-9)
+  visits_c = n_c + vl_c
+  n_s = tree.visits_BxN[bb[:, 0], node_B].astype(jnp.float32) + vl_BxN[bb[:, 0], node_B]
+  if config.selection == 'puct':
+    prior = tree.prior_BxN[bb, child_c]
+    scores = operators.puct_scores(qn, prior, visits_c, n_s, config.c1, config.c2)
+  else:
+    scores = operators.uct_scores(qn, visits_c, n_s, config.uct_c)
+  return child_BxK, jnp.where(valid_BxK, scores, -jnp.inf)
+
+
+def _descend(tree: tree_lib.Tree, vl_BxN, config: MCTSConfig):
+  """One walker per tree from the root to a leaf: (leaf_B, path_BxD1) with path[:, d] the node
+  at depth d (-1 past the leaf)."""
+  b, d_max = tree.batch_size, config.max_depth
+  bi = jnp.arange(b)
+
+  def cond(c):
+    i, node_B, _, done_B = c
+    return (i < d_max) & ~jnp.all(done_B)
+
+  def body(c):
+    i, node_B, path, done_B = c
+    child_BxK, scores = _child_scores(tree, node_B, vl_BxN, config)
+    pick = jnp.take_along_axis(child_BxK, jnp.argmax(scores, axis=1)[:, None], axis=1)[:, 0]
+    node_B = jnp.where(done_B, node_B, pick)
+    path = path.at[bi, i + 1].set(jnp.where(done_B, path[bi, i + 1], node_B))
+    done_B = done_B | (tree.first_child_BxN[bi, node_B] < 0)
+    return i + 1, node_B, path, done_B
+
+  node0 = jnp.zeros((b,), jnp.int32)
+  path0 = jnp.full((b, d_max + 1), tree_lib.NO_NODE, jnp.int32).at[:, 0].set(0)
+  done0 = tree.first_child_BxN[:, 0] < 0
+  _, leaf_B, path, _ = jax.lax.while_loop(cond, body, (jnp.array(0), node0, path0, done0))
+  return leaf_B, path
+
+
+def select_leaves(tree: tree_lib.Tree, vl_BxN, config: MCTSConfig):
+  """W walkers per tree, one after the other, each adding virtual loss along its path.
+
+  Returns:
+    (leaf_BxW, path_BxWxD1, vl_BxN); vl_BxN is back to its input (zeros) on return.
+  """
+  b, w, d1 = tree.batch_size, config.num_walkers, config.max_depth + 1
+  bb = jnp.arange(b)[:, None]
+
+  def walker(j, c):
+    vl, leaves, paths = c
+    leaf_B, path_BxD1 = _descend(tree, vl, config)
+    vl = vl.at[bb, jnp.where(path_BxD1 >= 0, path_BxD1, tree.num_slots)].add(
+        config.virtual_loss, mode='drop')
+    return vl, leaves.at[:, j].set(leaf_B), paths.at[:, j].set(path_BxD1)
+
+  init = (vl_BxN, jnp.zeros((b, w), jnp.int32), jnp.zeros((b, w, d1), jnp.int32))
+  if w == 1:
+    leaf_B, path = _descend(tree, vl_BxN, config)
+    return leaf_B[:, None], path[:, None], vl_BxN
+  vl, leaves, paths = jax.lax.fori_loop(0, w, walker, init)
+  flat = jnp.where(paths >= 0, paths, tree.num_slots).reshape(b, w * d1)
+  vl = vl.at[bb, flat].set(0.0, mode='drop')
+  return leaves, paths, vl
+
+
+# ------------------------------------------------------------------------------------------
+# Backpropagate.
+
+
+def backpropagate(tree: tree_lib.Tree, path_BxWxD1, delta_BxW, config: MCTSConfig) -> tree_lib.Tree:
+  """Adds `delta` visits along each walker's path and recomputes q bottom-up.
+
+  Args:
+    tree: trees whose new leaves / children are already written and evaluated.
+    path_BxWxD1: node per depth per walker (-1 past its leaf).
+    delta_BxW: evaluations the walker added below its leaf (number of new children, 1 for a
+      re-visit, 0 for an idle walker).
+    config: gamma, td_lambda, backup.
+
+  Returns:
+    The updated trees.
+  """
+  b, w, d1 = path_BxWxD1.shape
+  k = config.num_children
+  bb = jnp.arange(b)[:, None]
+  live_BxWxD1 = (path_BxWxD1 >= 0) & (delta_BxW[..., None] > 0)
+  idx = jnp.where(live_BxWxD1, path_BxWxD1, tree.num_slots).reshape(b, w * d1)
+  visits = tree.visits_BxN.at[bb, idx].add(
+      jnp.broadcast_to(delta_BxW[..., None], (b, w, d1)).reshape(b, w * d1), mode='drop')
+  tree = tree.replace(visits_BxN=visits)
+  k_K = jnp.arange(k)
+
+  def level(i, t):
+    depth = d1 - 1 - i  # max_depth .. 0
+    node_BxW = path_BxWxD1[:, :, depth]
+    live = live_BxWxD1[:, :, depth]
+    node_c = jnp.maximum(node_BxW, 0)
+    first = t.first_child_BxN[bb, node_c]
+    live &= first >= 0  # leaves that were re-visited keep their q
+    kids = first[..., None] + k_K
+    valid = k_K < t.num_children_BxN[bb, node_c][..., None]
+    kids = jnp.where(valid, kids, 0)
+    bk = bb[..., None]
+    q_c, n_c = t.q_BxN[bk, kids], t.visits_BxN[bk, kids]
+    if config.backup == 'td':
+      new = operators.backup_td(t.q_BxN[bb, node_c], q_c, n_c, valid, config.gamma, config.td_lambda)
+    else:
+      new = operators.backup_mean(t.value_BxN[bb, node_c], q_c, n_c, valid, config.gamma)
+    tgt = jnp.where(live, node_c, t.num_slots)
+    return t.replace(
+        q_BxN=t.q_BxN.at[bb, tgt].set(new, mode='drop'),
+        q_min_B=jnp.minimum(t.q_min_B, jnp.min(jnp.where(live, new, jnp.inf), axis=1)),
+        q_max_B=jnp.maximum(t.q_max_B, jnp.max(jnp.where(live, new, -jnp.inf), axis=1)))
+
+  return jax.lax.fori_loop(0, d1, level, tree)
+
+
+# ------------------------------------------------------------------------------------------
+# Answer.
+
+
+def most_visited_leaf(tree: tree_lib.Tree, num_children: int, max_depth: int):
+  """Descends from the root by visit count (ties: higher q, then lower index): leaf_B."""
+  b = tree.batch_size
+  bi = jnp.arange(b)
+  k_K = jnp.arange(num_children)
+
+  def down(_, node_B):
+    first = tree.first_child_BxN[bi, node_B]
+    kids = first[:, None] + k_K
+    valid = k_K < tree.num_children_BxN[bi, node_B][:, None]
+    kids_c = jnp.where(valid, kids, 0)
+    n = tree.visits_BxN[bi[:, None], kids_c].astype(jnp.float32)
+    # q only breaks ties: squashed to well below one visit.
+    key = jnp.where(valid, n + 1e-3 * jnp.tanh(tree.q_BxN[bi[:, None], kids_c]), -jnp.inf)
+    pick = jnp.take_along_axis(kids, jnp.argmax(key, axis=1)[:, None], axis=1)[:, 0]
+    return jnp.where(first >= 0, pick, node_B)
+
+  return jax.lax.fori_loop(0, max_depth, down, jnp.zeros((b,), jnp.int32))
+
+
+def best_terminal_leaf(tree: tree_lib.Tree):
+  """Terminal node with the highest q per tree: (leaf_B, found_B)."""
+  used = jnp.arange(tree.num_slots)[None, :] < tree.num_nodes_B[:, None]
+  term = used & tree.terminal_BxN
+  best = jnp.argmax(jnp.where(term, tree.q_BxN, -jnp.inf), axis=1).astype(jnp.int32)
+  return best, term.any(axis=1)
+
+
+def answer_leaf(tree: tree_lib.Tree, config: MCTSConfig):
+  """The node whose path is the answer (config.answer)."""
+  visited = most_visited_leaf(tree, config.num_children, config.max_depth)
+  if config.answer == 'most_visited':
+    return visited
+  best, found = best_terminal_leaf(tree)
+  return jnp.where(found, best, visited)
+
+
+# ------------------------------------------------------------------------------------------
+# The search.
+
+
+def mcts_search(params: Params, key: jax.Array, prompt_BxLp: jax.Array, prompt_mask_BxLp: jax.Array, *,
+         model: SearchModel, config: MCTSConfig,
+         problem_B: Optional[jax.Array] = None) -> SearchResult:
+  """Runs MCTS for B problems; traceable (the caller jits, e.g. with model/config static).
+
+  Args:
+    params: model parameters, passed to the callables (traced: new weights do not retrace).
+    key: PRNG key, consumed; simulation s uses `fold_in(key, s)`.
+    prompt_BxLp: questions, left-padded.
+    prompt_mask_BxLp: True on real prompt tokens.
+    model: the callables (`search.lm.make_search_model` or scripted ones).
+    config: static search configuration.
+    problem_B: problem id per row for the reward callable (default 0..B-1).
+
+  Returns:
+    SearchResult with the chosen path's steps (L = max_depth * step tokens), its q as score,
+    the tree, and `extra = {'leaf_B': chosen node}`.
+  """
+  b = prompt_BxLp.shape[0]
+  if problem_B is None:
+    problem_B = jnp.arange(b, dtype=jnp.int32)
+  opts = config.expand_options()
+
+  roots = expansion.root_nodes(prompt_BxLp, prompt_mask_BxLp, problem_B, model.pad_id)
+  root_value_B = expansion.last_values(model, params, roots)
+  counters = expansion.Counters(
+      jnp.zeros((b,), jnp.int32),
+      jnp.full((b,), 1 if model.value_fn is not None else 0, jnp.int32))
+  # The step width comes from the policy itself; probe it without running it.
+  probe = jax.eval_shape(
+      lambda p, kk, n: model.policy_fn(p, kk, n, 1, to_end=False, greedy=False), params, key, roots)
+  step_len = probe.tokens_MxKxL.shape[-1]
+  tree = tree_lib.empty(roots.tokens_MxT, roots.mask_MxT, problem_B, config.num_nodes, step_len,
+                        model.pad_id, root_value_B)
+
+  bb = jnp.arange(b)[:, None]
+
+  def simulation(s, carry):
+    tree, vl, counters = carry
+    leaf_BxW, path_BxWxD1, vl = select_leaves(tree, vl, config)
+    w = config.num_walkers
+    earlier = jnp.tril(jnp.ones((w, w), bool), -1)
+    dup_BxW = jnp.any((leaf_BxW[:, :, None] == leaf_BxW[:, None, :]) & earlier[None], axis=2)
+    depth_BxW = tree.depth_BxN[bb, leaf_BxW]
+    can_expand = (tree.first_child_BxN[bb, leaf_BxW] < 0) & ~tree.terminal_BxN[bb, leaf_BxW] & (
+        depth_BxW < config.max_depth)
+    expand_BxW = ~dup_BxW & can_expand
+    revisit_BxW = ~dup_BxW & ~can_expand
+    tree, kids, c = expansion.expand_and_evaluate(
+        params, jax.random.fold_in(key, s), tree, leaf_BxW, expand_BxW, model=model, opts=opts)
+    delta = jnp.where(expand_BxW, (kids >= 0).sum(axis=2), revisit_BxW.astype(jnp.int32))
+    tree = backpropagate(tree, path_BxWxD1, delta.astype(jnp.int32), config)
+    return tree, vl, counters + c
+
+  vl0 = jnp.zeros(tree.visits_BxN.shape, jnp.float32)
+  tree, _, counters = jax.lax.fori_loop(0, config.num_simulations, simulation, (tree, vl0, counters))
+
+  leaf_B = answer_leaf(tree, config)
+  bi = jnp.arange(b)
+  tokens, _, lengths = tree_lib.solutions(tree, bi, leaf_B, config.max_depth, model.pad_id)
+  return SearchResult(
+      tokens_BxL=tokens, lengths_B=lengths, score_B=tree.q_BxN[bi, leaf_B],
+      terminal_B=tree.terminal_BxN[bi, leaf_B], policy_tokens_B=counters.policy_tokens_B,
+      model_calls_B=counters.model_calls_B, tree=tree, extra={'leaf_B': leaf_B})

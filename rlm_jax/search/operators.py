@@ -1,0 +1,226 @@
+"""Blueprint operators as pure functions on fixed-shape arrays.
+
+Generate and Evaluate are the model callables (`base.PolicyFn`, `base.ValueFn`); this module
+holds what the strategies do with their outputs: priors from step log-probs, merging duplicate
+candidates, Select scores (PUCT / UCT on min-max normalised q), Backpropagate (x1's TD form and
+the running mean), Prune (keep the top k) and Aggregate (majority vote over final answers).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Hashable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30
+
+
+def step_priors(logprob_MxK, valid_MxK, kind: str = 'logprob', temperature: float = 1.0):
+  """Prior over K sibling candidates.
+
+  Args:
+    logprob_MxK: log pi of each candidate step (sum over its tokens).
+    valid_MxK: candidates that exist.
+    kind: 'logprob' (softmax of logprob / temperature over the siblings) or 'uniform'.
+    temperature: > 0; larger flattens the prior.
+
+  Returns:
+    prior_MxK, summing to 1 over the valid siblings (0 elsewhere).
+  """
+  valid_MxK = valid_MxK.astype(bool)
+  if kind == 'logprob':
+    logits = jnp.where(valid_MxK, logprob_MxK / temperature, _NEG)
+  elif kind == 'uniform':
+    logits = jnp.where(valid_MxK, 0.0, _NEG)
+  else:
+    raise ValueError(f"prior kind '{kind}': must be 'logprob' or 'uniform'")
+  p = jax.nn.softmax(logits, axis=-1)
+  return jnp.where(valid_MxK, p, 0.0)
+
+
+def merge_duplicates(tokens_MxKxL, prior_MxK, valid_MxK):
+  """Keeps the first of identical sibling candidates; it inherits the others' prior.
+
+  Args:
+    tokens_MxKxL: candidate tokens (same padding convention for all, so equal steps are equal
+      arrays).
+    prior_MxK: prior of each candidate.
+    valid_MxK: candidates that exist.
+
+  Returns:
+    (keep_MxK, prior_MxK): which candidates stay, and their merged prior.
+  """
+  valid_MxK = valid_MxK.astype(bool)
+  k = tokens_MxKxL.shape[1]
+  same_MxKxK = jnp.all(tokens_MxKxL[:, :, None, :] == tokens_MxKxL[:, None, :, :], axis=-1)
+  same_MxKxK &= valid_MxK[:, :, None] & valid_MxK[:, None, :]
+  earlier_KxK = jnp.tril(jnp.ones((k, k), bool), -1)  # [i, j]: j < i
+  dup_MxK = jnp.any(same_MxKxK & earlier_KxK[None], axis=-1)
+  keep_MxK = valid_MxK & ~dup_MxK
+  merged = jnp.einsum('mij,mj->mi', same_MxKxK.astype(prior_MxK.dtype), prior_MxK)
+  return keep_MxK, jnp.where(keep_MxK, merged, 0.0)
+
+
+def normalize_q(q, q_min, q_max):
+  """Min-max normalisation to [0, 1] (MuZero MinMaxStats); 0.5 while all q are equal."""
+  span = q_max - q_min
+  return jnp.where(span > 0, (q - q_min) / jnp.where(span > 0, span, 1.0), 0.5)
+
+
+def puct_scores(qn_K, prior_K, visits_K, parent_visits, c1: float, c2: float):
+  """AlphaZero / MuZero PUCT: q + P * sqrt(N(s)) / (1 + N(c)) * (c1 + log((N(s) + c2 + 1) / c2)).
+
+  Args:
+    qn_K: normalised q of the children (any leading batch dims).
+    prior_K: prior of the children.
+    visits_K: N(c), float (virtual visits included).
+    parent_visits: N(s), broadcastable against the leading dims.
+    c1, c2: exploration constants (1.25, 19652).
+
+  Returns:
+    scores_K.
+  """
+  n_s = jnp.asarray(parent_visits, jnp.float32)[..., None]
+  explore = jnp.sqrt(n_s) / (1.0 + visits_K) * (c1 + jnp.log((n_s + c2 + 1.0) / c2))
+  return qn_K + prior_K * explore
+
+
+def uct_scores(qn_K, visits_K, parent_visits, c: float):
+  """UCT: q + c * sqrt(ln N(s) / N(c)); an unvisited child scores +inf."""
+  n_s = jnp.asarray(parent_visits, jnp.float32)[..., None]
+  bonus = c * jnp.sqrt(jnp.log(jnp.maximum(n_s, 1.0)) / jnp.maximum(visits_K, 1e-9))
+  return jnp.where(visits_K > 0, qn_K + bonus, jnp.inf)
+
+
+def backup_td(q_old, child_q_K, child_visits_K, valid_K, gamma: float, lam: float):
+  """x1's TD backup: q <- (1 - lam) q + lam * gamma * sum_c N(c) q(c) / sum_c N(c)."""
+  w = jnp.where(valid_K, child_visits_K.astype(jnp.float32), 0.0)
+  target = gamma * jnp.sum(w * jnp.where(valid_K, child_q_K, 0.0), -1) / jnp.maximum(w.sum(-1), 1.0)
+  return (1.0 - lam) * q_old + lam * target
+
+
+def backup_mean(value0, child_q_K, child_visits_K, valid_K, gamma: float):
+  """Running mean (MuZero): the node's own evaluation and gamma * every evaluation below it.
+
+  q = (v0 + gamma * sum_c N(c) q(c)) / (1 + sum_c N(c)), which is the mean of all leaf returns
+  through the node because every child's q is itself such a mean over N(c) evaluations.
+  """
+  w = jnp.where(valid_K, child_visits_K.astype(jnp.float32), 0.0)
+  total = value0 + gamma * jnp.sum(w * jnp.where(valid_K, child_q_K, 0.0), -1)
+  return total / (1.0 + w.sum(-1))
+
+
+def prune(scores_BxM, valid_BxM, k: int):
+  """Keeps the k best valid candidates per row (ties: lower index first).
+
+  Returns:
+    (index_Bxk, kept_Bxk): candidate indices, and whether each kept slot holds a valid one.
+  """
+  # A large finite stand-in keeps invalid entries orderable behind every valid one.
+  masked = jnp.where(valid_BxM, scores_BxM, _NEG)
+  _, idx = jax.lax.top_k(masked, k)
+  kept = jnp.take_along_axis(valid_BxM, idx, axis=1)
+  return idx, kept
+
+
+# ------------------------------------------------------------------------------------------
+# Aggregate: majority vote over final answers.
+
+
+def answer_spans(tokens_MxL, mask_MxL, marker_ids: Sequence[int], span_len: int, *, pad_id: int,
+                 stop_ids: Sequence[int]):
+  """The final-answer token span of each completion, for device-side voting.
+
+  The span starts after the last occurrence of `marker_ids` (e.g. the tokens of 'Answer:'),
+  or after the last stop token that is not the final one when `marker_ids` is empty (= the
+  last step), and ends before the next stop token (EOS / step delimiter). It is cut or padded
+  to `span_len`. Put a trailing space into the marker ids if answers follow 'Answer: '.
+
+  Args:
+    tokens_MxL: right-padded completions.
+    mask_MxL: True on real tokens.
+    marker_ids: token ids that introduce the answer; () to use the last step.
+    span_len: width of the returned span.
+    pad_id: filler.
+    stop_ids: tokens that end a span (EOS, step delimiter).
+
+  Returns:
+    (span_MxS, found_M): the spans (pad-filled) and whether a marker was found (always True
+    without a marker).
+  """
+  m, l = tokens_MxL.shape
+  mask_MxL = mask_MxL.astype(bool)
+  is_stop = jnp.zeros((m, l), bool)
+  for s in stop_ids:
+    is_stop |= tokens_MxL == s
+  pos_L = jnp.arange(l)
+  if marker_ids:
+    n = len(marker_ids)
+    hit = jnp.ones((m, l), bool)
+    for i, t in enumerate(marker_ids):
+      shifted = jnp.concatenate([tokens_MxL[:, i:], jnp.full((m, i), pad_id, tokens_MxL.dtype)], 1)
+      smask = jnp.concatenate([mask_MxL[:, i:], jnp.zeros((m, i), bool)], 1)
+      hit &= (shifted == t) & smask
+    found = hit.any(axis=1)
+    start = jnp.max(jnp.where(hit, pos_L, -1), axis=1) + n
+  else:
+    # Stops that are followed by at least one more real token start a new step.
+    nxt_real = jnp.concatenate([mask_MxL[:, 1:], jnp.zeros((m, 1), bool)], axis=1)
+    inner_stop = is_stop & mask_MxL & nxt_real
+    start = jnp.max(jnp.where(inner_stop, pos_L, -1), axis=1) + 1
+    found = jnp.ones((m,), bool)
+  idx = start[:, None] + jnp.arange(span_len)[None, :]
+  inside = idx < l
+  tok = jnp.take_along_axis(tokens_MxL, jnp.clip(idx, 0, l - 1), axis=1)
+  ok = inside & jnp.take_along_axis(mask_MxL & ~is_stop, jnp.clip(idx, 0, l - 1), axis=1)
+  ok = jnp.cumprod(ok, axis=1).astype(bool)  # the span ends at the first stop / pad
+  span = jnp.where(ok & found[:, None], tok, pad_id)
+  return span, found
+
+
+def majority_vote(span_BxNxS, valid_BxN, weights_BxN: Optional[jax.Array] = None):
+  """Majority vote among N candidates per problem, comparing answer spans exactly.
+
+  Args:
+    span_BxNxS: answer spans (equal answers are equal arrays).
+    valid_BxN: candidates that may vote (e.g. an answer was found).
+    weights_BxN: optional vote weights (e.g. ORM scores); default 1 per candidate.
+
+  Returns:
+    (winner_B, votes_BxN): index of a candidate carrying the winning answer (the first such
+    candidate; ties between answers go to the answer whose first candidate comes first), and
+    the total vote of each candidate's answer. winner is 0 when no candidate is valid.
+  """
+  valid_BxN = valid_BxN.astype(bool)
+  w = jnp.ones(valid_BxN.shape, jnp.float32) if weights_BxN is None else weights_BxN.astype(jnp.float32)
+  w = jnp.where(valid_BxN, w, 0.0)
+  same = jnp.all(span_BxNxS[:, :, None, :] == span_BxNxS[:, None, :, :], axis=-1)
+  same &= valid_BxN[:, :, None] & valid_BxN[:, None, :]
+  votes = jnp.einsum('bij,bj->bi', same.astype(jnp.float32), w)
+  votes = jnp.where(valid_BxN, votes, -1.0)
+  return jnp.argmax(votes, axis=1).astype(jnp.int32), votes
+
+
+def majority_vote_host(answers: Sequence[Optional[Hashable]],
+                       weights: Optional[Sequence[float]] = None) -> int:
+  """Host-side vote over already-extracted answers (None = no answer). Returns the index of the
+  first candidate with the winning answer, or -1 when no candidate has an answer."""
+  tally: dict = collections.OrderedDict()
+  first: dict = {}
+  for i, a in enumerate(answers):
+    if a is None:
+      continue
+    tally[a] = tally.get(a, 0.0) + (1.0 if weights is None else float(weights[i]))
+    first.setdefault(a, i)
+  if not tally:
+    return -1
+  best = max(tally.values())
+  return min(first[a] for a, v in tally.items() if v == best)
+
+
+def vote_texts(texts: Sequence[str], answer_fn: Callable[[str], Optional[Hashable]],
+               weights: Optional[Sequence[float]] = None) -> int:
+  """Self-consistency for text tasks: `answer_fn(text)` extracts a hashable final answer."""
+  return majority_vote_host([answer_fn(t) for t in texts], weights)
