@@ -369,6 +369,13 @@ def replicated_fraction(state: Any, mesh: Mesh) -> float:
   return replicated / total if total else 0.0
 
 
+def _fmt_bytes(n: int) -> str:
+  for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= size:
+      return f"{n / size:.1f} {unit}"
+  return f"{n} B"
+
+
 def check_sharded(state: Any, mesh: Mesh, max_fraction: float) -> None:
   """Start-up check that the parameters really are sharded (see `replicated_fraction`).
 
@@ -381,7 +388,7 @@ def check_sharded(state: Any, mesh: Mesh, max_fraction: float) -> None:
   total, replicated, names = _replicated_bytes(state, mesh)
   fraction = replicated / total if total else 0.0
   if fraction > max_fraction:
-    largest = ", ".join(f"{n} ({b / 2**20:.3g} MiB)" for b, n in names[:3])
+    largest = ", ".join(f"{n} ({_fmt_bytes(b)})" for b, n in names[:3])
     raise ShardingError(
         f"{fraction:.1%} of parameter bytes are replicated on mesh {dict(mesh.shape)} "
         f"(limit {max_fraction:.1%}); largest replicated: {largest}. Check the logical_axes "

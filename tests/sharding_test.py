@@ -169,13 +169,13 @@ def test_check_sharded():
     sharding.check_sharded(state, mesh, 0.1)
   assert str(e.value) == (
       "16.3% of parameter bytes are replicated on mesh {'data': 1, 'fsdp': 1, 'tensor': 8} "
-      "(limit 10.0%); largest replicated: kv (0.000244 MiB), scale (3.05e-05 MiB), plain "
-      "(1.14e-05 MiB). Check the logical_axes of these parameters and config.mesh.rules")
+      "(limit 10.0%); largest replicated: kv (256 B), scale (32 B), plain (12 B). Check the "
+      "logical_axes of these parameters and config.mesh.rules")
   # The same state with every parameter copied to every device.
   replicated = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), state)
   assert sharding.replicated_fraction(replicated, mesh) == 1.0
   with pytest.raises(ShardingError, match=r"^100.0% of parameter bytes .* largest "
-                     r"replicated: w \(0.000977 MiB\), emb"):
+                     r"replicated: w \(1.0 KiB\), emb \(512 B\), kv \(256 B\)\. "):
     sharding.check_sharded(replicated, mesh, 0.02)
   one = _mesh((1, 1, 1), devices=jax.devices()[:1])
   assert sharding.replicated_fraction(nnx.state(Toy(nnx.Rngs(0))), one) == 0.0
@@ -355,3 +355,18 @@ def test_transformer_sharded_matches_single_device(single_device_run, mesh_shape
   delta = np.abs(ref["new_params"]["layers"][0]["mlp"]["w_up"].get_value()
                  - ref["params"]["layers"][0]["mlp"]["w_up"].get_value())
   assert delta.max() > 1e-3
+
+
+def test_transformer_start_up_check(single_device_run):
+  host = single_device_run["params"]
+  mesh = _mesh((1, 8, 1))
+  fsdp = jax.device_put(host, sharding.state_shardings(host, mesh, DEFAULT_RULES))
+  # Only the norms and the value head's small tail stay whole: 129 of 16001 parameters.
+  assert sharding.replicated_fraction(fsdp, mesh) == pytest.approx(129 / 16001)
+  sharding.check_sharded(fsdp, mesh, 0.02)
+  replicated = jax.device_put(host, NamedSharding(mesh, P()))
+  with pytest.raises(ShardingError, match=r"^100.0% of parameter bytes are replicated on mesh "
+                     r"\{'data': 1, 'fsdp': 8, 'tensor': 1\} \(limit 2.0%\); largest "
+                     r"replicated: embed \(8.0 KiB\), layers.0.attn.wo \(8.0 KiB\), "
+                     r"layers.0.attn.wq \(8.0 KiB\)\. "):
+    sharding.check_sharded(replicated, mesh, 0.02)
