@@ -106,7 +106,7 @@ class Checkpointer:
 
     Args:
       target: pytree like the saved state whose leaves are `jax.ShapeDtypeStruct` with
-        `.sharding` (abstract state, e.g. from `sharding.init_sharded`'s abstract twin) or
+        `.sharding` (abstract state, e.g. from `sharding.abstract_sharded`) or
         concrete `jax.Array`s; restored arrays get these shardings.
       step: which step; None means the latest complete one.
 
