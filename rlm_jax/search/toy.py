@@ -32,8 +32,8 @@ class ToyTask:
     horizon: H steps per solution.
     first_id: token of action 0 (CharTokenizer ids: 0 PAD, 2 EOS, 3 STEP are special).
     pad_id, eos_id, step_id: special tokens.
-    enumerate: the policy returns candidate k = action k mod A (deterministic) instead of
-      sampling; makes trees exactly predictable.
+    enumerate: next-step candidate k is action k mod A (deterministic) instead of a sample;
+      makes trees exactly predictable. Completions (`to_end`) are still sampled.
     value_confidence: |value| of the scripted value model (0 = uninformative).
     value_noise: amplitude of the deterministic pseudo-noise added to values.
     reward_kind: 'final' (the last action decides) or 'path' (every action must match).
@@ -113,7 +113,7 @@ def make_model(task: ToyTask, *, with_value: bool = True, with_reward: bool = Tr
     def one_step(carry, key_j):
       depth_R, lost_R = carry
       logits = _step_logits(task, params, problem, depth_R, lost_R)
-      if task.enumerate:
+      if task.enumerate and not to_end:
         pick = jnp.tile(jnp.arange(num) % a, m)
       elif greedy:
         pick = jnp.argmax(logits, axis=1)

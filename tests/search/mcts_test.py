@@ -1,0 +1,249 @@
+"""MCTS on the scripted toy task: hand-computed trees, known answers, invariants, golden tree."""
+import functools
+import json
+import math
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlm_jax.search import export
+from rlm_jax.search import mcts as mcts_lib
+from rlm_jax.search import toy
+from rlm_jax.search import tree as tree_lib
+
+GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'mcts_toy.json')
+
+
+@functools.lru_cache(maxsize=None)
+def _search(task: toy.ToyTask, config: mcts_lib.MCTSConfig, with_value=True, with_reward=True):
+  model = toy.make_model(task, with_value=with_value, with_reward=with_reward)
+  return jax.jit(functools.partial(mcts_lib.mcts_search, model=model, config=config))
+
+
+def _np(tree):
+  return tree_lib.to_numpy(tree)
+
+
+# ------------------------------------------------------------------------------------------
+# A two-level tree computed by hand.
+
+EXACT_TASK = toy.ToyTask(num_actions=2, horizon=2, enumerate=True, value_confidence=0.4)
+EXACT_PARAMS = {'target': jnp.array([[1, 0]]), 'logits': jnp.array([[[0.0, 1.0], [0.5, 0.0]]])}
+
+
+@pytest.mark.parametrize('backup', ['td', 'mean'])
+def test_two_simulations_by_hand(backup):
+  """Sim 0 expands the root into a (wrong, value -c) and b (right, +c); PUCT then picks b
+  (normalised q 1 vs 0), whose children are terminal with rewards +1 / -1."""
+  cfg = mcts_lib.MCTSConfig(num_simulations=2, num_children=2, num_walkers=1, max_depth=2, gamma=0.9,
+                            backup=backup)
+  pr, pm = toy.prompts(1, EXACT_TASK)
+  res = _search(EXACT_TASK, cfg)(EXACT_PARAMS, jax.random.key(0), pr, pm)
+  t = _np(res.tree)
+  c, g = 0.4, 0.9
+  assert int(t.num_nodes_B[0]) == 5
+  np.testing.assert_array_equal(t.parent_BxN[0], [-1, 0, 0, 2, 2])
+  np.testing.assert_array_equal(t.visits_BxN[0], [5, 1, 3, 1, 1])
+  e = math.e
+  np.testing.assert_allclose(t.prior_BxN[0, 1:3], [1 / (1 + e), e / (1 + e)], rtol=1e-5)
+  np.testing.assert_allclose(t.reward_BxN[0, 3:], [1.0, -1.0])
+  if backup == 'td':  # q(s) = gamma * sum N q / sum N
+    want = [g * (1 * -c + 3 * 0.0) / 4, -c, 0.0, 1.0, -1.0]
+  else:  # q(s) = (v0 + gamma * sum N q) / (1 + sum N), v0(root) = 0
+    q2 = (c + g * (1.0 - 1.0)) / 3
+    want = [(0.0 + g * (1 * -c + 3 * q2)) / 5, -c, q2, 1.0, -1.0]
+  np.testing.assert_allclose(t.q_BxN[0], want, atol=1e-6)
+  # best terminal = node 3: actions (1, 0).
+  np.testing.assert_array_equal(res.tokens_BxL[0], [21, 3, 20, 2])
+  assert float(res.score_B[0]) == 1.0 and bool(res.terminal_B[0])
+  # 2 expansions x 2 candidates x 2 tokens; calls: root value + 4 samples + 2 non-terminal values.
+  assert int(res.policy_tokens_B[0]) == 8
+  assert int(res.model_calls_B[0]) == 1 + 4 + 2
+
+
+# ------------------------------------------------------------------------------------------
+# Known answer: the only +1 leaf among 27 must be found by search.
+
+NEEDLE_TASK = toy.ToyTask(num_actions=3, horizon=3, enumerate=True, value_confidence=0.0,
+                          reward_kind='path')
+
+
+def _needle_params(n):
+  params = toy.make_params(jax.random.key(3), n, NEEDLE_TASK, skill=0.0, noise=0.0)
+  return params  # flat priors, uninformative values: only search finds the target
+
+
+def test_finds_needle_path_with_several_walkers():
+  n, sims, walkers = 6, 8, 4
+  cfg = mcts_lib.MCTSConfig(num_simulations=sims, num_children=3, num_walkers=walkers, max_depth=3,
+                            gamma=1.0)
+  params = _needle_params(n)
+  pr, pm = toy.prompts(n, NEEDLE_TASK)
+  res = _search(NEEDLE_TASK, cfg)(params, jax.random.key(0), pr, pm)
+  target = np.asarray(params['target'])
+  got = np.asarray(res.tokens_BxL)[:, 0:6:2] - NEEDLE_TASK.first_id
+  np.testing.assert_array_equal(got, target)
+  np.testing.assert_allclose(res.score_B, 1.0)
+  assert tree_lib.invariant_errors(res.tree) == []
+  # The walkers spread: more than one expansion per simulation on average.
+  expansions = (np.asarray(res.tree.first_child_BxN) >= 0).sum(axis=1)
+  assert (expansions > sims).all()
+
+
+def test_visits_concentrate_on_optimal_branch_as_simulations_grow():
+  n = 6
+  params = _needle_params(n)
+  pr, pm = toy.prompts(n, NEEDLE_TASK)
+  shares = []
+  for sims in (16, 48):
+    cfg = mcts_lib.MCTSConfig(num_simulations=sims, num_children=3, num_walkers=1, max_depth=3, gamma=1.0,
+                              answer='most_visited')
+    res = _search(NEEDLE_TASK, cfg)(params, jax.random.key(0), pr, pm)
+    t = _np(res.tree)
+    target0 = np.asarray(params['target'])[:, 0]
+    best_child = 1 + target0  # enumerate: child k of the root is action k
+    share = t.visits_BxN[np.arange(n), best_child] / (t.visits_BxN[:, 0] - 1)
+    shares.append(share)
+  assert (shares[1] > shares[0]).all(), shares
+  assert (shares[1] > 0.6).all(), shares
+  # With S=48 the most-visited path is the target path (one walker per tree).
+  got = np.asarray(res.tokens_BxL)[:, 0:6:2] - NEEDLE_TASK.first_id
+  np.testing.assert_array_equal(got, np.asarray(params['target']))
+
+
+# ------------------------------------------------------------------------------------------
+# Sampled candidates (duplicates), several walkers: invariants, determinism, traces, golden.
+
+SAMPLED_TASK = toy.ToyTask(num_actions=3, horizon=3, value_confidence=0.5, value_noise=0.2)
+SAMPLED_CFG = mcts_lib.MCTSConfig(num_simulations=6, num_children=3, num_walkers=2, max_depth=3,
+                                  gamma=0.96, td_lambda=0.8)
+_SAMPLED_MODEL = toy.make_model(SAMPLED_TASK)
+
+
+@jax.jit
+@chex.assert_max_traces(n=1)
+def _sampled_run(params, key, pr, pm):
+  return mcts_lib.mcts_search(params, key, pr, pm, model=_SAMPLED_MODEL, config=SAMPLED_CFG)
+
+
+def _sampled(key, seed=1):
+  params = toy.make_params(jax.random.key(seed), 4, SAMPLED_TASK, skill=1.0, noise=1.0)
+  return params, _sampled_run(params, key, *toy.prompts(4, SAMPLED_TASK))
+
+
+def test_invariants_and_duplicate_merging():
+  _, res = _sampled(jax.random.key(0))
+  assert tree_lib.invariant_errors(res.tree) == []
+  t = _np(res.tree)
+  merged = False
+  for b in range(4):
+    for s in range(int(t.num_nodes_B[b])):
+      first, cnt = t.first_child_BxN[b, s], t.num_children_BxN[b, s]
+      if first < 0:
+        continue
+      steps = [tuple(t.step_tokens_BxNxL[b, c]) for c in range(first, first + cnt)]
+      assert len(set(steps)) == len(steps), 'identical siblings were not merged'
+      np.testing.assert_allclose(t.prior_BxN[b, first:first + cnt].sum(), 1.0, rtol=1e-5)
+      merged |= cnt < SAMPLED_CFG.num_children
+  assert merged, 'expected the 3-action sampler to produce duplicates'
+  # Every terminal node sits at depth 3 and carries the verifier reward as its q.
+  for b in range(4):
+    n = int(t.num_nodes_B[b])
+    term = t.terminal_BxN[b, :n]
+    assert (t.depth_BxN[b, :n][term] == 3).all()
+    np.testing.assert_array_equal(t.q_BxN[b, :n][term], t.reward_BxN[b, :n][term])
+
+
+def test_deterministic_given_key_traced_once():
+  """Same key -> same tree; another key or other weights -> another tree; one trace for all
+  calls with these shapes (the trace counter on `_sampled_run` raises otherwise)."""
+  _, a = _sampled(jax.random.key(5))
+  _, b = _sampled(jax.random.key(5))
+  _, c = _sampled(jax.random.key(6))
+  _, d = _sampled(jax.random.key(5), seed=2)
+  chex.assert_trees_all_equal(a.tree, b.tree)
+  assert not np.array_equal(np.asarray(a.tree.step_tokens_BxNxL), np.asarray(c.tree.step_tokens_BxNxL))
+  assert not np.array_equal(np.asarray(a.tree.q_BxN), np.asarray(d.tree.q_BxN))
+
+
+def test_golden_tree():
+  """Regression against a stored tree (regenerate: RLM_UPDATE_GOLDEN=1 pytest ...)."""
+  _, res = _sampled(jax.random.key(0))
+  got = [export.tree_to_json(res.tree, b) for b in range(2)]  # two of the four trees
+  if os.environ.get('RLM_UPDATE_GOLDEN'):
+    with open(GOLDEN, 'w') as f:
+      json.dump(got, f, indent=1)
+  with open(GOLDEN) as f:
+    want = json.load(f)
+  for g, w in zip(got, want):
+    assert g['num_nodes'] == w['num_nodes']
+    for gn, wn in zip(g['nodes'], w['nodes']):
+      for k in ('id', 'parent', 'depth', 'text', 'visits', 'terminal', 'children'):
+        assert gn[k] == wn[k], (gn['id'], k)
+      for k in ('q', 'value', 'prior', 'logprob', 'reward'):
+        if wn[k] is None:
+          assert gn[k] is None
+        else:
+          assert gn[k] == pytest.approx(wn[k], abs=1e-5), (gn['id'], k)
+
+
+# ------------------------------------------------------------------------------------------
+# Rollouts, inference mode, answers.
+
+
+def test_rollouts_mix_in_with_alpha():
+  """Without a value model q_model = 0, so a non-terminal child's value is alpha * mean of
+  its rollout rewards; with the 'final' reward and a deterministic policy those are known."""
+  task = toy.ToyTask(num_actions=2, horizon=2, enumerate=True, value_confidence=0.0)
+  cfg = mcts_lib.MCTSConfig(num_simulations=1, num_children=2, num_walkers=1, max_depth=2,
+                            num_rollouts=2, rollout_weight=0.25)
+  params = {'target': jnp.array([[1, 0]]), 'logits': jnp.array([[[0.0, 5.0], [5.0, 0.0]]])}
+  pr, pm = toy.prompts(1, task)
+  res = _search(task, cfg, with_value=False)(params, jax.random.key(0), pr, pm)
+  t = _np(res.tree)
+  # Rollouts from child a=0 (a wrong step: the policy is lost, uniform) and a=1 (right step:
+  # the policy picks action 0 with prob 0.993). Their rewards are +-1; check the mixing rule
+  # against the counts: value = 0.25 * mean(r), r in {-1, +1}.
+  for node in (1, 2):
+    assert t.value_BxN[0, node] * 4 in (-1.0, 0.0, 1.0)
+  assert t.value_BxN[0, 2] == pytest.approx(0.25)  # both rollouts right (p = 0.993^2)
+  # Spent: 2 candidates + 2x2 rollouts of 1 step (2 tokens each); calls: 2 + 4 (no value model).
+  assert int(res.policy_tokens_B[0]) == 2 * 2 + 4 * 2
+  assert int(res.model_calls_B[0]) == 2 + 4
+
+
+def test_inference_mode_scores_terminals_with_value_model():
+  task = toy.ToyTask(num_actions=2, horizon=2, enumerate=True, value_confidence=0.4)
+  cfg = mcts_lib.MCTSConfig(num_simulations=2, num_children=2, num_walkers=1, max_depth=2, gamma=0.9)
+  res = _search(task, cfg, with_reward=False)(EXACT_PARAMS, jax.random.key(0), *toy.prompts(1, task))
+  t = _np(res.tree)
+  np.testing.assert_allclose(t.q_BxN[0, 3:5], [0.4, -0.4])  # PRM on the final step, not +-1
+  assert np.isnan(t.reward_BxN[0, 3:5]).all()
+  # Value calls for every child now: 1 + 4 samples + 4 values.
+  assert int(res.model_calls_B[0]) == 9
+
+
+def test_max_depth_caps_paths():
+  task = toy.ToyTask(num_actions=2, horizon=4, enumerate=True, value_confidence=0.2)
+  cfg = mcts_lib.MCTSConfig(num_simulations=8, num_children=2, num_walkers=2, max_depth=2)
+  params = toy.make_params(jax.random.key(0), 2, task)
+  res = _search(task, cfg)(params, jax.random.key(0), *toy.prompts(2, task))
+  t = _np(res.tree)
+  assert t.depth_BxN.max() == 2
+  assert not t.terminal_BxN.any()  # horizon 4 is never reached
+  assert tree_lib.invariant_errors(res.tree) == []
+  # No terminal: the answer falls back to the most-visited path, a depth-2 leaf.
+  assert (np.asarray(res.lengths_B) == 4).all() and not np.asarray(res.terminal_B).any()
+
+
+def test_config_errors_name_the_key():
+  with pytest.raises(ValueError, match=r"mcts.backup='x'"):
+    mcts_lib.MCTSConfig(backup='x')
+  with pytest.raises(ValueError, match='mcts.num_walkers=0'):
+    mcts_lib.MCTSConfig(num_walkers=0)
+  with pytest.raises(ValueError, match='mcts.gamma=0'):
+    mcts_lib.MCTSConfig(gamma=0.0)
