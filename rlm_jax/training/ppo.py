@@ -1,0 +1,195 @@
+"""Phase 2: a PPO (actor-critic) iteration as ONE compiled program.
+
+One model carries both heads (`lm_head=True`, `value_head='sigmoid'|'logit'`). An iteration:
+rollout (G samples per prompt, on-device sampler) -> jittable verifier score -> per-token
+rewards (sparse terminal reward + optional KL penalty to a frozen reference) -> GAE(γ, λ) with
+the value head's predictions -> `num_ppo_epochs` passes (lax.scan) over `num_minibatches`
+shuffled minibatches of the clipped policy + clipped value loss − entropy bonus.
+
+Token t of a completion is the action taken in state "prompt + tokens < t". Its log-prob and
+its value V(s_t) both come from the hidden state of the token before it (the last prompt token
+for t = 0), as in TRL's PPO trainer. Rewards (as TRL): r_t = −kl_coef·(log π_old − log π_ref)
+on every completion token, plus the terminal reward on the last generated token; GAE links
+valid tokens only and treats the end of the completion as terminal (V = 0 after it).
+
+Reward scale. With `value_head='sigmoid'` the value is 2σ(z) − 1 ∈ (−1, 1), so returns must
+lie in [−1, 1]: keep every RewardConfig entry in [−1, 1] (e.g. correct 1, wrong −1 or 0,
+invalid −1) and kl_coef small enough that the summed KL penalty stays well below 1; this is
+checked for the RewardConfig when the iteration is traced. With `value_head='logit'` the raw
+head output z is used as an unbounded linear value (MSE regression), so any reward scale
+works. Advantages are whitened over the batch by default (TRL), which makes the policy step
+independent of the reward scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from rlm_jax.models.transformer import positions_from_mask
+from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig
+from rlm_jax.training import advantages, losses
+from rlm_jax.training.grpo import rollout
+from rlm_jax.training.rewards import RewardConfig
+from rlm_jax.training.state import TrainState, all_finite, apply_gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOSetup:
+  """Everything static about a PPO iteration (hashable: it keys the compile cache).
+
+  group_size: completions per prompt (1 = classic PPO; > 1 only enlarges the batch, the
+    baseline is the value head).
+  num_minibatches: each PPO epoch splits the B·G rollouts into this many shuffled
+    minibatches (one optimizer step each); B·G must be divisible by it.
+  whiten_advantages: normalise advantages over the valid tokens of the batch (TRL does).
+  """
+
+  loss: losses.PPOConfig
+  sampling: SamplingConfig
+  reward: RewardConfig
+  step_id: int
+  group_size: int = 1
+  num_minibatches: int = 1
+  whiten_advantages: bool = True
+  # Jittable verifier: (SampleOutput, batch with rows repeated G times) -> scores in {-1, 0, 1, 2}.
+  # None: the final step must equal batch['answer'] (`rewards.final_step_score`).
+  score_fn: Callable[[SampleOutput, dict], jax.Array] | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.group_size, int) or self.group_size < 1:
+      raise ValueError(f'PPOSetup.group_size must be an int >= 1, got {self.group_size!r}')
+    if not isinstance(self.num_minibatches, int) or self.num_minibatches < 1:
+      raise ValueError(f'PPOSetup.num_minibatches must be an int >= 1, got {self.num_minibatches!r}')
+
+
+def _check_model(model, setup: PPOSetup, ref_params):
+  cfg = model.cfg
+  if not cfg.lm_head or cfg.value_head == 'none':
+    raise ValueError("PPO needs one model with both heads: model.lm_head=True and "
+                     f"model.value_head='sigmoid' or 'logit' (got lm_head={cfg.lm_head}, "
+                     f"value_head='{cfg.value_head}')")
+  r = setup.reward
+  if cfg.value_head == 'sigmoid' and max(abs(r.correct), abs(r.wrong), abs(r.invalid)) > 1.0:
+    raise ValueError(f"PPO with value_head='sigmoid' predicts values in (-1, 1), but the reward "
+                     f"config {r} has rewards outside [-1, 1]; rescale them or use value_head='logit'")
+  if setup.loss.kl_coef > 0 and ref_params is None:
+    raise ValueError(f'PPOConfig.kl_coef={setup.loss.kl_coef} needs ref_params, got None')
+
+
+def forward(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int):
+  """log π, entropy and V(s_t) for the completion tokens of [prompt | completion] rows.
+
+  Returns:
+    (logp_BxT, entropy_BxT, values_BxT) float32, T = seq length − prompt_len.
+  """
+  model = nnx.merge(graphdef, params)
+  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL)
+  logits_BxTxV = out.logits_BxLxV[:, prompt_len - 1:-1]
+  targets_BxT = seq_BxL[:, prompt_len:]
+  values_BxT = out.values_BxL[:, prompt_len - 1:-1].astype(jnp.float32)
+  return (losses.token_logprobs(logits_BxTxV, targets_BxT), losses.token_entropy(logits_BxTxV),
+          values_BxT)
+
+
+def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, state: TrainState,
+                  ref_params, batch: dict, key: jax.Array):
+  """Rollout, rewards, GAE and num_ppo_epochs × num_minibatches PPO updates.
+
+  Args:
+    graphdef: actor-critic graph (static): LM head and value head.
+    tx: optimizer (static).
+    setup: static PPO settings.
+    state: TrainState of the actor-critic (donated by `ppo_iteration_jit`).
+    ref_params: frozen reference policy params (same graph), or None when kl_coef == 0.
+    batch: prompt [B, Lp] (left-padded), prompt_mask, plus what the scorer reads (answer
+      [B, A], answer_len [B] for the default).
+    key: PRNG key; split into the rollout key and the minibatch-shuffle key.
+
+  Returns:
+    (new_state, metrics) with scalar metrics: reward, accuracy, invalid, completion_length,
+    truncated, kl (summed per completion, π_old vs π_ref), value_mean, return_mean,
+    explained_variance, and the last update's loss, pg_loss, vf_loss, entropy, pg_clipfrac,
+    vf_clipfrac, ratio_mean, approx_kl, grad_norm; finite (all updates finite).
+  """
+  cfg = setup.loss
+  _check_model(nnx.merge(graphdef, state.params), setup, ref_params)
+  n = batch['prompt'].shape[0] * setup.group_size
+  if n % setup.num_minibatches:
+    raise ValueError(f'PPOSetup.num_minibatches={setup.num_minibatches} does not divide the '
+                     f'{n} rollouts (batch × group_size)')
+  k_roll, k_shuffle = jax.random.split(key)
+  ro = rollout(graphdef, state.params, batch, k_roll, setup)
+  lp = ro['prompt'].shape[1]
+  mask_BxT = ro['completion_mask']
+  seq = jnp.concatenate([ro['prompt'], ro['tokens']], axis=1)
+  seq_mask = jnp.concatenate([ro['prompt_mask'], mask_BxT], axis=1)
+
+  sg = jax.lax.stop_gradient
+  old_logp_BxT, _, old_v_BxT = sg(forward(graphdef, state.params, seq, seq_mask, lp))
+  kl_BxT = jnp.zeros_like(old_logp_BxT)
+  if cfg.kl_coef > 0:
+    ref_logp_BxT = sg(forward(graphdef, ref_params, seq, seq_mask, lp)[0])
+    kl_BxT = jnp.where(mask_BxT, old_logp_BxT - ref_logp_BxT, 0.0)
+  t = mask_BxT.shape[1]
+  last_BxT = jnp.arange(t)[None] == (ro['lengths'] - 1)[:, None]
+  rewards_BxT = -cfg.kl_coef * kl_BxT + jnp.where(last_BxT, ro['reward'][:, None], 0.0)
+  if cfg.whiten_rewards:
+    rewards_BxT = advantages.masked_whiten(rewards_BxT, mask_BxT, shift_mean=False)
+  adv_BxT, returns_BxT = advantages.gae(rewards_BxT, old_v_BxT, mask_BxT, cfg.gamma, cfg.lam)
+  if setup.whiten_advantages:
+    adv_BxT = advantages.masked_whiten(adv_BxT, mask_BxT)
+
+  data = {'seq': seq, 'seq_mask': seq_mask, 'mask': mask_BxT, 'old_logp': old_logp_BxT,
+          'old_v': old_v_BxT, 'adv': adv_BxT, 'returns': returns_BxT}
+
+  def loss_fn(params, mb):
+    logp, entropy, values = forward(graphdef, params, mb['seq'], mb['seq_mask'], lp)
+    return losses.ppo_loss(logp, mb['old_logp'], mb['adv'], values, mb['old_v'], mb['returns'],
+                           mb['mask'], entropy, cfg)
+
+  def update(st: TrainState, mb):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params, mb)
+    finite = jnp.isfinite(loss) & all_finite(grads)
+    new = apply_gradients(st, grads, tx)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, st)
+    return new, dict(aux, loss=loss, grad_norm=optax.global_norm(grads), finite=finite)
+
+  nmb = setup.num_minibatches
+
+  def epoch(st: TrainState, k):
+    perm = jax.random.permutation(k, n) if nmb > 1 else jnp.arange(n)
+    mbs = jax.tree.map(lambda x: x[perm].reshape((nmb, n // nmb) + x.shape[1:]), data)
+    return jax.lax.scan(update, st, mbs)
+
+  state, aux = jax.lax.scan(epoch, state, jax.random.split(k_shuffle, cfg.num_ppo_epochs))
+  finite = jnp.all(aux['finite'])
+  aux = jax.tree.map(lambda x: x[-1, -1], aux)
+
+  valid = mask_BxT.astype(jnp.float32)
+  n_tok = jnp.maximum(valid.sum(), 1.0)
+  tok_mean = lambda x: jnp.sum(jnp.where(mask_BxT, x, 0.0)) / n_tok
+  resid_var = tok_mean((returns_BxT - old_v_BxT - tok_mean(returns_BxT - old_v_BxT)) ** 2)
+  ret_var = tok_mean((returns_BxT - tok_mean(returns_BxT)) ** 2)
+  metrics = dict(
+      aux,
+      reward=ro['reward'].mean(),
+      accuracy=(ro['score'] == 2).mean(),
+      invalid=(ro['score'] < 0).mean(),
+      completion_length=ro['lengths'].mean(),
+      truncated=ro['truncated'].mean(),
+      kl=kl_BxT.sum(axis=1).mean(),
+      value_mean=tok_mean(old_v_BxT),
+      return_mean=tok_mean(returns_BxT),
+      explained_variance=1.0 - resid_var / jnp.maximum(ret_var, 1e-8),
+      finite=finite,
+  )
+  return state, metrics
+
+
+ppo_iteration_jit = jax.jit(ppo_iteration, static_argnums=(0, 1, 2), donate_argnums=(3,))
