@@ -1,0 +1,132 @@
+"""The LM adapter with a tiny random Transformer: callables, reward, and every strategy end to end."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlm_jax.data.tokenizer import CharTokenizer, pad_batch
+from rlm_jax.models.transformer import ModelConfig, Transformer, positions_from_mask
+from rlm_jax.sampling import sampler as sampler_lib
+from rlm_jax.search import config as search_config
+from rlm_jax.search import lm
+from rlm_jax.search import tree as tree_lib
+from rlm_jax.search.base import NodeBatch
+
+TOK = CharTokenizer()
+IDS = lm.TokenIds.of(TOK)
+
+
+def _model(value_head='sigmoid', seed=0):
+  cfg = ModelConfig(vocab_size=TOK.vocab_size, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8,
+                    d_ff=32, value_head=value_head)
+  return nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=seed)))
+
+
+GD, STATE = _model()
+OPTS = lm.LMOptions(step_tokens=4, completion_tokens=10, value_from_policy=True)
+PROBLEMS = ['1+1', '2+5']
+ANSWERS = ['Answer: 2', 'Answer: 7']
+
+
+def _prompts():
+  rows = [TOK.encode(p, bos=True) + [TOK.step_id] for p in PROBLEMS]
+  p, m = pad_batch(rows, 8, TOK.pad_id)
+  return jnp.asarray(p), jnp.asarray(m)
+
+
+def test_answer_reward():
+  table = lm.answer_table(TOK, ANSWERS, 12)
+  rows = [TOK.encode_steps(['1+1=2', 'Answer: 2']),  # right
+          TOK.encode_steps(['Answer: 2']),  # right, one step
+          TOK.encode_steps(['Answer: 3']),  # wrong
+          TOK.encode_steps(['Answer: 2'], final=False),  # no EOS
+          TOK.encode_steps(['Answer: 22'])]  # longer
+  tok, mask = pad_batch(rows, 20, TOK.pad_id, side='right')
+  r = lm.answer_reward_fn(IDS)(table, jnp.asarray(tok), jnp.asarray(mask), jnp.zeros((5,), jnp.int32))
+  np.testing.assert_array_equal(r, [1, 1, -1, -1, -1])
+  tok7, mask7 = pad_batch([TOK.encode_steps(['Answer: 7'])], 20, TOK.pad_id, side='right')
+  assert float(lm.answer_reward_fn(IDS)(table, jnp.asarray(tok7), jnp.asarray(mask7), jnp.array([1]))[0]) == 1
+
+
+def test_policy_fn_is_one_sampler_call_over_repeated_rows():
+  model = lm.make_search_model(GD, OPTS, IDS)
+  p, m = _prompts()
+  nodes = NodeBatch(p, m, jnp.zeros((2,), jnp.int32), jnp.arange(2))
+  key = jax.random.key(3)
+  steps = model.policy_fn(lm.LMParams(policy=STATE), key, nodes, 3, to_end=False, greedy=False)
+  assert steps.tokens_MxKxL.shape == (2, 3, 4)
+  cfg = sampler_lib.SamplingConfig(max_new_tokens=4, eos_id=IDS.eos_id, pad_id=IDS.pad_id, step_id=IDS.step_id,
+                                   stop_at_step=True)
+  ref = sampler_lib.generate(GD, STATE, jnp.repeat(p, 3, 0), jnp.repeat(m, 3, 0), key, cfg)
+  np.testing.assert_array_equal(steps.tokens_MxKxL.reshape(6, 4), ref.tokens_BxT)
+  np.testing.assert_allclose(steps.logprob_MxK.reshape(6), ref.logprobs_BxT.sum(1), rtol=1e-6)
+  np.testing.assert_array_equal(steps.terminal_MxK.reshape(6), ref.stop_reason_B == sampler_lib.StopReason.EOS)
+  # Samples of one node differ (each row draws its own tokens).
+  assert len({tuple(r) for r in np.asarray(steps.tokens_MxKxL[0])}) > 1
+
+
+def test_logit_value_head_is_mapped_to_reward_units():
+  gd, st = _model('logit', seed=1)
+  model = lm.make_search_model(GD, dataclasses.replace(OPTS, value_from_policy=False), IDS, value_graphdef=gd)
+  p, m = _prompts()
+  v = model.value_fn(lm.LMParams(policy=STATE, value=st), NodeBatch(p, m, jnp.zeros(2, jnp.int32), jnp.arange(2)))
+  raw = nnx.merge(gd, st)(p, positions_from_mask(m), m).values_BxL
+  np.testing.assert_allclose(v, 2 * jax.nn.sigmoid(raw) - 1, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='not both'):
+    lm.make_search_model(GD, OPTS, IDS, value_graphdef=gd)
+
+
+# ------------------------------------------------------------------------------------------
+# Every strategy end to end: shapes and compute counters.
+
+
+def _setup():
+  c = search_config.get_config()
+  c.mcts.update(num_simulations=3, num_children=2, num_walkers=2, max_depth=3)
+  c.beam.update(beam_width=2, expansions=2, max_depth=3)
+  c.best_of_n.num_samples = 3
+  c.self_consistency.num_samples = 3
+  return search_config.build(c)
+
+
+@pytest.mark.parametrize('name', search_config.STRATEGY_NAMES)
+def test_strategy_end_to_end(name):
+  setup = _setup()
+  model = lm.make_search_model(GD, OPTS, IDS, reward_fn=lm.answer_reward_fn(IDS))
+  params = lm.LMParams(policy=STATE, reward=lm.answer_table(TOK, ANSWERS, 12))
+  fn = jax.jit(functools.partial(search_config.build_strategy(setup, name, TOK.encode), model=model))
+  res = fn(params, jax.random.key(0), *_prompts())
+  r = jax.tree.map(np.asarray, res)
+  b = 2
+  assert r.lengths_B.shape == (b,) and r.score_B.shape == (b,)
+  assert ((r.lengths_B > 0) & (r.lengths_B <= r.tokens_BxL.shape[1])).all()
+  assert (r.tokens_BxL[np.arange(r.tokens_BxL.shape[1])[None] >= r.lengths_B[:, None]] == TOK.pad_id).all()
+  texts = lm.decode_result(TOK, res)
+  assert len(texts) == b and all(isinstance(t, str) for t in texts)
+  if name == 'chain':
+    assert r.tokens_BxL.shape == (b, OPTS.completion_tokens)
+    np.testing.assert_array_equal(r.policy_tokens_B, r.lengths_B)
+    np.testing.assert_array_equal(r.model_calls_B, 1)
+  elif name in ('best_of_n', 'self_consistency'):
+    n = 3
+    np.testing.assert_array_equal(r.policy_tokens_B, r.extra['lengths_BxN'].sum(1))
+    # best-of-N scores with the ORM (the policy's value head): one value row per sample.
+    np.testing.assert_array_equal(r.model_calls_B, 2 * n if name == 'best_of_n' else n)
+  else:
+    d = 3
+    t = r.tree
+    assert r.tokens_BxL.shape == (b, d * OPTS.step_tokens)
+    assert tree_lib.invariant_errors(res.tree) == []
+    k = 2
+    expanded = (t.first_child_BxN >= 0).sum(1)
+    used = np.arange(t.parent_BxN.shape[1])[None] < t.num_nodes_B[:, None]
+    nonterminal_children = (used & ~t.terminal_BxN).sum(1) - 1
+    # root value + K samples per expansion + one value row per non-terminal child.
+    np.testing.assert_array_equal(r.model_calls_B, 1 + k * expanded + nonterminal_children)
+    stored = np.where(used, t.step_len_BxN, 0).sum(1)
+    assert (r.policy_tokens_B >= stored).all()
+    assert (r.policy_tokens_B <= k * expanded * OPTS.step_tokens).all()
