@@ -1,0 +1,120 @@
+"""Phase 2: an EM policy-gradient iteration (arXiv 2504.18587) as ONE compiled program.
+
+E-step: the on-device sampler draws G rationales per prompt and the jittable verifier scores
+them. M-step: `num_m_steps` optimizer steps (lax.scan) on the reward-weighted log-likelihood
+L = −mean_k w_k Σ_t log π_θ(y_kt | x, y_k<t), with w from `advantages.em_weights`: 'raw'
+(w = r; with {0, 1} rewards this is fine-tuning on the correct samples), 'centered'
+(r − group mean) or 'normalized' ((r − mean) / std, as GRPO). The samples stay fixed while
+θ moves (off-policy): no importance ratio, no clipping, no reference model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig
+from rlm_jax.training import advantages, losses
+from rlm_jax.training.grpo import completion_logprobs, rollout
+from rlm_jax.training.rewards import RewardConfig
+from rlm_jax.training.state import TrainState, all_finite, apply_gradients
+
+
+@dataclasses.dataclass(frozen=True)
+class EMSetup:
+  """Everything static about an EM-PG iteration (hashable: it keys the compile cache).
+
+  group_size: G rationales sampled per prompt (E-step); the sampling temperature sets how
+    diverse they are.
+  weights: 'raw' | 'centered' | 'normalized' (`advantages.em_weights`).
+  normalize: 'sequence_sum' (the paper's objective) | 'token_mean' (`losses.em_pg_loss`).
+  num_m_steps: optimizer steps on one E-step's samples.
+  """
+
+  group_size: int
+  sampling: SamplingConfig
+  reward: RewardConfig
+  step_id: int
+  weights: Literal['raw', 'centered', 'normalized'] = 'raw'
+  normalize: Literal['sequence_sum', 'token_mean'] = 'sequence_sum'
+  num_m_steps: int = 1
+  # Jittable verifier: (SampleOutput, batch with rows repeated G times) -> scores in {-1, 0, 1, 2}.
+  # None: the final step must equal batch['answer'] (`rewards.final_step_score`).
+  score_fn: Callable[[SampleOutput, dict], jax.Array] | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.group_size, int) or self.group_size < 1:
+      raise ValueError(f'EMSetup.group_size must be an int >= 1, got {self.group_size!r}')
+    if self.weights not in advantages.EM_WEIGHT_KINDS:
+      raise ValueError(f'EMSetup.weights must be one of {advantages.EM_WEIGHT_KINDS}, got {self.weights!r}')
+    if self.normalize not in losses.EM_NORMALIZE:
+      raise ValueError(f'EMSetup.normalize must be one of {losses.EM_NORMALIZE}, got {self.normalize!r}')
+    if not isinstance(self.num_m_steps, int) or self.num_m_steps < 1:
+      raise ValueError(f'EMSetup.num_m_steps must be an int >= 1, got {self.num_m_steps!r}')
+
+
+def em_iteration(graphdef, tx: optax.GradientTransformation, setup: EMSetup, state: TrainState,
+                 batch: dict, key: jax.Array):
+  """E-step (sample and score G rationales per prompt), then num_m_steps M-step updates.
+
+  Args:
+    graphdef: policy graph (static).
+    tx: optimizer (static).
+    setup: static EM settings.
+    state: TrainState of the policy (donated by `em_iteration_jit`).
+    batch: prompt [B, Lp] (left-padded), prompt_mask, plus what the scorer reads (answer
+      [B, A], answer_len [B] for the default).
+    key: PRNG key of the E-step sampling.
+
+  Returns:
+    (new_state, metrics) with scalar metrics: reward, accuracy, invalid, completion_length,
+    truncated, solve_all, solve_none, weight_mean, weight_abs_mean, and the first and last
+    M-step's loss / nll_mean (the drop shows how far the M-step moved), grad_norm (last),
+    finite (all M-steps finite).
+  """
+  b, g = batch['prompt'].shape[0], setup.group_size
+  ro = rollout(graphdef, state.params, batch, key, setup)
+  lp = ro['prompt'].shape[1]
+  reward_BxG = ro['reward'].reshape(b, g)
+  w_B = advantages.em_weights(reward_BxG, setup.weights).reshape(b * g)
+  mask = ro['completion_mask']
+  seq = jnp.concatenate([ro['prompt'], ro['tokens']], axis=1)
+  seq_mask = jnp.concatenate([ro['prompt_mask'], mask], axis=1)
+
+  def loss_fn(params):
+    logp, _ = completion_logprobs(graphdef, params, seq, seq_mask, lp)
+    return losses.em_pg_loss(logp, w_B, mask, setup.normalize)
+
+  def m_step(st: TrainState, _):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
+    finite = jnp.isfinite(loss) & all_finite(grads)
+    new = apply_gradients(st, grads, tx)
+    new = jax.tree.map(lambda a, o: jnp.where(finite, a, o), new, st)
+    return new, dict(loss=loss, nll_mean=aux['nll_mean'], grad_norm=optax.global_norm(grads),
+                     finite=finite)
+
+  state, aux = jax.lax.scan(m_step, state, None, length=setup.num_m_steps)
+  solved_BxG = (ro['score'] == 2).reshape(b, g)
+  metrics = dict(
+      loss=aux['loss'][-1], loss_first=aux['loss'][0],
+      nll_mean=aux['nll_mean'][-1], nll_mean_first=aux['nll_mean'][0],
+      grad_norm=aux['grad_norm'][-1],
+      reward=ro['reward'].mean(),
+      accuracy=solved_BxG.mean(),
+      invalid=(ro['score'] < 0).mean(),
+      completion_length=ro['lengths'].mean(),
+      truncated=ro['truncated'].mean(),
+      solve_all=jnp.all(solved_BxG, axis=1).mean(),
+      solve_none=jnp.all(~solved_BxG, axis=1).mean(),
+      weight_mean=w_B.mean(),
+      weight_abs_mean=jnp.abs(w_B).mean(),
+      finite=jnp.all(aux['finite']),
+  )
+  return state, metrics
+
+
+em_iteration_jit = jax.jit(em_iteration, static_argnums=(0, 1, 2), donate_argnums=(3,))
