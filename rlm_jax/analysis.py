@@ -1,0 +1,908 @@
+"""Analysis of finished runs, for the notebooks: curves, search trees, test-time scaling, errors.
+
+A run of `python -m rlm_jax.main --workdir=W` leaves `W/metrics.jsonl`, `W/results.json`,
+`W/config.json` and `W/ckpt/<phase>/`. `collect` (CLI: `python -m rlm_jax.analysis
+--workdir=W`) loads a phase's checkpoint, runs the search strategies of `rlm_jax.search` on the
+run's held-out tasks and adds, under `W/analysis/`:
+
+  scaling.json   {"version": 1, "rows": [ROW, ...]}
+  trees.json     {"version": 1, "trees": [TREE, ...]}
+  outputs.jsonl  one OUTPUT per line
+
+  ROW    {"phase", "strategy", "budget", "guide", "accuracy", "invalid", "policy_tokens",
+          "model_calls", "num_problems", "seconds"}: one strategy at one budget (the knob of
+          BUDGET_KNOBS); policy_tokens / model_calls are means per problem; guide is what
+          ranks candidates: "none" (the policy alone), "verifier" (the task's ground-truth
+          reward at terminal steps, an oracle upper bound) or "value" (a value model).
+  TREE   `search.tree_to_json` of one problem ({"prompt", "problem", "num_nodes", "nodes"})
+          plus "chosen_path" ([node ids], root first), "phase", "strategy", "budget",
+          "task" ({"level", "problem", "expected"}) and "score" (verifier score of the answer).
+          nodes[i] = {"id", "parent" (-1 at the root), "text", "visits", "q", "prior",
+          "terminal", "reward" (null where no verifier ran), "depth"}; other keys of the
+          export ("value", "logprob", "children") are kept but not required.
+  OUTPUT {"phase", "strategy", "budget", "index", "level", "problem", "expected", "output",
+          "score"}: score is `tasks.verify` (-1 invalid, 0 wrong, 1 partial, 2 solved).
+
+Figures go to `W/figures/`. Everything here runs on host; jax is imported only by `collect`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from rlm_jax import metrics as metrics_lib
+
+ANALYSIS_DIR = 'analysis'
+FIGURES_DIR = 'figures'
+SCALING_FILE = 'scaling.json'
+TREES_FILE = 'trees.json'
+OUTPUTS_FILE = 'outputs.jsonl'
+NODE_KEYS = ('id', 'parent', 'text', 'visits', 'q', 'prior', 'terminal', 'reward', 'depth')
+SCALING_KEYS = ('strategy', 'budget', 'guide', 'accuracy', 'policy_tokens')
+OUTPUT_KEYS = ('strategy', 'budget', 'level', 'problem', 'expected', 'output', 'score')
+PHASE_ORDER = ('sft', 'grpo')
+SCORE_NAMES = {-1: 'invalid', 0: 'wrong', 1: 'partial', 2: 'solved'}
+# The knob of each strategy that a budget sets (the other knobs keep `search.config` defaults).
+BUDGET_KNOBS = {'greedy': None, 'self_consistency': 'num_samples', 'best_of_n': 'num_samples',
+                'beam': 'beam_width', 'mcts': 'num_simulations'}
+DEFAULT_BUDGETS = {'greedy': (1,), 'self_consistency': (2, 4, 8), 'best_of_n': (2, 4, 8),
+                   'beam': (1, 2, 4), 'mcts': (4, 8, 16)}
+
+
+# ------------------------------------------------------------------------------------------
+# Run directories.
+
+
+def check_workdir(workdir: str | os.PathLike) -> str:
+  """Absolute path of a run directory; raises FileNotFoundError naming it if it holds no run."""
+  path = os.path.abspath(os.fspath(workdir))
+  if not os.path.exists(os.path.join(path, metrics_lib.METRICS_FILE)):
+    raise FileNotFoundError(f'{path}: no {metrics_lib.METRICS_FILE}; run '
+                            f'`python -m rlm_jax.main --config=configs/main.py --workdir={path}` first')
+  return path
+
+
+def figures_dir(workdir: str | os.PathLike) -> str:
+  """`<workdir>/figures`, created."""
+  path = os.path.join(os.fspath(workdir), FIGURES_DIR)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def _analysis_file(workdir_or_file: str | os.PathLike, name: str) -> str:
+  path = os.fspath(workdir_or_file)
+  if os.path.isdir(path):
+    path = os.path.join(path, ANALYSIS_DIR, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: missing; create it with `python -m rlm_jax.analysis '
+                            f'--workdir=<workdir>`')
+  return path
+
+
+# ------------------------------------------------------------------------------------------
+# Training curves.
+
+
+def load_metrics(workdir: str | os.PathLike) -> pd.DataFrame:
+  """All metrics of a run as one frame: index 'step', one column per '<phase>/<name>'.
+
+  Rows logged at the same step (e.g. a phase's last step and an evaluation) are merged; a
+  metric not logged at a step is NaN.
+  """
+  rows = metrics_lib.read_metrics(check_workdir(workdir))
+  if not rows:
+    raise ValueError(f'{workdir}: {metrics_lib.METRICS_FILE} is empty')
+  frame = pd.DataFrame(rows).groupby('step', sort=True).first()
+  return frame.astype(float)
+
+
+def phases_in(phases) -> list[str]:
+  """The distinct phase names of an iterable (e.g. a 'phase' column) in training order: sft,
+  grpo, then the others as they come."""
+  seen = list(dict.fromkeys(phases))
+  return [p for p in PHASE_ORDER if p in seen] + [p for p in seen if p not in PHASE_ORDER]
+
+
+def phase_curves(metrics: pd.DataFrame, phase: str) -> pd.DataFrame:
+  """The columns of one phase ('sft', 'grpo', 'eval') with the prefix dropped, rows that log it."""
+  prefix = phase + '/'
+  cols = [c for c in metrics.columns if c.startswith(prefix)]
+  if not cols:
+    phases = sorted({c.split('/')[0] for c in metrics.columns})
+    raise KeyError(f"no metrics of phase '{phase}' (phases in this run: {', '.join(phases)})")
+  out = metrics[cols].dropna(how='all')
+  return out.rename(columns={c: c[len(prefix):] for c in cols})
+
+
+def smooth(values: Sequence[float] | np.ndarray, weight: float = 0.6) -> np.ndarray:
+  """TensorBoard's debiased exponential moving average; NaNs are skipped and stay NaN.
+
+  s_t = m_t / (1 - weight^n_t), m_t = weight m_{t-1} + (1 - weight) x_t, n_t = finite values so
+  far; the debiasing keeps the first points from being pulled towards 0.
+
+  Args:
+    values: [T] numbers.
+    weight: in [0, 1); 0 returns the values unchanged.
+
+  Returns:
+    [T] float64.
+  """
+  if not 0.0 <= weight < 1.0:
+    raise ValueError(f'smooth: weight={weight} must be in [0, 1)')
+  x = np.asarray(values, dtype=np.float64)
+  out = np.full_like(x, np.nan)
+  m, n = 0.0, 0
+  for t, v in enumerate(x):
+    if not np.isfinite(v):
+      continue
+    m = weight * m + (1.0 - weight) * v
+    n += 1
+    out[t] = m / (1.0 - weight ** n)
+  return out
+
+
+def load_results(workdir: str | os.PathLike) -> dict:
+  """`<workdir>/results.json` ({phase: {'<strategy>/<metric>': value}}); {} if not written yet."""
+  path = os.path.join(check_workdir(workdir), 'results.json')
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def results_table(results: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+  """results.json as a long frame: columns phase, strategy, metric, level (NaN if overall), value."""
+  rows = []
+  for phase, res in results.items():
+    if not isinstance(res, Mapping):
+      continue  # e.g. a 'preempted' flag
+    for key, value in res.items():
+      strategy, _, metric = key.rpartition('/')
+      level = float('nan')
+      if metric.startswith('accuracy_level'):
+        level, metric = int(metric[len('accuracy_level'):]), 'accuracy'
+      rows.append({'phase': phase, 'strategy': strategy, 'metric': metric, 'level': level, 'value': value})
+  return pd.DataFrame(rows, columns=['phase', 'strategy', 'metric', 'level', 'value'])
+
+
+def eval_accuracy(results: pd.DataFrame) -> pd.DataFrame:
+  """Held-out accuracy of a `results_table`: rows (phase, strategy), columns 'all' then levels."""
+  acc = results[results.metric == 'accuracy']
+  rows = list(dict.fromkeys(zip(acc.phase, acc.strategy)))
+  levels = sorted(int(v) for v in acc.level.dropna().unique())
+  table = pd.DataFrame(np.nan, index=pd.MultiIndex.from_tuples(rows, names=['phase', 'strategy']),
+                       columns=['all'] + levels)
+  for r in acc.itertuples(index=False):
+    table.loc[(r.phase, r.strategy), 'all' if pd.isna(r.level) else int(r.level)] = r.value
+  return table
+
+
+def plot_curves(curves: pd.DataFrame, panels: Sequence[str | Sequence[str]], *, smoothing: float = 0.6,
+                title: str = '', ncols: int = 4):
+  """A grid of training curves: raw values faint, `smooth`ed values on top.
+
+  Args:
+    curves: a `phase_curves` frame (index: step).
+    panels: one metric name per panel, or a tuple of names sharing a panel (e.g. clip
+      fractions); names the run did not log are left out.
+    smoothing: EMA weight of `smooth`.
+    title: figure title.
+    ncols: panels per row.
+
+  Returns:
+    The matplotlib Figure.
+  """
+  import matplotlib as mpl
+  import matplotlib.pyplot as plt
+
+  groups = [[n for n in ([p] if isinstance(p, str) else p) if n in curves.columns] for p in panels]
+  groups = [g for g in groups if g]
+  if not groups:
+    raise ValueError(f'plot_curves: none of {list(panels)} was logged (logged: {", ".join(curves.columns)})')
+  ncols = min(ncols, len(groups))
+  nrows = -(-len(groups) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.6 * nrows), squeeze=False)
+  for ax, group in zip(axes.flat, groups):
+    for j, name in enumerate(group):
+      y = curves[name].to_numpy(dtype=float)
+      ok = np.isfinite(y)
+      color = f'C{j}'
+      ax.plot(curves.index[ok], y[ok], color=color, alpha=0.25, lw=0.8)
+      ax.plot(curves.index[ok], smooth(y, smoothing)[ok], color=color, lw=1.6, label=name)
+    ax.set_title(' / '.join(group) if len(group) < 3 else group[0].split('_')[0] + ' fractions', fontsize=9)
+    if len(group) > 1:
+      ax.legend(fontsize=7)
+    ax.set_xlabel('step', fontsize=8)
+    ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(groups):]:
+    ax.axis('off')
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
+def plot_eval(ax, results: pd.DataFrame) -> None:
+  """Held-out accuracy per strategy (bars), one bar per phase (a `results_table` frame)."""
+  acc = results[(results.metric == 'accuracy') & results.level.isna()]
+  table = acc.pivot_table(index='strategy', columns='phase', values='value', sort=False)
+  phases = phases_in(table.columns)
+  width = 0.8 / max(len(phases), 1)
+  x = np.arange(len(table.index))
+  for j, phase in enumerate(phases):
+    vals = table[phase].to_numpy()
+    bars = ax.bar(x + (j - (len(phases) - 1) / 2) * width, vals, width, label=phase.upper())
+    ax.bar_label(bars, fmt='%.3f', fontsize=7)
+  ax.set_xticks(x, table.index)
+  ax.set_ylabel('held-out accuracy')
+  ax.set_ylim(0, 1.05)
+  ax.legend(fontsize=8)
+
+
+# ------------------------------------------------------------------------------------------
+# Search trees.
+
+
+def _read_json(path: str) -> Any:
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: not valid JSON ({e})') from None
+
+
+def validate_tree(tree: Mapping, where: str = 'tree') -> None:
+  """Raises ValueError naming the first node that breaks the TREE format (module docstring)."""
+  nodes = tree.get('nodes') if isinstance(tree, Mapping) else None
+  if not isinstance(nodes, list) or not nodes:
+    raise ValueError(f'{where}: expected a dict with a non-empty "nodes" list')
+  ids = {}
+  for i, node in enumerate(nodes):
+    missing = [k for k in NODE_KEYS if k not in node]
+    if missing:
+      raise ValueError(f'{where}: nodes[{i}] lacks {", ".join(missing)}')
+    if node['id'] in ids:
+      raise ValueError(f'{where}: nodes[{i}] repeats id {node["id"]}')
+    ids[node['id']] = node
+  roots = [n['id'] for n in nodes if n['parent'] == -1]
+  if len(roots) != 1:
+    raise ValueError(f'{where}: expected one root (parent -1), found {len(roots)}')
+  for node in nodes:
+    if node['parent'] == -1:
+      continue
+    parent = ids.get(node['parent'])
+    if parent is None:
+      raise ValueError(f'{where}: node {node["id"]} has parent {node["parent"]}, which is not a node')
+    if node['depth'] != parent['depth'] + 1:
+      raise ValueError(f'{where}: node {node["id"]} has depth {node["depth"]}, its parent '
+                       f'{parent["id"]} depth {parent["depth"]}')
+  path = tree.get('chosen_path')
+  if path is not None:
+    if any(p not in ids for p in path):
+      raise ValueError(f'{where}: chosen_path {path} names a node that does not exist')
+    if path and (path[0] != roots[0] or any(ids[b]['parent'] != a for a, b in zip(path, path[1:]))):
+      raise ValueError(f'{where}: chosen_path {path} is not a path from the root')
+
+
+def load_trees(workdir_or_file: str | os.PathLike) -> list[dict]:
+  """Trees from `<workdir>/analysis/trees.json`, a file of that format, or a JSON list of (or
+  one) `search.tree_to_json` outputs; each is validated."""
+  path = _analysis_file(workdir_or_file, TREES_FILE)
+  data = _read_json(path)
+  if isinstance(data, Mapping) and 'trees' in data:
+    trees = data['trees']
+  else:  # a list of exported trees, or one
+    trees = data if isinstance(data, list) else [data]
+  for i, t in enumerate(trees):
+    validate_tree(t, f'{path}: trees[{i}]')
+  return trees
+
+
+def children_of(tree: Mapping) -> dict[int, list[int]]:
+  """Node id -> child ids in ascending order."""
+  kids: dict[int, list[int]] = {n['id']: [] for n in tree['nodes']}
+  for n in tree['nodes']:
+    if n['parent'] != -1:
+      kids[n['parent']].append(n['id'])
+  return {k: sorted(v) for k, v in kids.items()}
+
+
+def _q(node: Mapping) -> float:
+  return float('nan') if node['q'] is None else float(node['q'])
+
+
+def chosen_path(tree: Mapping) -> list[int]:
+  """Node ids of the answer's path, root first.
+
+  The tree's own "chosen_path" when present; else MCTS's 'best_terminal' rule
+  (`search.mcts.answer_leaf`): the terminal node with the highest q (ties: lowest id), or, with
+  no terminal node, descend from the root by visits (ties: higher q, then lower id).
+  """
+  if tree.get('chosen_path'):
+    return [int(i) for i in tree['chosen_path']]
+  by_id = {n['id']: n for n in tree['nodes']}
+  terminals = [n for n in tree['nodes'] if n['terminal'] and n['parent'] != -1]
+  if terminals:
+    best = max(terminals, key=lambda n: (np.nan_to_num(_q(n), nan=-np.inf), -n['id']))
+    path = [best['id']]
+    while by_id[path[-1]]['parent'] != -1:
+      path.append(by_id[path[-1]]['parent'])
+    return path[::-1]
+  kids = children_of(tree)
+  node = next(n['id'] for n in tree['nodes'] if n['parent'] == -1)
+  path = [node]
+  while kids[node]:
+    node = max(kids[node], key=lambda c: (by_id[c]['visits'], np.nan_to_num(_q(by_id[c]), nan=-np.inf), -c))
+    path.append(node)
+  return path
+
+
+class TreeLayout(NamedTuple):
+  """Drawing coordinates, aligned with `tree['nodes']` (N nodes, E = N - 1 edges)."""
+
+  x_N: np.ndarray  # leaves at 0, 1, 2, ... in depth-first order; a parent above its children
+  y_N: np.ndarray  # -depth
+  edges_Ex2: np.ndarray  # (parent row, child row) into the node list
+
+
+def tree_layout(tree: Mapping) -> TreeLayout:
+  """Tidy layout: leaves spaced 1 apart in depth-first order (children by id), each parent
+  centred over its first and last child, depth downwards."""
+  nodes = tree['nodes']
+  row = {n['id']: i for i, n in enumerate(nodes)}
+  kids = children_of(tree)
+  root = next(n['id'] for n in nodes if n['parent'] == -1)
+  x = np.zeros(len(nodes))
+  next_leaf = 0
+  # Iterative post-order: deep trees would hit Python's recursion limit.
+  stack = [(root, False)]
+  while stack:
+    node, done = stack.pop()
+    if kids[node] and not done:
+      stack.append((node, True))
+      stack.extend((c, False) for c in reversed(kids[node]))
+    elif kids[node]:
+      x[row[node]] = 0.5 * (x[row[kids[node][0]]] + x[row[kids[node][-1]]])
+    else:
+      x[row[node]] = next_leaf
+      next_leaf += 1
+  y = -np.asarray([n['depth'] for n in nodes], dtype=np.float64)
+  edges = np.asarray([(row[n['parent']], i) for i, n in enumerate(nodes) if n['parent'] != -1],
+                     dtype=np.int64).reshape(-1, 2)
+  return TreeLayout(x, y, edges)
+
+
+def node_table(tree: Mapping, only: Sequence[int] | None = None) -> pd.DataFrame:
+  """One row per node (or per id of `only`, in that order): id, depth, visits, q, prior, reward,
+  terminal, text (newlines shown as '\\n')."""
+  by_id = {n['id']: n for n in tree['nodes']}
+  ids = list(only) if only is not None else sorted(by_id)
+  rows = []
+  for i in ids:
+    n = by_id[i]
+    text = n['text'] if isinstance(n['text'], str) else ' '.join(map(str, n['text']))
+    rows.append({'id': i, 'depth': n['depth'], 'visits': n['visits'], 'q': _q(n),
+                 'prior': float('nan') if n['prior'] is None else n['prior'],
+                 'reward': float('nan') if n['reward'] is None else n['reward'],
+                 'terminal': bool(n['terminal']), 'text': text.replace('\n', '\\n')})
+  return pd.DataFrame(rows).set_index('id')
+
+
+def pick_tree(trees: Sequence[Mapping]) -> int:
+  """Index of the most instructive tree: the largest whose answer was solved (score 2), else the
+  largest (ties: the first)."""
+  if not trees:
+    raise ValueError('pick_tree: no trees')
+  key = lambda i: (trees[i].get('score') == 2, len(trees[i]['nodes']), -i)
+  return max(range(len(trees)), key=key)
+
+
+def draw_tree(ax, tree: Mapping, path: Sequence[int] | None = None, label_max_nodes: int = 60) -> None:
+  """Draws a search tree on a matplotlib Axes.
+
+  Node area grows with visits, colour is q (red -1 .. green +1, grey where q is unknown),
+  terminal nodes are squares, the chosen path is drawn thick in blue. With at most
+  `label_max_nodes` nodes every node is labelled 'id' above and 'N=visits q=..' below.
+  """
+  import matplotlib as mpl
+
+  path = chosen_path(tree) if path is None else list(path)
+  lay = tree_layout(tree)
+  nodes = tree['nodes']
+  row = {n['id']: i for i, n in enumerate(nodes)}
+  on_path = {(a, b) for a, b in zip(path, path[1:])}
+  for p, c in lay.edges_Ex2:
+    hot = (nodes[p]['id'], nodes[c]['id']) in on_path
+    ax.plot(lay.x_N[[p, c]], lay.y_N[[p, c]], color='tab:blue' if hot else '0.7',
+            lw=3.0 if hot else 0.8, zorder=1 + hot)
+  cmap, norm = mpl.colormaps['RdYlGn'], mpl.colors.Normalize(-1.0, 1.0)
+  visits = np.asarray([max(n['visits'], 0) for n in nodes], dtype=np.float64)
+  size = 30.0 + 270.0 * np.sqrt(visits / max(visits.max(), 1.0))
+  q = np.asarray([_q(n) for n in nodes])
+  color = [cmap(norm(v)) if np.isfinite(v) else (0.6, 0.6, 0.6, 1.0) for v in q]
+  for terminal, marker in ((False, 'o'), (True, 's')):
+    sel = np.asarray([bool(n['terminal']) == terminal for n in nodes])
+    if sel.any():
+      ax.scatter(lay.x_N[sel], lay.y_N[sel], s=size[sel], c=[color[i] for i in np.nonzero(sel)[0]],
+                 marker=marker, edgecolors='k', linewidths=0.5, zorder=3)
+  ring = [row[i] for i in path]
+  ax.scatter(lay.x_N[ring], lay.y_N[ring], s=size[ring] + 60, facecolors='none',
+             edgecolors='tab:blue', linewidths=2.0, zorder=4)
+  if len(nodes) <= label_max_nodes:
+    for i, n in enumerate(nodes):
+      ax.annotate(str(n['id']), (lay.x_N[i], lay.y_N[i]), xytext=(0, 7), textcoords='offset points',
+                  ha='center', va='bottom', fontsize=7)
+      qs = 'q=?' if not np.isfinite(q[i]) else f'q={q[i]:+.2f}'
+      ax.annotate(f'N={n["visits"]}\n{qs}', (lay.x_N[i], lay.y_N[i]), xytext=(0, -8),
+                  textcoords='offset points', ha='center', va='top', fontsize=6)
+  depth = int(max(n['depth'] for n in nodes))
+  ax.set_yticks(-np.arange(depth + 1), [str(d) for d in range(depth + 1)])
+  ax.set_ylabel('depth (steps)')
+  ax.set_xticks([])
+  ax.set_ylim(-depth - 0.7, 0.5)
+  for side in ('top', 'right', 'bottom'):
+    ax.spines[side].set_visible(False)
+  ax.figure.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label='q', shrink=0.6)
+
+
+# ------------------------------------------------------------------------------------------
+# Test-time compute scaling.
+
+
+def load_scaling(workdir_or_file: str | os.PathLike) -> pd.DataFrame:
+  """`<workdir>/analysis/scaling.json` (or a file of that format) as a frame (see `scaling_table`)."""
+  path = _analysis_file(workdir_or_file, SCALING_FILE)
+  data = _read_json(path)
+  if not isinstance(data, Mapping) or not isinstance(data.get('rows'), list):
+    raise ValueError(f'{path}: expected {{"version": 1, "rows": [...]}}')
+  return scaling_table(data['rows'], where=path)
+
+
+def scaling_table(rows: Sequence[Mapping], where: str = 'scaling rows') -> pd.DataFrame:
+  """ROW dicts -> frame sorted by (phase, strategy, policy_tokens), with `tokens_x`: policy
+  tokens relative to greedy decoding of the same phase (NaN without a greedy row)."""
+  for i, r in enumerate(rows):
+    missing = [k for k in SCALING_KEYS if k not in r]
+    if missing:
+      raise ValueError(f'{where}: rows[{i}] lacks {", ".join(missing)}')
+  df = pd.DataFrame(list(rows))
+  if 'phase' not in df:
+    df['phase'] = ''
+  df = df.sort_values(['phase', 'strategy', 'policy_tokens'], kind='stable').reset_index(drop=True)
+  greedy = df[df.strategy == 'greedy'].groupby('phase').policy_tokens.first()
+  df['tokens_x'] = df.policy_tokens / df.phase.map(greedy)
+  return df
+
+
+def best_within(scaling: pd.DataFrame, max_tokens: float) -> pd.DataFrame:
+  """Per (phase, strategy): the row with the best accuracy among those spending at most
+  `max_tokens` policy tokens per problem (ties: fewer tokens). Strategies with no such row
+  are left out."""
+  ok = scaling[scaling.policy_tokens <= max_tokens]
+  ok = ok.sort_values(['accuracy', 'policy_tokens'], ascending=[False, True], kind='stable')
+  return ok.groupby(['phase', 'strategy'], sort=True).head(1).set_index(['phase', 'strategy']).sort_index()
+
+
+def plot_scaling(ax, scaling: pd.DataFrame, phase: str | None = None) -> None:
+  """Accuracy vs policy tokens per problem (log x), one line per strategy; verifier-guided
+  strategies dashed (they use the ground-truth reward: an upper bound)."""
+  df = scaling if phase is None else scaling[scaling.phase == phase]
+  for strategy, g in df.groupby('strategy', sort=True):
+    g = g.sort_values('policy_tokens')
+    guided = (g.guide == 'verifier').any()
+    ax.plot(g.policy_tokens, g.accuracy, 'o-' if not guided else 's--', label=strategy + (' (verifier)' if guided else ''))
+    for _, r in g.iterrows():
+      ax.annotate(str(r.budget), (r.policy_tokens, r.accuracy), xytext=(3, 3), textcoords='offset points', fontsize=7)
+  import matplotlib as mpl
+  ax.set_xscale('log')
+  ax.xaxis.set_major_formatter(mpl.ticker.ScalarFormatter())
+  ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())
+  ax.set_xlabel('policy tokens per problem')
+  ax.set_ylabel('held-out accuracy')
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: str = '.3f') -> str:
+  """A frame as a Markdown table (no extra dependency)."""
+  cells = lambda vals: '| ' + ' | '.join(
+      format(v, floatfmt) if isinstance(v, float) else str(v) for v in vals) + ' |'
+  lines = [cells(df.columns), '|' + '---|' * len(df.columns)]
+  lines += [cells(r) for r in df.itertuples(index=False)]
+  return '\n'.join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Verifier error analysis.
+
+
+def load_outputs(workdir_or_file: str | os.PathLike) -> pd.DataFrame:
+  """`<workdir>/analysis/outputs.jsonl` (or a file of that format) as a frame."""
+  path = _analysis_file(workdir_or_file, OUTPUTS_FILE)
+  rows = []
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{lineno}: not valid JSON ({e})') from None
+      missing = [k for k in OUTPUT_KEYS if k not in row]
+      if missing:
+        raise ValueError(f'{path}:{lineno}: lacks {", ".join(missing)}')
+      rows.append(row)
+  if not rows:
+    raise ValueError(f'{path}: no records')
+  return pd.DataFrame(rows)
+
+
+def score_table(outputs: pd.DataFrame, by: Sequence[str] = ('strategy', 'budget', 'level')) -> pd.DataFrame:
+  """Fraction of outputs per verifier score (columns invalid, wrong, partial, solved) and the
+  count n, per group of `by`."""
+  groups = outputs.groupby(list(by), sort=True)
+  out = pd.DataFrame({name: groups.score.apply(lambda s, v=v: float(np.mean(s == v)))
+                      for v, name in SCORE_NAMES.items()})
+  out['n'] = groups.size()
+  return out
+
+
+def level_accuracy(outputs: pd.DataFrame) -> pd.DataFrame:
+  """Accuracy (score 2) with rows '<strategy> <budget>' and one column per level, plus 'all'."""
+  df = outputs.assign(solved=(outputs.score == 2).astype(float),
+                      run=outputs.strategy + ' ' + outputs.budget.astype(str))
+  table = df.pivot_table(index='run', columns='level', values='solved', aggfunc='mean')
+  table['all'] = df.groupby('run').solved.mean()
+  return table
+
+
+def error_examples(outputs: pd.DataFrame, kind: str, n: int = 5, max_chars: int = 120) -> pd.DataFrame:
+  """Up to `n` outputs of one verifier outcome ('invalid', 'wrong', 'partial', 'solved'),
+  spread over levels (round robin, lowest level first); long outputs are cut to `max_chars`."""
+  codes = {v: k for k, v in SCORE_NAMES.items()}
+  if kind not in codes:
+    raise ValueError(f"error_examples: kind '{kind}' must be one of {', '.join(codes)}")
+  sel = outputs[outputs.score == codes[kind]]
+  picked = []
+  per_level = [g for _, g in sel.groupby('level', sort=True)]
+  for i in range(n):
+    for g in per_level:
+      if i < len(g) and len(picked) < n:
+        picked.append(g.iloc[i])
+  cols = ['strategy', 'budget', 'level', 'problem', 'expected', 'output']
+  if not picked:
+    return pd.DataFrame(columns=cols)
+  cut = lambda s: s if len(s) <= max_chars else s[:max_chars - 3] + '...'
+  df = pd.DataFrame(picked)[cols].reset_index(drop=True)
+  df['output'] = df.output.map(lambda s: cut(s.replace('\n', '\\n')))
+  return df
+
+
+def at_largest_budget(outputs: pd.DataFrame) -> pd.DataFrame:
+  """The records of each strategy's largest budget (per phase when there is a 'phase' column)."""
+  keys = ['phase', 'strategy'] if 'phase' in outputs else ['strategy']
+  return outputs[outputs.budget == outputs.groupby(keys).budget.transform('max')]
+
+
+def plot_level_accuracy(ax, table: pd.DataFrame) -> None:
+  """Grouped bars of a `level_accuracy` table: one group per level (and 'all'), one bar per run."""
+  cols = list(table.columns)
+  x = np.arange(len(cols))
+  width = 0.8 / max(len(table.index), 1)
+  for j, run in enumerate(table.index):
+    ax.bar(x + (j - (len(table.index) - 1) / 2) * width, table.loc[run].to_numpy(dtype=float), width, label=run)
+  ax.set_xticks(x, [f'level {c}' if c != 'all' else 'all' for c in cols])
+  ax.set_ylabel('accuracy (verifier score 2)')
+  ax.set_ylim(0, 1.05)
+  ax.legend(fontsize=7)
+
+
+def plot_score_breakdown(ax, scores: pd.DataFrame) -> None:
+  """Stacked horizontal bars of a `score_table`: the share of each verifier outcome per row."""
+  labels = [' '.join(map(str, k)) if isinstance(k, tuple) else str(k) for k in scores.index]
+  left = np.zeros(len(scores))
+  colors = {'invalid': 'tab:gray', 'wrong': 'tab:red', 'partial': 'tab:orange', 'solved': 'tab:green'}
+  for name, color in colors.items():
+    vals = scores[name].to_numpy(dtype=float)
+    ax.barh(labels, vals, left=left, color=color, label=name)
+    left += vals
+  ax.set_xlim(0, 1)
+  ax.set_xlabel('share of outputs')
+  ax.invert_yaxis()
+  ax.legend(fontsize=7, ncols=4, loc='lower center', bbox_to_anchor=(0.5, 1.0))
+
+
+# ------------------------------------------------------------------------------------------
+# Collecting search results from a checkpoint (jax from here on).
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A trained policy restored from a run directory, with the run's held-out data."""
+
+  cfg: Any  # pipeline.ExperimentConfig
+  experiment: Any  # pipeline.Experiment (tokenizer, held-out tasks, mesh)
+  graphdef: Any
+  params: Any  # nnx.State of the policy
+  phase: str
+  step: int
+
+
+def checkpoint_phases(workdir: str | os.PathLike) -> list[str]:
+  """Phases with a checkpoint directory, in training order."""
+  base = os.path.join(os.fspath(workdir), 'ckpt')
+  return [p for p in PHASE_ORDER if os.path.isdir(os.path.join(base, p))]
+
+
+def load_run(workdir: str | os.PathLike, phase: str) -> LoadedRun:
+  """Rebuilds a run from `<workdir>/config.json` and restores the policy of `ckpt/<phase>`."""
+  import jax
+
+  from rlm_jax import checkpoint as ckpt_lib
+  from rlm_jax import configlib
+  from rlm_jax.training import pipeline
+  from rlm_jax.training.state import create_train_state, make_optimizer
+
+  workdir = check_workdir(workdir)
+  if phase not in checkpoint_phases(workdir):
+    raise FileNotFoundError(f'{workdir}/ckpt/{phase}: no checkpoint (phases with one: '
+                            f'{", ".join(checkpoint_phases(workdir)) or "none"})')
+  cfg = configlib.from_config(pipeline.ExperimentConfig, _read_json(os.path.join(workdir, 'config.json')), '')
+  exp = pipeline.Experiment(cfg, workdir)
+  with _mesh(exp):
+    graphdef, params = exp.init_params()
+    optim = cfg.sft.optim if phase == 'sft' else cfg.rl.optim
+    state = create_train_state(params, make_optimizer(optim))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, 'ckpt', phase), save_every=1, keep=1 << 30, create=False)
+    try:
+      state, extra = ck.restore(abstract)
+    finally:
+      ck.close()
+  return LoadedRun(cfg, exp, graphdef, state.params, phase, int(extra.get('step', -1)))
+
+
+def _mesh(exp):
+  from rlm_jax import sharding
+  return sharding.use_mesh_rules(exp.mesh, exp.rules)
+
+
+def parse_budgets(text: str) -> dict[str, tuple[int, ...]]:
+  """'greedy=1;mcts=4,8' -> {'greedy': (1,), 'mcts': (4, 8)}; names from BUDGET_KNOBS."""
+  out = {}
+  for part in filter(None, (p.strip() for p in text.split(';'))):
+    name, _, values = part.partition('=')
+    name = name.strip()
+    if name not in BUDGET_KNOBS:
+      raise ValueError(f"budgets: unknown strategy '{name}' (allowed: {', '.join(BUDGET_KNOBS)})")
+    try:
+      budget = tuple(int(v) for v in values.split(',') if v.strip())
+    except ValueError:
+      raise ValueError(f"budgets: '{part}' must be <strategy>=<int>[,<int>...]") from None
+    if not budget or min(budget) < 1:
+      raise ValueError(f"budgets: '{part}' needs at least one budget, each >= 1")
+    out[name] = budget
+  if not out:
+    raise ValueError(f"budgets: '{text}' names no strategy")
+  return out
+
+
+def _strategy(run: LoadedRun, name: str, budget: int, model, setup):
+  """(search function with config bound, guide) for one budget."""
+  import functools
+
+  from rlm_jax import search
+  from rlm_jax.search import config as search_config
+
+  verifier = model.reward_fn is not None
+  has_value = model.value_fn is not None
+  if name == 'greedy':
+    return functools.partial(search.chain, config=search.ChainConfig(greedy=True)), 'none'
+  if name == 'self_consistency':
+    s = dataclasses.replace(setup, self_consistency=dataclasses.replace(setup.self_consistency, num_samples=budget))
+    return search_config.build_strategy(s, name, run.experiment.tok.encode), 'none'
+  if name == 'best_of_n':
+    scorer = 'orm' if has_value else 'reward'
+    cfg = dataclasses.replace(setup.best_of_n, num_samples=budget, scorer=scorer)
+    return functools.partial(search.best_of_n, config=cfg), 'value' if has_value else 'verifier'
+  guide = 'verifier' if verifier else ('value' if has_value else 'none')
+  if name == 'beam':
+    return functools.partial(search.beam_search, config=dataclasses.replace(setup.beam, beam_width=budget)), guide
+  return functools.partial(search.mcts_search, config=dataclasses.replace(setup.mcts, num_simulations=budget)), guide
+
+
+def _path_to(tree: Mapping, leaf: int) -> list[int]:
+  by_id = {n['id']: n for n in tree['nodes']}
+  path = [leaf]
+  while by_id[path[-1]]['parent'] != -1:
+    path.append(by_id[path[-1]]['parent'])
+  return path[::-1]
+
+
+def collect(workdir: str | os.PathLike, *, phases: Sequence[str] | None = None,
+            budgets: Mapping[str, Sequence[int]] = DEFAULT_BUDGETS, num_problems: int = 0,
+            num_trees: int = 8, seed: int = 0, log=print) -> dict[str, str]:
+  """Runs the search strategies on a run's held-out tasks; writes the files of the module docstring.
+
+  Args:
+    workdir: a finished run.
+    phases: checkpoints to evaluate; None = every phase with a checkpoint.
+    budgets: strategy -> budgets (see BUDGET_KNOBS); other knobs are `search.config` defaults,
+      with completions as long as the run's `task.completion_len`. The run's policy has no
+      value model, so best-of-N, beam and MCTS are guided by the task's verifier reward.
+    num_problems: first N held-out tasks (0 = all of them).
+    num_trees: MCTS trees kept (largest MCTS budget, first problems).
+    seed: search randomness; strategy s at budget b uses fold_in(fold_in(key(seed), s), b).
+    log: progress lines.
+
+  Returns:
+    {'scaling', 'trees', 'outputs'}: the paths written.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from rlm_jax import search
+  from rlm_jax import tasks as tasks_lib
+  from rlm_jax.search import config as search_config
+  from rlm_jax.search import lm
+
+  workdir = check_workdir(workdir)
+  phases = list(phases) if phases is not None else checkpoint_phases(workdir)
+  if not phases:
+    raise FileNotFoundError(f'{workdir}/ckpt: no checkpoints to analyse')
+  for name in budgets:
+    if name not in BUDGET_KNOBS:
+      raise ValueError(f"budgets: unknown strategy '{name}' (allowed: {', '.join(BUDGET_KNOBS)})")
+  rows, trees, outputs = [], [], []
+  for phase in phases:
+    run = load_run(workdir, phase)
+    exp, tok = run.experiment, run.experiment.tok
+    held = exp.held
+    n = len(held.tasks) if num_problems <= 0 else min(num_problems, len(held.tasks))
+    task_list = held.tasks[:n]
+    defaults = search_config.get_config()
+    defaults.lm.completion_tokens = run.cfg.task.completion_len
+    setup = search_config.build(defaults)
+    ids = lm.TokenIds.of(tok)
+    model = lm.make_search_model(run.graphdef, setup.lm, ids, reward_fn=lm.answer_reward_fn(ids))
+    table = lm.answer_table(tok, ['Answer: ' + tasks_lib.answer_text(t) for t in task_list],
+                            run.cfg.task.answer_len)
+    params = lm.LMParams(policy=run.params, reward=table)
+    bs = min(setup.batch_size, n)
+    for s_idx, name in enumerate(budgets):
+      for budget in budgets[name]:
+        fn, guide = _strategy(run, name, budget, model, setup)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), s_idx), budget)
+        t0 = time.perf_counter()
+        with _mesh(exp):
+          jfn = jax.jit(fn, static_argnames=('model',))
+          texts, ptoks, calls, kept = [], [], [], []
+          for c, lo in enumerate(range(0, n, bs)):
+            hi = min(lo + bs, n)
+            idx = np.arange(lo, lo + bs) % n if hi - lo < bs else np.arange(lo, hi)  # pad: fixed shape
+            res = jfn(params, jax.random.fold_in(key, c), jnp.asarray(held.prompt[idx]),
+                      jnp.asarray(held.prompt_mask[idx]), model=model,
+                      problem_B=jnp.asarray(idx, jnp.int32))
+            res = jax.device_get(res)
+            texts += lm.decode_result(tok, res)[: hi - lo]
+            ptoks += np.asarray(res.policy_tokens_B)[: hi - lo].tolist()
+            calls += np.asarray(res.model_calls_B)[: hi - lo].tolist()
+            if name == 'mcts' and budget == max(budgets[name]) and len(kept) < num_trees:
+              for b in range(min(hi - lo, num_trees - len(kept))):
+                t = search.tree_to_json(res.tree, b, tok.decode)
+                t['chosen_path'] = _path_to(t, int(res.extra['leaf_B'][b]))
+                kept.append((lo + b, t))
+        seconds = time.perf_counter() - t0
+        scores = [tasks_lib.verify(t, o) for t, o in zip(task_list, texts)]
+        for i, (t, o, sc) in enumerate(zip(task_list, texts, scores)):
+          outputs.append({'phase': phase, 'strategy': name, 'budget': budget, 'index': i,
+                          'level': t['level'], 'problem': t['problem'],
+                          'expected': tasks_lib.answer_text(t), 'output': o, 'score': int(sc)})
+        for i, t in kept:
+          t.update(phase=phase, strategy=name, budget=budget, score=int(scores[i]),
+                   task={'level': task_list[i]['level'], 'problem': task_list[i]['problem'],
+                         'expected': tasks_lib.answer_text(task_list[i])})
+          trees.append(t)
+        row = {'phase': phase, 'strategy': name, 'budget': budget, 'guide': guide,
+               'accuracy': float(np.mean(np.asarray(scores) == 2)),
+               'invalid': float(np.mean(np.asarray(scores) < 0)),
+               'policy_tokens': float(np.mean(ptoks)), 'model_calls': float(np.mean(calls)),
+               'num_problems': n, 'seconds': round(seconds, 2)}
+        rows.append(row)
+        log(f"{phase} {name}={budget}: accuracy {row['accuracy']:.3f}, "
+            f"{row['policy_tokens']:.1f} policy tokens/problem, {seconds:.1f}s")
+  out_dir = os.path.join(workdir, ANALYSIS_DIR)
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {k: os.path.join(out_dir, f) for k, f in
+           (('scaling', SCALING_FILE), ('trees', TREES_FILE), ('outputs', OUTPUTS_FILE))}
+  _write_atomic(paths['scaling'], json.dumps({'version': 1, 'rows': rows}, indent=1))
+  _write_atomic(paths['trees'], json.dumps({'version': 1, 'trees': trees}))
+  _write_atomic(paths['outputs'], ''.join(json.dumps(r) + '\n' for r in outputs))
+  return paths
+
+
+def _write_atomic(path: str, text: str) -> None:
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+
+
+def run_notebook(path: str | os.PathLike, workdir: str | os.PathLike, *, timeout: int = 600,
+                 save_to: str | os.PathLike | None = None):
+  """Executes a notebook of notebooks/ against a run (nbclient; RLM_WORKDIR set, Agg backend).
+
+  The kernel starts in the notebook's folder and finds rlm_jax through PYTHONPATH, so the
+  repository need not be installed.
+
+  Args:
+    path: the .ipynb file.
+    workdir: the run directory handed to the notebook.
+    timeout: seconds per cell.
+    save_to: also write the executed notebook there.
+
+  Returns:
+    The executed nbformat NotebookNode; a failing cell raises nbclient's CellExecutionError
+    (its message holds the traceback).
+  """
+  import nbclient
+  import nbformat
+
+  path = os.path.abspath(os.fspath(path))
+  nb = nbformat.read(path, as_version=4)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {'RLM_WORKDIR': os.path.abspath(os.fspath(workdir)), 'MPLBACKEND': 'Agg',
+         'PYTHONPATH': os.pathsep.join(filter(None, [repo, os.environ.get('PYTHONPATH', '')]))}
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)  # the kernel process inherits the environment
+  try:
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name='python3',
+                            resources={'metadata': {'path': os.path.dirname(path)}}).execute()
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  if save_to is not None:
+    nbformat.write(nb, os.fspath(save_to))
+  return nb
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m rlm_jax.analysis',
+      description='Run the search strategies on a finished run and write <workdir>/analysis/.')
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--phases', default='', help="comma-separated, e.g. 'grpo' (default: all)")
+  parser.add_argument('--budgets', default='', help="e.g. 'greedy=1;self_consistency=2,4;mcts=4,8'")
+  parser.add_argument('--num_problems', type=int, default=0, help='first N held-out tasks (0: all)')
+  parser.add_argument('--num_trees', type=int, default=8)
+  parser.add_argument('--seed', type=int, default=0)
+  args = parser.parse_args(argv)
+  try:
+    budgets = parse_budgets(args.budgets) if args.budgets else DEFAULT_BUDGETS
+    phases = [p for p in args.phases.split(',') if p] or None
+    paths = collect(args.workdir, phases=phases, budgets=budgets, num_problems=args.num_problems,
+                    num_trees=args.num_trees, seed=args.seed)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  for p in paths.values():
+    print('wrote', p)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
