@@ -68,6 +68,40 @@ class PPOSetup:
       raise ValueError(f'PPOSetup.num_minibatches must be an int >= 1, got {self.num_minibatches!r}')
 
 
+def actor_critic_params(actor_critic: nnx.State, policy: nnx.State) -> nnx.State:
+  """Actor-critic params that take the trunk and LM head from a trained policy (e.g. after SFT)
+  and keep the actor-critic's own (freshly initialised) value head.
+
+  Args:
+    actor_critic: params of a model with `value_head != 'none'` (`nnx.split(model)[1]`).
+    policy: params of the same architecture without a value head.
+
+  Returns:
+    A new State shaped like `actor_critic`; the inputs are not modified.
+  """
+  ac, pol = actor_critic.to_pure_dict(), policy.to_pure_dict()
+
+  def merge(a, b, path):
+    if isinstance(b, dict):
+      if not isinstance(a, dict):
+        raise ValueError(f'actor_critic_params: policy has a subtree at {path or "/"} where the '
+                         'actor-critic has a leaf')
+      out = dict(a)
+      for key, sub in b.items():
+        if key not in a:
+          raise ValueError(f'actor_critic_params: policy parameter {path}/{key} is not in the actor-critic')
+        out[key] = merge(a[key], sub, f'{path}/{key}')
+      return out
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(f'actor_critic_params: {path} has shape {jnp.shape(b)} in the policy, '
+                       f'{jnp.shape(a)} in the actor-critic')
+    return b
+
+  out = jax.tree.map(lambda x: x, actor_critic)
+  nnx.replace_by_pure_dict(out, merge(ac, pol, ''))
+  return out
+
+
 def _check_model(model, setup: PPOSetup, ref_params):
   cfg = model.cfg
   if not cfg.lm_head or cfg.value_head == 'none':

@@ -58,6 +58,7 @@ def prm_batch(tokens_BxL, mask_BxL, completion_start_B, step_labels_BxS, step_va
     dict(tokens, mask, targets, target_mask) of [B, L] arrays (targets/target_mask float32).
   """
   l = tokens_BxL.shape[1]
+  mask_BxL = jnp.asarray(mask_BxL, bool)
   in_completion_BxL = (jnp.arange(l)[None] >= jnp.asarray(completion_start_B)[:, None]) & mask_BxL
   is_sep_BxL = in_completion_BxL & ((tokens_BxL == step_id) | (tokens_BxL == eos_id))
   # prm_targets counts occurrences of one id: mark separators with step_id, hide all else.
@@ -79,6 +80,7 @@ def orm_batch(tokens_BxL, mask_BxL, outcome_B) -> dict:
     dict(tokens, mask, targets, target_mask) of [B, L] arrays.
   """
   l = tokens_BxL.shape[1]
+  mask_BxL = jnp.asarray(mask_BxL, bool)
   pos_L = jnp.arange(l)
   last_B = jnp.max(jnp.where(mask_BxL, pos_L[None], -1), axis=1)
   at_last_BxL = (pos_L[None] == last_B[:, None]) & (last_B[:, None] >= 0)

@@ -99,3 +99,18 @@ def test_bad_setups_fail_with_one_clear_message():
   gdef2, params2 = nnx.split(tfm.init_model(no_value, seed=0))
   with pytest.raises(ValueError, match='both heads'):
     ppo.ppo_iteration(gdef2, tx, _setup(), create_train_state(params2, tx), None, _batch(), jax.random.key(0))
+
+
+def test_actor_critic_params_take_the_policy_trunk_and_keep_the_value_head():
+  policy_cfg = tfm.ModelConfig(**{**CFG.__dict__, 'value_head': 'none'})
+  _, pol = nnx.split(tfm.init_model(policy_cfg, seed=5))
+  gdef, ac = nnx.split(tfm.init_model(CFG, seed=6))
+  merged = ppo.actor_critic_params(ac, pol)
+  tokens = jnp.array([[1, 4, 3, 5]])
+  want = nnx.merge(nnx.split(tfm.init_model(policy_cfg, seed=0))[0], pol)(tokens).logits_BxLxV
+  got = nnx.merge(gdef, merged)(tokens)
+  np.testing.assert_allclose(got.logits_BxLxV, want, atol=1e-6)
+  np.testing.assert_array_equal(merged['value_head']['w2'][...], ac['value_head']['w2'][...])
+  small = tfm.ModelConfig(**{**policy_cfg.__dict__, 'd_ff': 16})
+  with pytest.raises(ValueError, match=r'/layers/0/mlp/w_\w+ has shape \(16, 16\) in the policy'):
+    ppo.actor_critic_params(ac, nnx.split(tfm.init_model(small, seed=0))[1])
