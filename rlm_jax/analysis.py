@@ -470,8 +470,10 @@ def load_scaling(workdir_or_file: str | os.PathLike) -> pd.DataFrame:
 
 
 def scaling_table(rows: Sequence[Mapping], where: str = 'scaling rows') -> pd.DataFrame:
-  """ROW dicts -> frame sorted by (phase, strategy, policy_tokens), with `tokens_x`: policy
-  tokens relative to greedy decoding of the same phase (NaN without a greedy row)."""
+  """ROW dicts -> frame sorted by (phase in training order, strategy, policy_tokens), with
+  `tokens_x`: policy tokens relative to greedy decoding of the same phase (NaN without a greedy
+  row), and `accuracy_se`: the binomial standard error sqrt(a (1 - a) / num_problems) (NaN
+  without num_problems)."""
   for i, r in enumerate(rows):
     missing = [k for k in SCALING_KEYS if k not in r]
     if missing:
@@ -479,9 +481,13 @@ def scaling_table(rows: Sequence[Mapping], where: str = 'scaling rows') -> pd.Da
   df = pd.DataFrame(list(rows))
   if 'phase' not in df:
     df['phase'] = ''
-  df = df.sort_values(['phase', 'strategy', 'policy_tokens'], kind='stable').reset_index(drop=True)
+  order = {p: i for i, p in enumerate(phases_in(df.phase))}
+  df = df.assign(_order=df.phase.map(order)).sort_values(['_order', 'strategy', 'policy_tokens'], kind='stable')
+  df = df.drop(columns='_order').reset_index(drop=True)
   greedy = df[df.strategy == 'greedy'].groupby('phase').policy_tokens.first()
   df['tokens_x'] = df.policy_tokens / df.phase.map(greedy)
+  n = df['num_problems'] if 'num_problems' in df else np.nan
+  df['accuracy_se'] = np.sqrt(df.accuracy * (1.0 - df.accuracy) / n)
   return df
 
 
@@ -495,13 +501,14 @@ def best_within(scaling: pd.DataFrame, max_tokens: float) -> pd.DataFrame:
 
 
 def plot_scaling(ax, scaling: pd.DataFrame, phase: str | None = None) -> None:
-  """Accuracy vs policy tokens per problem (log x), one line per strategy; verifier-guided
-  strategies dashed (they use the ground-truth reward: an upper bound)."""
+  """Accuracy vs policy tokens per problem (log x), one line per strategy, +-1 standard error
+  bars; verifier-guided strategies dashed (they use the ground-truth reward: an upper bound)."""
   df = scaling if phase is None else scaling[scaling.phase == phase]
   for strategy, g in df.groupby('strategy', sort=True):
     g = g.sort_values('policy_tokens')
     guided = (g.guide == 'verifier').any()
-    ax.plot(g.policy_tokens, g.accuracy, 'o-' if not guided else 's--', label=strategy + (' (verifier)' if guided else ''))
+    ax.errorbar(g.policy_tokens, g.accuracy, yerr=g.accuracy_se.fillna(0.0), fmt='s--' if guided else 'o-',
+                capsize=2, label=strategy + (' (verifier)' if guided else ''))
     for _, r in g.iterrows():
       ax.annotate(str(r.budget), (r.policy_tokens, r.accuracy), xytext=(3, 3), textcoords='offset points', fontsize=7)
   import matplotlib as mpl

@@ -6,6 +6,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import matplotlib
 import numpy as np
 import pandas as pd
@@ -154,30 +155,29 @@ def test_validate_tree_names_the_culprit(change, message):
 
 
 TOY = toy.ToyTask(num_actions=3, horizon=3, value_confidence=0.5, value_noise=0.2)
+TOY_CFG = mcts.MCTSConfig(num_simulations=8, num_children=3, num_walkers=2, max_depth=3)
 
 
-@functools.lru_cache(maxsize=None)
-def _toy_search(config):
-  return jax.jit(functools.partial(mcts.mcts_search, model=toy.make_model(TOY), config=config))
-
-
-@pytest.mark.parametrize('answer, max_depth', [('best_terminal', 3), ('most_visited', 3), ('best_terminal', 2)])
-def test_chosen_path_matches_the_search_answer(answer, max_depth):
-  """The exported tree without 'chosen_path' -> the same answer node as MCTS picked on device
-  (max_depth 2 < horizon 3: no terminal node, best_terminal falls back to most visited)."""
-  cfg = mcts.MCTSConfig(num_simulations=8, num_children=3, num_walkers=2, max_depth=max_depth, answer=answer)
+def test_chosen_path_matches_the_search_answer():
+  """On exported trees without 'chosen_path', the answer node is the one MCTS's own rules pick
+  on device: best terminal; most visited; best terminal with no terminal node (falls back)."""
   params = toy.make_params(jax.random.key(1), 4, TOY)
-  res = _toy_search(cfg)(params, jax.random.key(3), *toy.prompts(4, TOY))
-  leaf = np.asarray(res.extra['leaf_B'])
+  search = jax.jit(functools.partial(mcts.mcts_search, model=toy.make_model(TOY), config=TOY_CFG))
+  res = search(params, jax.random.key(3), *toy.prompts(4, TOY))
+  no_term = res.tree.replace(terminal_BxN=jnp.zeros_like(res.tree.terminal_BxN))
+  want = {'best_terminal': np.asarray(res.extra['leaf_B']),
+          'most_visited': np.asarray(mcts.most_visited_leaf(res.tree, TOY_CFG.num_children, TOY_CFG.max_depth)),
+          'fallback': np.asarray(mcts.answer_leaf(no_term, TOY_CFG))}
+  assert (want['best_terminal'] != want['most_visited']).any(), 'pick a seed where the rules differ'
   for b in range(4):
     tree = export.tree_to_json(res.tree, b)
     analysis.validate_tree(tree)
-    if answer == 'most_visited' or max_depth == 2:
-      path = analysis.chosen_path({'nodes': [dict(n, terminal=False) for n in tree['nodes']]})
-    else:
-      path = analysis.chosen_path(tree)
-    assert path[-1] == leaf[b], (b, path)
-    assert path[0] == 0 and len(path) == tree['nodes'][leaf[b]]['depth'] + 1
+    plain = {'nodes': [dict(n, terminal=False) for n in tree['nodes']]}
+    got = {'best_terminal': analysis.chosen_path(tree), 'most_visited': analysis.chosen_path(plain),
+           'fallback': analysis.chosen_path(plain)}
+    for rule, path in got.items():
+      assert path[-1] == want[rule][b], (b, rule, path)
+      assert path[0] == 0 and len(path) == tree['nodes'][path[-1]]['depth'] + 1
 
 
 def test_golden_export_loads_and_draws(tmp_path):
@@ -202,19 +202,24 @@ def test_golden_export_loads_and_draws(tmp_path):
 
 ROWS = [
     {'phase': 'grpo', 'strategy': 'self_consistency', 'budget': 4, 'guide': 'none', 'accuracy': 0.6, 'policy_tokens': 80.0},
-    {'phase': 'grpo', 'strategy': 'greedy', 'budget': 1, 'guide': 'none', 'accuracy': 0.4, 'policy_tokens': 20.0},
+    {'phase': 'grpo', 'strategy': 'greedy', 'budget': 1, 'guide': 'none', 'accuracy': 0.4, 'policy_tokens': 20.0,
+     'num_problems': 100},
     {'phase': 'grpo', 'strategy': 'self_consistency', 'budget': 2, 'guide': 'none', 'accuracy': 0.5, 'policy_tokens': 40.0},
     {'phase': 'grpo', 'strategy': 'mcts', 'budget': 8, 'guide': 'verifier', 'accuracy': 0.9, 'policy_tokens': 300.0},
-    {'phase': 'sft', 'strategy': 'greedy', 'budget': 1, 'guide': 'none', 'accuracy': 0.3, 'policy_tokens': 25.0},
+    {'phase': 'sft', 'strategy': 'greedy', 'budget': 1, 'guide': 'none', 'accuracy': 0.3, 'policy_tokens': 25.0,
+     'num_problems': 100},
 ]
 
 
 def test_scaling_table_and_budget_matching(tmp_path):
   df = analysis.scaling_table(ROWS)
   assert list(zip(df.phase, df.strategy, df.budget)) == [
-      ('grpo', 'greedy', 1), ('grpo', 'mcts', 8), ('grpo', 'self_consistency', 2),
-      ('grpo', 'self_consistency', 4), ('sft', 'greedy', 1)]
-  np.testing.assert_allclose(df.tokens_x, [1.0, 15.0, 2.0, 4.0, 1.0])
+      ('sft', 'greedy', 1), ('grpo', 'greedy', 1), ('grpo', 'mcts', 8), ('grpo', 'self_consistency', 2),
+      ('grpo', 'self_consistency', 4)]
+  np.testing.assert_allclose(df.tokens_x, [1.0, 1.0, 15.0, 2.0, 4.0])
+  # Binomial standard error: sqrt(.3 * .7 / 100), sqrt(.4 * .6 / 100); no num_problems -> NaN.
+  np.testing.assert_allclose(df.accuracy_se[:2], [math.sqrt(0.0021), math.sqrt(0.0024)])
+  assert math.isnan(df.accuracy_se[2])
   best = analysis.best_within(df, 50.0)
   assert best.loc[('grpo', 'self_consistency'), 'budget'] == 2
   assert ('grpo', 'mcts') not in best.index
