@@ -738,6 +738,35 @@ def _path_to(tree: Mapping, leaf: int) -> list[int]:
   return path[::-1]
 
 
+def _search_all(fn, params, key, run: LoadedRun, model, n: int, batch_size: int, num_trees: int):
+  """Runs one strategy over the first n held-out prompts in fixed-shape batches (the last one
+  padded with repeats). Returns (texts [n], policy tokens [n], model calls [n], trees)."""
+  import jax
+  import jax.numpy as jnp
+
+  from rlm_jax import search
+  from rlm_jax.search import lm
+
+  held, tok = run.experiment.held, run.experiment.tok
+  texts, ptoks, calls, trees = [], [], [], []
+  with _mesh(run.experiment):
+    jfn = jax.jit(fn, static_argnames=('model',))
+    for c, lo in enumerate(range(0, n, batch_size)):
+      real = min(batch_size, n - lo)
+      idx = np.arange(lo, lo + batch_size) % n
+      res = jax.device_get(jfn(params, jax.random.fold_in(key, c), jnp.asarray(held.prompt[idx]),
+                               jnp.asarray(held.prompt_mask[idx]), model=model,
+                               problem_B=jnp.asarray(idx, jnp.int32)))
+      texts += lm.decode_result(tok, res)[:real]
+      ptoks += np.asarray(res.policy_tokens_B)[:real].tolist()
+      calls += np.asarray(res.model_calls_B)[:real].tolist()
+      for b in range(min(real, num_trees - len(trees)) if res.tree is not None else 0):
+        t = search.tree_to_json(res.tree, b, tok.decode)
+        t['chosen_path'] = _path_to(t, int(res.extra['leaf_B'][b]))
+        trees.append((lo + b, t))
+  return texts, ptoks, calls, trees
+
+
 def collect(workdir: str | os.PathLike, *, phases: Sequence[str] | None = None,
             budgets: Mapping[str, Sequence[int]] = DEFAULT_BUDGETS, num_problems: int = 0,
             num_trees: int = 8, seed: int = 0, log=print) -> dict[str, str]:
@@ -746,9 +775,10 @@ def collect(workdir: str | os.PathLike, *, phases: Sequence[str] | None = None,
   Args:
     workdir: a finished run.
     phases: checkpoints to evaluate; None = every phase with a checkpoint.
-    budgets: strategy -> budgets (see BUDGET_KNOBS); other knobs are `search.config` defaults,
-      with completions as long as the run's `task.completion_len`. The run's policy has no
-      value model, so best-of-N, beam and MCTS are guided by the task's verifier reward.
+    budgets: strategy -> budgets (see BUDGET_KNOBS). The other knobs are `search.config`
+      defaults, except that completions are as long as the run's `task.completion_len` and
+      sampling uses the run's `eval.temperature`. Without a value model in the run, best-of-N,
+      beam and MCTS are guided by the task's verifier reward (guide 'verifier').
     num_problems: first N held-out tasks (0 = all of them).
     num_trees: MCTS trees kept (largest MCTS budget, first problems).
     seed: search randomness; strategy s at budget b uses fold_in(fold_in(key(seed), s), b).
@@ -758,9 +788,7 @@ def collect(workdir: str | os.PathLike, *, phases: Sequence[str] | None = None,
     {'scaling', 'trees', 'outputs'}: the paths written.
   """
   import jax
-  import jax.numpy as jnp
 
-  from rlm_jax import search
   from rlm_jax import tasks as tasks_lib
   from rlm_jax.search import config as search_config
   from rlm_jax.search import lm
@@ -775,61 +803,39 @@ def collect(workdir: str | os.PathLike, *, phases: Sequence[str] | None = None,
   rows, trees, outputs = [], [], []
   for phase in phases:
     run = load_run(workdir, phase)
-    exp, tok = run.experiment, run.experiment.tok
-    held = exp.held
+    tok, held = run.experiment.tok, run.experiment.held
     n = len(held.tasks) if num_problems <= 0 else min(num_problems, len(held.tasks))
     task_list = held.tasks[:n]
+    expected = [tasks_lib.answer_text(t) for t in task_list]
     defaults = search_config.get_config()
-    defaults.lm.completion_tokens = run.cfg.task.completion_len
+    defaults.lm.update(completion_tokens=run.cfg.task.completion_len, temperature=run.cfg.eval.temperature)
     setup = search_config.build(defaults)
     ids = lm.TokenIds.of(tok)
     model = lm.make_search_model(run.graphdef, setup.lm, ids, reward_fn=lm.answer_reward_fn(ids))
-    table = lm.answer_table(tok, ['Answer: ' + tasks_lib.answer_text(t) for t in task_list],
-                            run.cfg.task.answer_len)
-    params = lm.LMParams(policy=run.params, reward=table)
-    bs = min(setup.batch_size, n)
+    params = lm.LMParams(policy=run.params,
+                         reward=lm.answer_table(tok, ['Answer: ' + e for e in expected], run.cfg.task.answer_len))
     for s_idx, name in enumerate(budgets):
       for budget in budgets[name]:
         fn, guide = _strategy(run, name, budget, model, setup)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), s_idx), budget)
+        keep = num_trees if name == 'mcts' and budget == max(budgets[name]) else 0
         t0 = time.perf_counter()
-        with _mesh(exp):
-          jfn = jax.jit(fn, static_argnames=('model',))
-          texts, ptoks, calls, kept = [], [], [], []
-          for c, lo in enumerate(range(0, n, bs)):
-            hi = min(lo + bs, n)
-            idx = np.arange(lo, lo + bs) % n if hi - lo < bs else np.arange(lo, hi)  # pad: fixed shape
-            res = jfn(params, jax.random.fold_in(key, c), jnp.asarray(held.prompt[idx]),
-                      jnp.asarray(held.prompt_mask[idx]), model=model,
-                      problem_B=jnp.asarray(idx, jnp.int32))
-            res = jax.device_get(res)
-            texts += lm.decode_result(tok, res)[: hi - lo]
-            ptoks += np.asarray(res.policy_tokens_B)[: hi - lo].tolist()
-            calls += np.asarray(res.model_calls_B)[: hi - lo].tolist()
-            if name == 'mcts' and budget == max(budgets[name]) and len(kept) < num_trees:
-              for b in range(min(hi - lo, num_trees - len(kept))):
-                t = search.tree_to_json(res.tree, b, tok.decode)
-                t['chosen_path'] = _path_to(t, int(res.extra['leaf_B'][b]))
-                kept.append((lo + b, t))
+        texts, ptoks, calls, kept = _search_all(fn, params, key, run, model, n, min(setup.batch_size, n), keep)
         seconds = time.perf_counter() - t0
-        scores = [tasks_lib.verify(t, o) for t, o in zip(task_list, texts)]
-        for i, (t, o, sc) in enumerate(zip(task_list, texts, scores)):
-          outputs.append({'phase': phase, 'strategy': name, 'budget': budget, 'index': i,
-                          'level': t['level'], 'problem': t['problem'],
-                          'expected': tasks_lib.answer_text(t), 'output': o, 'score': int(sc)})
+        scores = np.asarray([tasks_lib.verify(t, o) for t, o in zip(task_list, texts)])
+        for i, (t, o) in enumerate(zip(task_list, texts)):
+          outputs.append({'phase': phase, 'strategy': name, 'budget': budget, 'index': i, 'level': t['level'],
+                          'problem': t['problem'], 'expected': expected[i], 'output': o, 'score': int(scores[i])})
         for i, t in kept:
           t.update(phase=phase, strategy=name, budget=budget, score=int(scores[i]),
-                   task={'level': task_list[i]['level'], 'problem': task_list[i]['problem'],
-                         'expected': tasks_lib.answer_text(task_list[i])})
+                   task={'level': task_list[i]['level'], 'problem': task_list[i]['problem'], 'expected': expected[i]})
           trees.append(t)
-        row = {'phase': phase, 'strategy': name, 'budget': budget, 'guide': guide,
-               'accuracy': float(np.mean(np.asarray(scores) == 2)),
-               'invalid': float(np.mean(np.asarray(scores) < 0)),
-               'policy_tokens': float(np.mean(ptoks)), 'model_calls': float(np.mean(calls)),
-               'num_problems': n, 'seconds': round(seconds, 2)}
-        rows.append(row)
-        log(f"{phase} {name}={budget}: accuracy {row['accuracy']:.3f}, "
-            f"{row['policy_tokens']:.1f} policy tokens/problem, {seconds:.1f}s")
+        rows.append({'phase': phase, 'strategy': name, 'budget': budget, 'guide': guide,
+                     'accuracy': float(np.mean(scores == 2)), 'invalid': float(np.mean(scores < 0)),
+                     'policy_tokens': float(np.mean(ptoks)), 'model_calls': float(np.mean(calls)),
+                     'num_problems': n, 'seconds': round(seconds, 2)})
+        log(f"{phase} {name}={budget}: accuracy {rows[-1]['accuracy']:.3f}, "
+            f"{rows[-1]['policy_tokens']:.1f} policy tokens/problem, {seconds:.1f}s")
   out_dir = os.path.join(workdir, ANALYSIS_DIR)
   os.makedirs(out_dir, exist_ok=True)
   paths = {k: os.path.join(out_dir, f) for k, f in
