@@ -52,6 +52,13 @@ class BeamConfig:
     return 1 + self.max_depth * self.beam_width * self.expansions
 
 
+def _leaves(paths_BxWxD1):
+  """Last node of each beam path and its depth; (-1, -1) for an empty beam slot."""
+  depth = jnp.sum(paths_BxWxD1 >= 0, axis=-1) - 1
+  leaf = jnp.take_along_axis(paths_BxWxD1, jnp.maximum(depth, 0)[..., None], axis=-1)[..., 0]
+  return jnp.where(depth >= 0, leaf, tree_lib.NO_NODE), depth
+
+
 def _scores(tree: tree_lib.Tree, node_BxC, config: BeamConfig):
   b, c = node_BxC.shape
   bb = jnp.arange(b)[:, None]
@@ -84,32 +91,43 @@ def beam_search(params: Params, key: jax.Array, prompt_BxLp, prompt_mask_BxLp, *
                                 jnp.full((b,), int(model.value_fn is not None), jnp.int32))
   opts = expansion.ExpandOptions(num_children=e, max_depth=d, merge_duplicates=config.merge_duplicates)
   bb = jnp.arange(b)[:, None]
-  # Level 0: one beam, the question.
-  beams = jnp.full((b, wb), tree_lib.NO_NODE, jnp.int32).at[:, 0].set(0)
+  # Level 0: one beam, the question. A beam is its root-to-node path (node per depth).
+  paths = jnp.full((b, wb, d + 1), tree_lib.NO_NODE, jnp.int32).at[:, 0, 0].set(0)
 
-  def live_of(tree, beams):
+  def live_of(tree, paths):
+    beams, depth = _leaves(paths)
     node = jnp.maximum(beams, 0)
-    return (beams >= 0) & ~tree.terminal_BxN[bb, node] & (tree.depth_BxN[bb, node] < d)
+    return (beams >= 0) & ~tree.terminal_BxN[bb, node] & (depth < d)
 
   def cond(c):
-    i, tree, beams, _ = c
-    return (i < d) & jnp.any(live_of(tree, beams))
+    i, tree, paths, _ = c
+    return (i < d) & jnp.any(live_of(tree, paths))
 
   def body(c):
-    i, tree, beams, counters = c
-    live = live_of(tree, beams)
+    i, tree, paths, counters = c
+    beams, depth = _leaves(paths)
+    live = live_of(tree, paths)
     tree, kids, spent = expansion.expand_and_evaluate(
-        params, jax.random.fold_in(key, i), tree, jnp.maximum(beams, 0), live, model=model, opts=opts)
+        params, jax.random.fold_in(key, i), tree, paths, live, model=model, opts=opts)
     # Visits count evaluations below a node, as in MCTS trees (exported trees read the same).
-    tree = tree_lib.add_visits(tree, jnp.broadcast_to(bb, (b, wb)).reshape(-1),
-                               jnp.maximum(beams, 0).reshape(-1), (kids >= 0).sum(axis=2).reshape(-1), d)
-    done = jnp.where((beams >= 0) & ~live, beams, tree_lib.NO_NODE)
-    cand = jnp.concatenate([kids.reshape(b, wb * e), done], axis=1)
+    n_new = (kids >= 0).sum(axis=2)
+    idx = jnp.where((paths >= 0) & (n_new[..., None] > 0), paths, tree.num_slots).reshape(b, -1)
+    add = jnp.broadcast_to(n_new[..., None], paths.shape).reshape(b, -1)
+    tree = tree.replace(visits_BxN=tree.visits_BxN.at[bb, idx].add(add, mode='drop'))
+    # Candidates: every new child (its parent's path + itself) and the finished beams.
+    kid_paths = jnp.repeat(paths, e, axis=1)
+    at_depth = jnp.arange(d + 1) == (jnp.repeat(depth, e, axis=1) + 1)[..., None]
+    kid_paths = jnp.where(at_depth, kids.reshape(b, wb * e)[..., None], kid_paths)
+    done = (beams >= 0) & ~live
+    cand_paths = jnp.concatenate([kid_paths, jnp.where(done[..., None], paths, tree_lib.NO_NODE)], axis=1)
+    cand = jnp.concatenate([kids.reshape(b, wb * e), jnp.where(done, beams, tree_lib.NO_NODE)], axis=1)
     idx, kept = operators.prune(_scores(tree, cand, config), cand >= 0, wb)
-    beams = jnp.where(kept, jnp.take_along_axis(cand, idx, axis=1), tree_lib.NO_NODE)
-    return i + 1, tree, beams, counters + spent
+    paths = jnp.take_along_axis(cand_paths, idx[..., None], axis=1)
+    paths = jnp.where(kept[..., None], paths, tree_lib.NO_NODE)
+    return i + 1, tree, paths, counters + spent
 
-  _, tree, beams, counters = jax.lax.while_loop(cond, body, (jnp.array(0), tree, beams, counters))
+  _, tree, paths, counters = jax.lax.while_loop(cond, body, (jnp.array(0), tree, paths, counters))
+  beams, _ = _leaves(paths)
 
   scores = _scores(tree, beams, config)
   node = jnp.maximum(beams, 0)

@@ -62,17 +62,25 @@ def root_nodes(prompt_BxLp, prompt_mask_BxLp, problem_B, pad_id: int) -> NodeBat
   return NodeBatch(tokens, mask, jnp.zeros((b,), jnp.int32), problem_B.astype(jnp.int32))
 
 
-def _rollout_values(params, key, model: SearchModel, tree, b_M, child_M, child_nodes, opts):
+def _solutions_of(nodes: NodeBatch, prompt_len_M, pad_id: int):
+  """Steps-only rows (no prompt), right-padded: (tokens, mask)."""
+  rank = jnp.cumsum(nodes.mask_MxT, axis=1)
+  keep = nodes.mask_MxT & (rank > prompt_len_M[:, None])
+  tokens, mask, _ = tree_lib.pack(nodes.tokens_MxT, keep, pad_id, align='left')
+  return tokens, mask
+
+
+def _rollout_values(params, key, model: SearchModel, sol, child_nodes: NodeBatch, opts):
   """Mean reward of R completions from each child: (mean_M, tokens_M, calls_M)."""
   r = opts.num_rollouts
-  m = child_M.shape[0]
+  m = child_nodes.depth_M.shape[0]
   out = model.policy_fn(params, key, child_nodes, r, to_end=True, greedy=False)
   lc = out.tokens_MxKxL.shape[-1]
   comp = out.tokens_MxKxL.reshape(m * r, lc)
   comp_mask = jnp.arange(lc)[None, :] < out.lengths_MxK.reshape(m * r, 1)
   rep = lambda x: jnp.repeat(x, r, axis=0)
   if model.reward_fn is not None:
-    sol, sol_mask, _ = tree_lib.solutions(tree, b_M, child_M, opts.max_depth, model.pad_id)
+    sol, sol_mask = sol
     tok = jnp.concatenate([rep(sol), comp], axis=1)
     msk = jnp.concatenate([rep(sol_mask), comp_mask], axis=1)
     tok, msk, _ = tree_lib.pack(tok, msk, model.pad_id, align='left')
@@ -89,7 +97,7 @@ def _rollout_values(params, key, model: SearchModel, tree, b_M, child_M, child_n
   return mean_M, out.lengths_MxK.sum(axis=1), calls_M
 
 
-def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, leaf_BxW, expand_BxW, *,
+def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, path_BxWxD1, expand_BxW, *,
                         model: SearchModel, opts: ExpandOptions):
   """Expands W leaves per tree with K children each and evaluates the children.
 
@@ -97,7 +105,8 @@ def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, lea
     params: model parameters (passed to the callables).
     key: PRNG key, consumed (policy and rollouts use independent sub-keys).
     tree: the trees; must have room for B*W*K more nodes.
-    leaf_BxW: node to expand per walker (any valid slot when inactive).
+    path_BxWxD1: root-to-leaf path per walker (node per depth 0..max_depth, -1 past the
+      leaf); its last node is the leaf to expand.
     expand_BxW: which walkers really expand (each (tree, leaf) at most once, leaf unexpanded,
       non-terminal, depth < max_depth).
     model: the callables.
@@ -107,13 +116,15 @@ def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, lea
     (tree, child_BxWxK, counters): updated trees, the new node indices (-1 where a candidate
     was not created: inactive walker or merged duplicate), and the compute spent.
   """
-  b, w = leaf_BxW.shape
+  b, w, d1 = path_BxWxD1.shape
   k = opts.num_children
   n_slots = tree.num_slots
   k_policy, k_roll = jax.random.split(key)
+  depth_BxW = jnp.maximum(jnp.sum(path_BxWxD1 >= 0, axis=2) - 1, 0)  # empty path: inactive
+  leaf_BxW = jnp.take_along_axis(path_BxWxD1, depth_BxW[..., None], axis=2)[..., 0]
   b_BxW = jnp.broadcast_to(jnp.arange(b)[:, None], (b, w))
-  b_M, leaf_M = b_BxW.reshape(-1), leaf_BxW.reshape(-1)
-  nodes = tree_lib.node_states(tree, b_M, leaf_M, opts.max_depth, model.pad_id)
+  b_M = b_BxW.reshape(-1)
+  nodes = tree_lib.path_states(tree, b_M, path_BxWxD1[:, :, 1:].reshape(b * w, d1 - 1), model.pad_id)
   steps = model.policy_fn(params, k_policy, nodes, k, to_end=False, greedy=False)
   ls = steps.tokens_MxKxL.shape[-1]
   if ls != tree.step_len:
@@ -136,7 +147,7 @@ def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, lea
 
   bb = jnp.broadcast_to(jnp.arange(b)[:, None], (b, w * k))
   parent_BxWK = jnp.repeat(leaf_BxW, k, axis=1)
-  depth_BxWK = tree.depth_BxN[bb, parent_BxWK] + 1
+  depth_BxWK = jnp.repeat(depth_BxW, k, axis=1) + 1
   term_BxWK = steps.terminal_MxK.reshape(b, w * k)
   at = lambda arr: arr.at[bb, ids_BxWK]
   leaf_ids = jnp.where(expand_BxW, leaf_BxW, n_slots)
@@ -154,23 +165,28 @@ def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, lea
       num_nodes_B=tree.num_nodes_B + count_BxW.sum(axis=1),
   )
 
-  # Evaluate the new children (ONE value call over all B*W*K rows).
-  child_BxWK = jnp.where(keep_BxWK, ids_BxWK, 0)
-  bc_M, child_M = bb.reshape(-1), child_BxWK.reshape(-1)
-  child_nodes = tree_lib.node_states(tree, bc_M, child_M, opts.max_depth, model.pad_id)
+  # Evaluate the new children (ONE value call over all B*W*K rows). A child's state is its
+  # parent's state plus its step: the parent row has at least L leading pads (its depth is
+  # below max_depth), so dropping L columns and appending the step keeps the width.
+  rep = lambda x: jnp.repeat(x, k, axis=0)
+  smask_MxKxL = jnp.arange(ls) >= (ls - steps.lengths_MxK)[..., None]
+  child_nodes = NodeBatch(
+      tokens_MxT=jnp.concatenate([rep(nodes.tokens_MxT)[:, ls:], tok_MxKxL.reshape(b * w * k, ls)], axis=1),
+      mask_MxT=jnp.concatenate([rep(nodes.mask_MxT)[:, ls:], smask_MxKxL.reshape(b * w * k, ls)], axis=1),
+      depth_M=rep(nodes.depth_M) + 1, problem_M=rep(nodes.problem_M))
   q0_M = last_values(model, params, child_nodes)
   term_M = term_BxWK.reshape(-1)
   reward_M = jnp.full(term_M.shape, jnp.nan, jnp.float32)
+  sol = None
   if model.reward_fn is not None:
-    sol, sol_mask, _ = tree_lib.solutions(tree, bc_M, child_M, opts.max_depth, model.pad_id)
-    r_M = model.reward_fn(params, sol, sol_mask, child_nodes.problem_M).astype(jnp.float32)
+    sol = _solutions_of(child_nodes, jnp.repeat(tree.prompt_mask_BxLp.sum(axis=1), w * k), model.pad_id)
+    r_M = model.reward_fn(params, sol[0], sol[1], child_nodes.problem_M).astype(jnp.float32)
     reward_M = jnp.where(term_M, r_M, jnp.nan)
     q0_M = jnp.where(term_M, r_M, q0_M)
   keep_M = keep_BxWK.reshape(-1)
   roll_tokens_M = roll_calls_M = jnp.zeros(term_M.shape, jnp.int32)
   if opts.num_rollouts > 0 and opts.rollout_weight > 0:
-    mean_M, roll_tokens_M, roll_calls_M = _rollout_values(
-        params, k_roll, model, tree, bc_M, child_M, child_nodes, opts)
+    mean_M, roll_tokens_M, roll_calls_M = _rollout_values(params, k_roll, model, sol, child_nodes, opts)
     a = opts.rollout_weight
     q0_M = jnp.where(term_M, q0_M, (1.0 - a) * q0_M + a * mean_M)
     use = keep_M & ~term_M

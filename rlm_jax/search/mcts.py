@@ -10,10 +10,12 @@ One simulation, for all B trees together:
      children are scored in ONE value call (verifier reward at terminal steps in training mode,
      optional rollouts mixed in with weight alpha). A walker that ends on a terminal or
      depth-capped leaf re-visits it (its value is backed up again).
-  3. Backpropagate level by level from max_depth up to the root: visits += evaluations added
+  3. Backpropagate level by level from the deepest leaf up to the root: visits += evaluations added
      below; q by x1's TD form `q <- (1-lam) q + lam gamma sum N(c) q(c) / sum N(c)` or by the
      running mean (config `backup`). Both recompute a node from its children, so several
      walkers sharing an ancestor write the same value.
+Node states for the policy call are built from the selected paths (no parent walk), the
+children's states from their parent's state plus the new step.
 The tree starts as the evaluated root, so simulation 0 expands the root (its other W-1
 walkers idle); one code path keeps the compiled program to one policy and one value call.
 
@@ -59,7 +61,7 @@ class MCTSConfig:
     backup: 'td' (x1) or 'mean' (MuZero running mean).
     gamma: discount.
     td_lambda: x1's TD learning rate lambda (backup='td').
-    virtual_loss: virtual visits each walker puts on its path.
+    virtual_loss: virtual visits (of normalised value 0) each walker puts on its path.
     merge_duplicates: merge identical sibling steps.
     num_rollouts: R completions to the end per new non-terminal child (0 = none).
     rollout_weight: alpha in q = (1 - alpha) q_model + alpha mean(rollout rewards).
@@ -124,80 +126,87 @@ class MCTSConfig:
 # Select.
 
 
-def _child_scores(tree: tree_lib.Tree, node_B, vl_BxN, config: MCTSConfig):
-  """Selection scores of the K child slots of one node per tree: (child_BxK, scores_BxK)."""
-  b = node_B.shape[0]
-  k = config.num_children
-  bb = jnp.arange(b)[:, None]
-  k_K = jnp.arange(k)
-  child_BxK = tree.first_child_BxN[bb[:, 0], node_B][:, None] + k_K
-  valid_BxK = k_K < tree.num_children_BxN[bb[:, 0], node_B][:, None]
-  child_c = jnp.where(valid_BxK, child_BxK, 0)
-  n_c = tree.visits_BxN[bb, child_c].astype(jnp.float32)
-  vl_c = vl_BxN[bb, child_c]
-  qn = operators.normalize_q(tree.q_BxN[bb, child_c], tree.q_min_B[:, None], tree.q_max_B[:, None])
-  # Virtual visits count as the worst normalised value.
-  qn = n_c * qn / jnp.maximum(n_c + vl_c, 1e-9)
-  visits_c = n_c + vl_c
-  n_s = tree.visits_BxN[bb[:, 0], node_B].astype(jnp.float32) + vl_BxN[bb[:, 0], node_B]
+def _child_scores(tree: tree_lib.Tree, b_R, node_R, config: MCTSConfig, vl_RxK=None, vl_R=None):
+  """Selection scores of the K child slots of R nodes: (child_RxK, scores_RxK).
+
+  `vl_RxK` / `vl_R`: virtual visits on the children / the node; they count as visits of
+  normalised value 0.
+  """
+  k_K = jnp.arange(config.num_children)
+  br = b_R[:, None]
+  child_RxK = tree.first_child_BxN[b_R, node_R][:, None] + k_K
+  valid_RxK = k_K < tree.num_children_BxN[b_R, node_R][:, None]
+  child_c = jnp.where(valid_RxK, child_RxK, 0)
+  n_c = tree.visits_BxN[br, child_c].astype(jnp.float32)
+  n_s = tree.visits_BxN[b_R, node_R].astype(jnp.float32)
+  qn = operators.normalize_q(tree.q_BxN[br, child_c], tree.q_min_B[br], tree.q_max_B[br])
+  if vl_RxK is not None:
+    qn = n_c * qn / (n_c + vl_RxK)
+    n_c, n_s = n_c + vl_RxK, n_s + vl_R
   if config.selection == 'puct':
-    prior = tree.prior_BxN[bb, child_c]
-    scores = operators.puct_scores(qn, prior, visits_c, n_s, config.c1, config.c2)
+    scores = operators.puct_scores(qn, tree.prior_BxN[br, child_c], n_c, n_s, config.c1, config.c2)
   else:
-    scores = operators.uct_scores(qn, visits_c, n_s, config.uct_c)
-  return child_BxK, jnp.where(valid_BxK, scores, -jnp.inf)
+    scores = operators.uct_scores(qn, n_c, n_s, config.uct_c)
+  return child_RxK, jnp.where(valid_RxK, scores, -jnp.inf)
 
 
-def _descend(tree: tree_lib.Tree, vl_BxN, config: MCTSConfig):
-  """One walker per tree from the root to a leaf: (leaf_B, path_BxD1) with path[:, d] the node
-  at depth d (-1 past the leaf)."""
+def _descend(tree: tree_lib.Tree, prev_BxWxD1, config: MCTSConfig):
+  """One walker per tree from the root to a leaf, seeing the virtual loss of earlier walkers.
+
+  A node at depth d can only sit at position d of a path, so one comparison per earlier
+  walker finds the virtual visits of a child.
+
+  Returns:
+    path_BxD1: node per depth (path[:, 0] = root), -1 past the leaf.
+  """
   b, d_max = tree.batch_size, config.max_depth
   bi = jnp.arange(b)
 
-  def cond(c):
-    i, node_B, _, done_B = c
-    return (i < d_max) & ~jnp.all(done_B)
-
   def body(c):
     i, node_B, path, done_B = c
-    child_BxK, scores = _child_scores(tree, node_B, vl_BxN, config)
+    vl_BxK = vl_B = None
+    if prev_BxWxD1 is not None:
+      here = jax.lax.dynamic_index_in_dim(prev_BxWxD1, i, axis=2, keepdims=False)
+      below = jax.lax.dynamic_index_in_dim(prev_BxWxD1, i + 1, axis=2, keepdims=False)
+      first = tree.first_child_BxN[bi, node_B][:, None] + jnp.arange(config.num_children)
+      vl_BxK = config.virtual_loss * jnp.sum(first[:, :, None] == below[:, None, :], axis=2)
+      vl_B = config.virtual_loss * jnp.sum(here == node_B[:, None], axis=1)
+    child_BxK, scores = _child_scores(tree, bi, node_B, config, vl_BxK, vl_B)
     pick = jnp.take_along_axis(child_BxK, jnp.argmax(scores, axis=1)[:, None], axis=1)[:, 0]
     node_B = jnp.where(done_B, node_B, pick)
-    path = path.at[bi, i + 1].set(jnp.where(done_B, path[bi, i + 1], node_B))
+    path = jax.lax.dynamic_update_index_in_dim(path, jnp.where(done_B, -1, node_B), i + 1, axis=1)
     done_B = done_B | (tree.first_child_BxN[bi, node_B] < 0)
     return i + 1, node_B, path, done_B
 
   node0 = jnp.zeros((b,), jnp.int32)
   path0 = jnp.full((b, d_max + 1), tree_lib.NO_NODE, jnp.int32).at[:, 0].set(0)
   done0 = tree.first_child_BxN[:, 0] < 0
-  _, leaf_B, path, _ = jax.lax.while_loop(cond, body, (jnp.array(0), node0, path0, done0))
-  return leaf_B, path
+  cond = lambda c: (c[0] < d_max) & ~jnp.all(c[3])
+  return jax.lax.while_loop(cond, body, (jnp.array(0), node0, path0, done0))[2]
 
 
-def select_leaves(tree: tree_lib.Tree, vl_BxN, config: MCTSConfig):
-  """W walkers per tree, one after the other, each adding virtual loss along its path.
+def select_leaves(tree: tree_lib.Tree, config: MCTSConfig):
+  """W walkers per tree, one after the other, each seeing the earlier ones' virtual loss.
 
   Returns:
-    (leaf_BxW, path_BxWxD1, vl_BxN); vl_BxN is back to its input (zeros) on return.
+    path_BxWxD1: each walker's path (node per depth, -1 past its leaf).
   """
   b, w, d1 = tree.batch_size, config.num_walkers, config.max_depth + 1
-  bb = jnp.arange(b)[:, None]
-
-  def walker(j, c):
-    vl, leaves, paths = c
-    leaf_B, path_BxD1 = _descend(tree, vl, config)
-    vl = vl.at[bb, jnp.where(path_BxD1 >= 0, path_BxD1, tree.num_slots)].add(
-        config.virtual_loss, mode='drop')
-    return vl, leaves.at[:, j].set(leaf_B), paths.at[:, j].set(path_BxD1)
-
-  init = (vl_BxN, jnp.zeros((b, w), jnp.int32), jnp.zeros((b, w, d1), jnp.int32))
   if w == 1:
-    leaf_B, path = _descend(tree, vl_BxN, config)
-    return leaf_B[:, None], path[:, None], vl_BxN
-  vl, leaves, paths = jax.lax.fori_loop(0, w, walker, init)
-  flat = jnp.where(paths >= 0, paths, tree.num_slots).reshape(b, w * d1)
-  vl = vl.at[bb, flat].set(0.0, mode='drop')
-  return leaves, paths, vl
+    return _descend(tree, None, config)[:, None]
+
+  def walker(j, paths):
+    return paths.at[:, j].set(_descend(tree, paths, config))
+
+  paths = jnp.full((b, w, d1), tree_lib.NO_NODE, jnp.int32)
+  return jax.lax.fori_loop(0, w, walker, paths)
+
+
+def leaves_of(path_BxWxD1):
+  """Last node of each path: (leaf_BxW, depth_BxW)."""
+  depth = jnp.sum(path_BxWxD1 >= 0, axis=-1) - 1
+  leaf = jnp.take_along_axis(path_BxWxD1, depth[..., None], axis=-1)[..., 0]
+  return leaf, depth
 
 
 # ------------------------------------------------------------------------------------------
@@ -227,8 +236,7 @@ def backpropagate(tree: tree_lib.Tree, path_BxWxD1, delta_BxW, config: MCTSConfi
   tree = tree.replace(visits_BxN=visits)
   k_K = jnp.arange(k)
 
-  def level(i, t):
-    depth = d1 - 1 - i  # max_depth .. 0
+  def level(depth, t):
     node_BxW = path_BxWxD1[:, :, depth]
     live = live_BxWxD1[:, :, depth]
     node_c = jnp.maximum(node_BxW, 0)
@@ -249,7 +257,10 @@ def backpropagate(tree: tree_lib.Tree, path_BxWxD1, delta_BxW, config: MCTSConfi
         q_min_B=jnp.minimum(t.q_min_B, jnp.min(jnp.where(live, new, jnp.inf), axis=1)),
         q_max_B=jnp.maximum(t.q_max_B, jnp.max(jnp.where(live, new, -jnp.inf), axis=1)))
 
-  return jax.lax.fori_loop(0, d1, level, tree)
+  # Start at the deepest live leaf (fori_loop with a traced bound is a while loop).
+  _, leaf_depth = leaves_of(path_BxWxD1)
+  top = jnp.max(jnp.where(delta_BxW > 0, leaf_depth, 0))
+  return jax.lax.fori_loop(0, top + 1, lambda i, t: level(top - i, t), tree)
 
 
 # ------------------------------------------------------------------------------------------
@@ -335,24 +346,22 @@ def mcts_search(params: Params, key: jax.Array, prompt_BxLp: jax.Array, prompt_m
   bb = jnp.arange(b)[:, None]
 
   def simulation(s, carry):
-    tree, vl, counters = carry
-    leaf_BxW, path_BxWxD1, vl = select_leaves(tree, vl, config)
+    tree, counters = carry
+    path_BxWxD1 = select_leaves(tree, config)
+    leaf_BxW, depth_BxW = leaves_of(path_BxWxD1)
     w = config.num_walkers
     earlier = jnp.tril(jnp.ones((w, w), bool), -1)
     dup_BxW = jnp.any((leaf_BxW[:, :, None] == leaf_BxW[:, None, :]) & earlier[None], axis=2)
-    depth_BxW = tree.depth_BxN[bb, leaf_BxW]
-    can_expand = (tree.first_child_BxN[bb, leaf_BxW] < 0) & ~tree.terminal_BxN[bb, leaf_BxW] & (
-        depth_BxW < config.max_depth)
+    can_expand = ~tree.terminal_BxN[bb, leaf_BxW] & (depth_BxW < config.max_depth)
     expand_BxW = ~dup_BxW & can_expand
     revisit_BxW = ~dup_BxW & ~can_expand
     tree, kids, c = expansion.expand_and_evaluate(
-        params, jax.random.fold_in(key, s), tree, leaf_BxW, expand_BxW, model=model, opts=opts)
+        params, jax.random.fold_in(key, s), tree, path_BxWxD1, expand_BxW, model=model, opts=opts)
     delta = jnp.where(expand_BxW, (kids >= 0).sum(axis=2), revisit_BxW.astype(jnp.int32))
     tree = backpropagate(tree, path_BxWxD1, delta.astype(jnp.int32), config)
-    return tree, vl, counters + c
+    return tree, counters + c
 
-  vl0 = jnp.zeros(tree.visits_BxN.shape, jnp.float32)
-  tree, _, counters = jax.lax.fori_loop(0, config.num_simulations, simulation, (tree, vl0, counters))
+  tree, counters = jax.lax.fori_loop(0, config.num_simulations, simulation, (tree, counters))
 
   leaf_B = answer_leaf(tree, config)
   bi = jnp.arange(b)

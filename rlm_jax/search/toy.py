@@ -20,6 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from rlm_jax.search import tree as tree_lib
 from rlm_jax.search.base import NodeBatch, SearchModel, Steps
 
 
@@ -73,7 +74,7 @@ def prompts(num_problems: int, task: ToyTask, length: int = 4):
 
 
 def _path_actions(task: ToyTask, tokens_MxT, depth_M):
-  """Actions on each node's path (right-aligned two-token steps): (act_MxH, valid_MxH)."""
+  """Actions on each node's path (packed right-aligned two-token steps): (act_MxH, valid_MxH)."""
   t = tokens_MxT.shape[1]
   j_H = jnp.arange(task.horizon)
   pos = t - 2 * (depth_M[:, None] - j_H[None, :])
@@ -102,7 +103,13 @@ def make_model(task: ToyTask, *, with_value: bool = True, with_reward: bool = Tr
     wrong = valid_MxH & (act_MxH != params['target'][problem_M])
     return wrong.any(axis=1)
 
+  def packed(nodes: NodeBatch) -> NodeBatch:
+    # NodeBatch rows may hold padding gaps; the toy reads steps by position.
+    tokens, mask, _ = tree_lib.pack(nodes.tokens_MxT, nodes.mask_MxT, task.pad_id, align='right')
+    return nodes._replace(tokens_MxT=tokens, mask_MxT=mask)
+
   def policy_fn(params, key, nodes: NodeBatch, num: int, *, to_end: bool, greedy: bool) -> Steps:
+    nodes = packed(nodes)
     m = nodes.depth_M.shape[0]
     act, valid = _path_actions(task, nodes.tokens_MxT, nodes.depth_M)
     lost0 = lost_of(params, act, valid, nodes.problem_M)
@@ -140,6 +147,7 @@ def make_model(task: ToyTask, *, with_value: bool = True, with_reward: bool = Tr
                  logp_SxR.sum(axis=0).reshape(m, num), (terminal & (lengths > 0)).reshape(m, num))
 
   def value_fn(params, nodes: NodeBatch):
+    nodes = packed(nodes)
     t = nodes.tokens_MxT.shape[1]
     tok = nodes.tokens_MxT
     start_M = t - 2 * nodes.depth_M  # first column of the first step

@@ -9,11 +9,12 @@ on its path". Layout choices, and why:
   every per-node array `[B, N]` (K times less memory to carry through the search loop);
   `children_index` materialises the `[B, N, K]` view for analysis.
 * Each node keeps only its own step tokens (`step_tokens_BxNxL`, left-padded within the L
-  slots). The state of a batch of nodes is rebuilt on demand by walking parent pointers
-  (`max_depth` gathers) and packing prompt + path steps into one left-padded row
-  (`node_states`). A stored per-node prefix would cost `N x (Lp + D*L)` tokens per tree and
-  the copy on every expansion; the walk costs `M x D` gathers per model call, which is
-  noise next to the model itself.
+  slots). The state of a batch of nodes is rebuilt on demand: gather the steps of the nodes
+  on the path (`path_states`; MCTS and beam search already hold the paths, `node_states`
+  walks parent pointers with `max_depth` gathers) and pack prompt + steps into one
+  left-padded row; a new child's state is its parent's row plus its step. A stored per-node
+  prefix would cost `N x (Lp + D*L)` tokens per tree and a copy on every expansion; the
+  gather costs `M x D x L` per model call, noise next to the model itself.
 * q conventions (x1 / blueprint App. C): `q` of a node is Q(parent state, step into the node)
   = r + gamma * V(node state); rewards come only at terminal steps, so a terminal node's q is
   its reward and an interior node's q is gamma times the (weighted) mean of its children's q.
@@ -241,13 +242,19 @@ def node_states(tree: Tree, b_M, node_M, max_depth: int, pad_id: int) -> NodeBat
   Returns:
     NodeBatch (prompt + path steps, packed to the right; problem ids from the tree).
   """
-  m = node_M.shape[0]
-  path_MxD = path_by_depth(tree, b_M, node_M, max_depth)
+  return path_states(tree, b_M, path_by_depth(tree, b_M, node_M, max_depth), pad_id)
+
+
+def path_states(tree: Tree, b_M, path_MxD, pad_id: int) -> NodeBatch:
+  """Like `node_states`, from known paths (`path_MxD[:, j]` = node at depth j + 1, or -1):
+  selection already walked them, so no parent walk is needed."""
+  m = path_MxD.shape[0]
   steps, smask = path_steps(tree, b_M, path_MxD)
   src = jnp.concatenate([tree.prompt_BxLp[b_M], steps.reshape(m, -1)], axis=1)
   src_mask = jnp.concatenate([tree.prompt_mask_BxLp[b_M], smask.reshape(m, -1)], axis=1)
   tokens, mask, _ = pack(src, src_mask, pad_id, align='right')
-  return NodeBatch(tokens, mask, tree.depth_BxN[b_M, node_M], tree.problem_B[b_M])
+  depth_M = jnp.sum(path_MxD >= 0, axis=1).astype(jnp.int32)
+  return NodeBatch(tokens, mask, depth_M, tree.problem_B[b_M])
 
 
 def solutions(tree: Tree, b_M, node_M, max_depth: int, pad_id: int):

@@ -1,0 +1,194 @@
+"""Search throughput: (a) MCTS bookkeeping vs mctx with a trivial model, (b) overhead with a real
+tiny transformer.
+
+  python benchmarks/search.py            # both parts, prints two tables
+  python benchmarks/search.py --part a   # only the mctx comparison
+
+(a) Trivial model (random candidates / values, no network), K = 16 actions or candidate steps,
+    S = 64 simulations, B = 256 and B = 1024 trees. mctx `gumbel_muzero_policy` expands one
+    node per tree per simulation (one `recurrent_fn` row). Our MCTS expands up to W leaves per
+    tree per simulation, each into K evaluated children. "leaf exp/s" counts expansions (policy
+    rows of K candidates; mctx: recurrent_fn rows), "nodes/s" counts created, evaluated nodes.
+(b) A tiny random Transformer (char vocab) as policy + value head at B = 256. The same policy /
+    value calls the search makes are timed alone in one compiled loop; the rest of the search's
+    wall time is bookkeeping (selection, tree writes, backup, prefix building).
+
+Timings: median of `--repeats` runs after one warm-up (compile) run, wall clock, one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import mctx
+import numpy as np
+from flax import nnx
+
+from rlm_jax.search import expansion
+from rlm_jax.search import mcts as mcts_lib
+from rlm_jax.search import tree as tree_lib
+from rlm_jax.search.base import NodeBatch, SearchModel, Steps
+
+
+def _time(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------
+# (a) Trivial models.
+
+
+def trivial_model(vocab: int = 16) -> SearchModel:
+  """Random one-token steps and values; both read the node states so none of the search's
+  prefix building is optimised away."""
+
+  def policy_fn(params, key, nodes: NodeBatch, num, *, to_end, greedy):
+    del params, to_end, greedy
+    m = nodes.tokens_MxT.shape[0]
+    salt = nodes.tokens_MxT[:, -1:] + nodes.depth_M[:, None]
+    tok = (jax.random.randint(key, (m, num), 0, vocab) + salt) % vocab + 4
+    logp = jax.random.normal(jax.random.fold_in(key, 1), (m, num))
+    # Lengths and terminal flags depend on the sample as they do for a real policy (always 1
+    # and False here: tok >= 4).
+    return Steps(tok[..., None].astype(jnp.int32), jnp.minimum(tok, 0) + 1, logp, tok < 0)
+
+  def value_fn(params, nodes: NodeBatch):
+    del params
+    v = jnp.sin(nodes.tokens_MxT[:, -1].astype(jnp.float32) * 12.9898 + nodes.depth_M)
+    return jnp.broadcast_to(v[:, None], nodes.tokens_MxT.shape)
+
+  return SearchModel(policy_fn, value_fn, None, pad_id=0, eos_id=2, step_id=3)
+
+
+def run_ours(b: int, k: int, s: int, w: int, repeats: int):
+  cfg = mcts_lib.MCTSConfig(num_simulations=s, num_children=k, num_walkers=w, max_depth=16,
+                            merge_duplicates=False, gamma=1.0)
+  model = trivial_model(k)
+  fn = jax.jit(functools.partial(mcts_lib.mcts_search, model=model, config=cfg))
+  prompt = jnp.full((b, 1), 5, jnp.int32)
+  mask = jnp.ones((b, 1), bool)
+  sec = _time(fn, None, jax.random.key(0), prompt, mask, repeats=repeats)
+  res = fn(None, jax.random.key(0), prompt, mask)
+  t = jax.device_get(res.tree)
+  expansions = int((t.first_child_BxN >= 0).sum())
+  nodes = int(t.num_nodes_B.sum()) - b
+  return sec, expansions, nodes
+
+
+def run_mctx(b: int, k: int, s: int, repeats: int):
+  def recurrent_fn(params, key, action, embedding):
+    del params, action
+    k1, k2 = jax.random.split(key)
+    out = mctx.RecurrentFnOutput(reward=jnp.zeros((b,)), discount=jnp.ones((b,)),
+                                 prior_logits=jax.random.normal(k1, (b, k)),
+                                 value=jax.random.normal(k2, (b,)))
+    return out, embedding
+
+  def search(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    root = mctx.RootFnOutput(prior_logits=jax.random.normal(k1, (b, k)), value=jax.random.normal(k2, (b,)),
+                             embedding=jnp.zeros((b,)))
+    return mctx.gumbel_muzero_policy(None, k3, root, recurrent_fn, num_simulations=s,
+                                     max_num_considered_actions=k)
+
+  fn = jax.jit(search)
+  sec = _time(fn, jax.random.key(0), repeats=repeats)
+  return sec, b * s, b * s
+
+
+def part_a(repeats: int, batches=(256, 1024), walkers=(1, 4)):
+  k, s = 16, 64
+  print(f'\n(a) trivial model, K={k}, S={s} ({jax.devices()[0].platform}, {jax.device_count()} devices)')
+  print(f"| {'search':<20} | {'B':>5} | {'ms/search':>9} | {'leaf exp/s':>11} | {'vs mctx':>7} | {'nodes/s':>11} |")
+  print('|' + '---|' * 6)
+  for b in batches:
+    sec, exp, nodes = run_mctx(b, k, s, repeats)
+    base = exp / sec
+    rows = [('mctx gumbel_muzero', sec, exp, nodes)]
+    for w in walkers:
+      rows.append((f'rlm_jax mcts W={w}',) + run_ours(b, k, s, w, repeats))
+    for name, sec, exp, nodes in rows:
+      print(f'| {name:<20} | {b:>5} | {1e3 * sec:9.1f} | {exp / sec:11.0f} | {exp / sec / base:6.2f}x | '
+            f'{nodes / sec:11.0f} |', flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# (b) Tiny transformer: share of the wall time outside the model calls.
+
+
+def part_b(repeats: int, b: int = 256):
+  from rlm_jax.data.tokenizer import CharTokenizer
+  from rlm_jax.models.transformer import ModelConfig, Transformer
+  from rlm_jax.search import lm
+
+  tok = CharTokenizer()
+  mcfg = ModelConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                     d_ff=128, value_head='sigmoid')
+  gd, st = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(params=0)))
+  opts = lm.LMOptions(step_tokens=8, completion_tokens=32, value_from_policy=True)
+  model = lm.make_search_model(gd, opts, lm.TokenIds.of(tok))
+  params = lm.LMParams(policy=st)
+  cfg = mcts_lib.MCTSConfig(num_simulations=4, num_children=4, num_walkers=2, max_depth=4)
+  lp = 16
+  prompt = jnp.tile(jnp.asarray(tok.encode('What is 12+30?', bos=True) + [tok.step_id, 4])[None], (b, 1))
+  mask = jnp.ones_like(prompt, bool)
+  assert prompt.shape[1] == lp
+  search = jax.jit(functools.partial(mcts_lib.mcts_search, model=model, config=cfg))
+  t_search = _time(search, params, jax.random.key(0), prompt, mask, repeats=repeats)
+
+  # The same calls alone: per simulation one policy call on B*W node states (K samples each)
+  # and one value call on B*W*K child states, plus the root value call.
+  w, k, d, ls = cfg.num_walkers, cfg.num_children, cfg.max_depth, opts.step_tokens
+  t_len = lp + d * ls
+  nodes = NodeBatch(jnp.pad(prompt, ((0, 0), (t_len - lp, 0))).repeat(w, 0),
+                    jnp.pad(mask, ((0, 0), (t_len - lp, 0))).repeat(w, 0),
+                    jnp.zeros((b * w,), jnp.int32), jnp.arange(b * w) % b)
+  children = NodeBatch(nodes.tokens_MxT.repeat(k, 0), nodes.mask_MxT.repeat(k, 0),
+                       jnp.ones((b * w * k,), jnp.int32), nodes.problem_M.repeat(k, 0))
+  roots = expansion.root_nodes(prompt, mask, jnp.arange(b), tok.pad_id)
+
+  def models_only(params, key):
+    acc = expansion.last_values(model, params, roots).sum()
+
+    def sim(i, acc):
+      steps = model.policy_fn(params, jax.random.fold_in(key, i), nodes, k, to_end=False, greedy=False)
+      # Feed the sampled tokens into the value call so neither is skipped.
+      salt = steps.tokens_MxKxL[..., :1].reshape(-1, 1)
+      ch = children._replace(tokens_MxT=children.tokens_MxT.at[:, -1:].set(salt))
+      return acc + expansion.last_values(model, params, ch).sum() + steps.logprob_MxK.sum()
+
+    return jax.lax.fori_loop(0, cfg.num_simulations, sim, acc)
+
+  t_models = _time(jax.jit(models_only), params, jax.random.key(0), repeats=repeats)
+  share = 1.0 - t_models / t_search
+  print(f'\n(b) tiny transformer (d=64, 2 layers, vocab {tok.vocab_size}), B={b}, K={k}, W={w}, '
+        f'S={cfg.num_simulations}, step {ls} tokens, state {t_len} tokens')
+  print('| search wall (s) | model calls alone (s) | outside model calls |')
+  print('|---|---|---|')
+  print(f'| {t_search:.3f} | {t_models:.3f} | {100 * share:.1f}% |')
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--part', choices=('a', 'b', 'both'), default='both')
+  p.add_argument('--repeats', type=int, default=3)
+  args = p.parse_args()
+  if args.part in ('a', 'both'):
+    part_a(args.repeats)
+  if args.part in ('b', 'both'):
+    part_b(args.repeats)
+
+
+if __name__ == '__main__':
+  main()
