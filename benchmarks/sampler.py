@@ -1,0 +1,284 @@
+"""Decode throughput of `rlm_jax.sampling.sample` vs HF `generate` and tunix's sampler (CPU).
+
+One small Llama-shaped model (default: 4 layers, d=256, 4 query / 2 kv heads, vocab 1024) is
+initialised once, exported with `rlm_jax.models.hf.export_hf`, and the same weights run in
+  * ours:  `sample` (jitted prefill + `lax.while_loop` decode), greedy;
+  * HF:    transformers `LlamaForCausalLM.from_pretrained(export)` + `generate(do_sample=False)`
+           (PyTorch CPU, KV cache);
+  * tunix: `tunix.generate.sampler.Sampler` on tunix's own `Llama3` model, loaded from the same
+           export with tunix's safetensors loader; run in its own virtualenv (--tunix-python)
+           as a subprocess, because it pins its own jax/flax.
+Every row decodes exactly --new-tokens tokens (no EOS). Timings exclude compilation/warm-up,
+take the median of --reps calls and wait for the result (block_until_ready / host copy).
+tok/s = batch * new_tokens / wall seconds per call (prefill included). tok/cpu-s divides by
+the CPU seconds the process used instead (all its threads): on a shared machine it is the
+steadier measure of work per token. HF runs with --hf-threads torch threads (default 1: on a
+busy 2-core machine 2 OpenMP threads spin-wait and were ~10x slower). The "agree" columns
+give the fraction of generated tokens equal to ours, a check that all run the same model.
+
+  python benchmarks/sampler.py                       # all three, batches 1,16,64
+  python benchmarks/sampler.py --tunix-python=none   # ours and HF only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+PAD = 0
+NO_EOS = -1  # an id no model produces: every row runs to --new-tokens
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--batches', default='1,16,64')
+  p.add_argument('--prompt-len', type=int, default=32)
+  p.add_argument('--new-tokens', type=int, default=128)
+  p.add_argument('--layers', type=int, default=4)
+  p.add_argument('--d-model', type=int, default=256)
+  p.add_argument('--heads', type=int, default=4)
+  p.add_argument('--kv-heads', type=int, default=2)
+  p.add_argument('--head-dim', type=int, default=64)
+  p.add_argument('--d-ff', type=int, default=704)
+  p.add_argument('--vocab', type=int, default=1024)
+  p.add_argument('--reps', type=int, default=3)
+  p.add_argument('--tunix-python', default='/work/venv-tunix/bin/python',
+                 help="python of a virtualenv with google-tunix==0.1.7; 'none' to skip")
+  p.add_argument('--skip-hf', action='store_true')
+  p.add_argument('--hf-reps', type=int, default=1, help='timed HF calls per batch (they are slow)')
+  p.add_argument('--hf-threads', type=int, default=1,
+                 help='torch threads; 2 OpenMP threads on a busy 2-core machine spin-wait and ran 10x slower')
+  p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # internal: 'tunix'
+  p.add_argument('--workdir', default='', help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def _median_time(fn, reps: int) -> tuple[float, float]:
+  """Median wall seconds and median CPU seconds (all threads of this process) of `fn()`."""
+  wall, cpu = [], []
+  for _ in range(reps):
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    wall.append(time.perf_counter() - w0)
+    cpu.append(time.process_time() - c0)
+  return statistics.median(wall), statistics.median(cpu)
+
+
+def _result(batch, args, wall_cpu, **extra):
+  wall, cpu = wall_cpu
+  n = batch * args.new_tokens
+  return dict(sec=wall, tok_s=n / wall, tok_cpu_s=n / cpu, **extra)
+
+
+def _prompts(batch: int, args) -> np.ndarray:
+  rng = np.random.RandomState(batch)
+  return rng.randint(3, args.vocab, (batch, args.prompt_len)).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- ours + HF
+
+
+def build_and_export(args, out_dir: str):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from rlm_jax.models import hf  # pylint: disable=g-import-not-at-top
+  from rlm_jax.models.transformer import ModelConfig, init_model  # pylint: disable=g-import-not-at-top
+
+  # rope_theta 1e6: tunix's Llama3 applies RoPE with its built-in 1e6 whatever the config says.
+  cfg = ModelConfig(
+      vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+      n_kv_heads=args.kv_heads, head_dim=args.head_dim, d_ff=args.d_ff, rope_theta=1e6,
+      norm_eps=1e-5, init_std=0.05,
+  )
+  graphdef, state = nnx.split(init_model(cfg, seed=0))
+  hf.export_hf(graphdef, state, out_dir, {'bos_token_id': 1, 'eos_token_id': 2, 'pad_token_id': PAD})
+  return cfg, graphdef, state
+
+
+def run_ours(graphdef, state, batches, args):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from rlm_jax.sampling.sampler import SamplingConfig, sample  # pylint: disable=g-import-not-at-top
+
+  scfg = SamplingConfig(max_new_tokens=args.new_tokens, eos_id=NO_EOS, pad_id=PAD, greedy=True)
+  out = {}
+  for b in batches:
+    tokens = jnp.asarray(_prompts(b, args))
+    mask = jnp.ones(tokens.shape, bool)
+    call = lambda: sample(graphdef, state, tokens, mask, jax.random.key(0), scfg).tokens_BxT.block_until_ready()
+    t0 = time.perf_counter()
+    generated = np.asarray(call())  # compile + first run
+    compile_s = time.perf_counter() - t0
+    out[b] = _result(b, args, _median_time(call, args.reps), compile_s=compile_s, tokens=generated)
+  return out
+
+
+def run_hf(path, batches, args):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(args.hf_threads)
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+  model.generation_config.eos_token_id = None
+  out = {}
+  for b in batches:
+    ids = torch.tensor(_prompts(b, args), dtype=torch.int64)
+    mask = torch.ones_like(ids)
+
+    def call(n=args.new_tokens):
+      with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                              min_new_tokens=n, pad_token_id=PAD, use_cache=True)
+
+    call(4)  # warm-up (torch has no compile step; this pays the first-call costs)
+    generated = []
+    time_one = lambda: generated.append(call().numpy()[:, args.prompt_len:])
+    out[b] = _result(b, args, _median_time(time_one, args.hf_reps), tokens=generated[0])
+  return out, f'torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}'
+
+
+# ----------------------------------------------------------------------------- tunix
+
+
+class _IdTokenizer:
+  """The methods tunix's TokenizerAdapter needs; prompts are passed as ids, so unused mostly."""
+
+  def encode(self, text, **kw):
+    return [int(t) for t in text.split()]
+
+  def decode(self, ids, **kw):
+    return ' '.join(map(str, ids))
+
+  def bos_id(self):
+    return 1
+
+  def eos_id(self):
+    return 2
+
+  def pad_id(self):
+    return PAD
+
+
+def tunix_worker(args):
+  """Runs inside the tunix virtualenv: prints one JSON line with timings and tokens."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  from tunix.generate import sampler as tsampler  # pylint: disable=g-import-not-at-top
+  from tunix.models.llama3 import model as tmodel  # pylint: disable=g-import-not-at-top
+  from tunix.models.llama3 import params as tparams  # pylint: disable=g-import-not-at-top
+
+  cfg = tmodel.ModelConfig(
+      num_layers=args.layers, vocab_size=args.vocab, embed_dim=args.d_model, hidden_dim=args.d_ff,
+      num_heads=args.heads, head_dim=args.head_dim, num_kv_heads=args.kv_heads, rope_theta=1_000_000,
+      norm_eps=1e-5, shd_config=tmodel.ShardingConfig.get_default_sharding(is_sampling=True),
+  )
+  model = tparams.create_model_from_safe_tensors(args.workdir, cfg)
+  cache = tsampler.CacheConfig(cache_size=args.prompt_len + args.new_tokens, num_layers=args.layers,
+                               num_kv_heads=args.kv_heads, head_dim=args.head_dim)
+  sampler = tsampler.Sampler(model, _IdTokenizer(), cache)
+  sampler.eos_ids = jnp.array([NO_EOS])
+  total = args.prompt_len + args.new_tokens
+  out = {}
+  for b in [int(x) for x in args.batches.split(',')]:
+    prompts = jnp.asarray(_prompts(b, args))
+
+    # The device part of Sampler.__call__ (ids in, token buffer out), without its host-side
+    # string tokenisation and per-row detokenisation.
+    def call():
+      st = sampler.init_sample_state(prompts, total_sampling_steps=total, include_logits=False,
+                                     forbidden_token_ids=None, temperature=0.0, top_p=None, top_k=None,
+                                     seed=jax.random.PRNGKey(0), beam_size=None)
+      st = sampler._compiled_prefill_fn(sampler._flattened_transformer_state, st, None, echo=False)  # pylint: disable=protected-access
+      st = sampler._compiled_decode_fn(sampler._flattened_transformer_state, st)  # pylint: disable=protected-access
+      return st.token_buffer.block_until_ready()
+
+    t0 = time.perf_counter()
+    buf = np.asarray(call())
+    compile_s = time.perf_counter() - t0
+    wall_cpu = _median_time(call, args.reps)
+    # Token t of the answer sits at buffer column prompt_len + t (the prefill writes the first).
+    gen = buf[:, args.prompt_len: args.prompt_len + args.new_tokens]
+    out[b] = _result(b, args, wall_cpu, compile_s=compile_s, tokens=gen.tolist())
+  info = f'google-tunix {metadata.version("google-tunix")}, jax {jax.__version__}'
+  print('TUNIX_RESULT ' + json.dumps({'info': info, 'results': out}))
+
+
+def run_tunix(path, args):
+  py = args.tunix_python
+  if py in ('', 'none'):
+    return None, 'not available: skipped (--tunix-python=none)'
+  if not os.path.exists(py):
+    return None, f'not available: no python at {py} (python3 -m venv DIR && DIR/bin/pip install google-tunix==0.1.7)'
+  cmd = [py, os.path.abspath(__file__), '--worker=tunix', f'--workdir={path}'] + [
+      a for a in sys.argv[1:] if not a.startswith(('--worker', '--workdir', '--tunix-python'))
+  ]
+  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
+  for line in proc.stdout.splitlines():
+    if line.startswith('TUNIX_RESULT '):
+      res = json.loads(line[len('TUNIX_RESULT '):])
+      return {int(b): dict(r, tokens=np.asarray(r['tokens'])) for b, r in res['results'].items()}, res['info']
+  tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+  return None, f'not available: tunix run failed (exit {proc.returncode}): {tail}'
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _fmt(x, spec):
+  return '-' if x is None else format(x, spec)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.worker == 'tunix':
+    return tunix_worker(args)
+  # Run from a checkout without installing: the repository root holds the package.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax  # pylint: disable=g-import-not-at-top
+
+  batches = [int(x) for x in args.batches.split(',')]
+  with tempfile.TemporaryDirectory() as tmp:
+    cfg, graphdef, state = build_and_export(args, tmp)
+    print(f'model: {cfg.n_layers} layers, d={cfg.d_model}, heads {cfg.n_heads}/{cfg.n_kv_heads} (GQA), '
+          f'head_dim {cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, fp32; prompt {args.prompt_len}, '
+          f'{args.new_tokens} new tokens, greedy, no EOS; median of {args.reps}')
+    print(f'ours: jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device), '
+          f'{os.cpu_count()} cpus')
+    tunix, tunix_info = run_tunix(tmp, args)  # before ours, so the two jax processes never overlap
+    print(f'tunix: {tunix_info}')
+    ours = run_ours(graphdef, state, batches, args)
+    hf_res, hf_info = (None, 'skipped') if args.skip_hf else run_hf(tmp, batches, args)
+    print(f'hf: {hf_info}')
+
+  print()
+  cols = ('batch', 'ours tok/s', 'HF tok/s', 'tunix tok/s', 'ours/HF', 'ours/tunix',
+          'ours tok/cpu-s', 'HF tok/cpu-s', 'tunix tok/cpu-s', 'agree HF', 'agree tunix')
+  print(' | '.join(cols))
+  for b in batches:
+    o = ours[b]
+    h = hf_res[b] if hf_res else None
+    t = tunix[b] if tunix else None
+    agree = lambda r: None if r is None else float((r['tokens'] == o['tokens']).mean())
+    row = [str(b), _fmt(o['tok_s'], '.0f'), _fmt(h and h['tok_s'], '.0f'), _fmt(t and t['tok_s'], '.0f'),
+           _fmt(h and o['tok_s'] / h['tok_s'], '.2f'), _fmt(t and o['tok_s'] / t['tok_s'], '.2f'),
+           _fmt(o['tok_cpu_s'], '.0f'), _fmt(h and h['tok_cpu_s'], '.0f'), _fmt(t and t['tok_cpu_s'], '.0f'),
+           _fmt(agree(h), '.3f'), _fmt(agree(t), '.3f')]
+    print(' | '.join(v.rjust(len(c)) for v, c in zip(row, cols)))
+  compile_ours = ', '.join('B=%d: %.1f' % (b, ours[b]['compile_s']) for b in batches)
+  compile_tunix = ', '.join('B=%d: %.1f' % (b, tunix[b]['compile_s']) for b in batches) if tunix else '-'
+  print(f'compile+first call s: ours {compile_ours}; tunix {compile_tunix}')
+
+
+if __name__ == '__main__':
+  main()
