@@ -27,8 +27,10 @@ from rlm_jax.data.tokenizer import Tokenizer, load_tokenizer
 from rlm_jax.models.transformer import ModelConfig, Transformer
 from rlm_jax.sampling.sampler import SamplingConfig
 from rlm_jax.training import evaluate as eval_lib
+from rlm_jax.training import em as em_lib
 from rlm_jax.training import grpo as grpo_lib
 from rlm_jax.training import losses
+from rlm_jax.training import ppo as ppo_lib
 from rlm_jax.training.rewards import RewardConfig
 from rlm_jax.training.sft import sft_step_jit
 from rlm_jax.training.state import OptimConfig, TrainState, create_train_state, make_optimizer
@@ -64,8 +66,25 @@ class SFTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PPOExtras:
+  """PPO knobs beyond `losses.PPOConfig` (the actor-critic gets value_head='sigmoid')."""
+
+  num_minibatches: int = 1
+  whiten_advantages: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EMConfig:
+  weights: Literal['raw', 'centered', 'normalized'] = 'raw'
+  normalize: Literal['sequence_sum', 'token_mean'] = 'sequence_sum'
+  num_m_steps: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class RLConfig:
-  algo: Literal['grpo', 'none'] = 'grpo'
+  """Phase 2. `group_size` is G for GRPO and EM (and completions per prompt for PPO)."""
+
+  algo: Literal['grpo', 'ppo', 'em', 'none'] = 'grpo'
   iterations: int = 100
   prompts_per_iteration: int = 32
   group_size: int = 8
@@ -74,6 +93,9 @@ class RLConfig:
   top_p: float = 1.0
   optim: OptimConfig = OptimConfig()
   grpo: losses.GRPOConfig = losses.GRPOConfig()
+  ppo: losses.PPOConfig = losses.PPOConfig()
+  ppo_extras: PPOExtras = PPOExtras()
+  em: EMConfig = EMConfig()
   reward: RewardConfig = RewardConfig()
 
 
@@ -222,6 +244,52 @@ class Experiment:
 
   # --- phases -----------------------------------------------------------------------------
 
+  def _run_rl(self, graphdef, sft_params, stop):
+    """Phase 2 with the configured algorithm. Returns (state, graphdef, finished)."""
+    cfg, rl = self.cfg, self.cfg.rl
+    tx = make_optimizer(rl.optim)
+    sampling = self._rollout_sampling()
+    ref = None
+    if rl.algo == 'grpo':
+      setup = grpo_lib.GRPOSetup(group_size=rl.group_size, loss=rl.grpo, sampling=sampling, reward=rl.reward,
+                                 step_id=self.tok.step_id)
+      params = sft_params
+      ref = sft_params if rl.grpo.beta > 0 else None
+      step = lambda st, b, key: grpo_lib.grpo_iteration_jit(graphdef, tx, setup, st, ref, b, key)
+    elif rl.algo == 'ppo':
+      ac_cfg = dataclasses.replace(self.model_cfg, value_head='sigmoid')
+      graphdef, ac_init = sharding.init_sharded(
+          lambda: Transformer(ac_cfg, rngs=nnx.Rngs(params=cfg.seed + 11)), self.mesh, self.rules)
+      params = ppo_lib.actor_critic_params(ac_init, sft_params)
+      ref = params if rl.ppo.kl_coef > 0 else None
+      setup = ppo_lib.PPOSetup(loss=rl.ppo, sampling=sampling, reward=rl.reward, step_id=self.tok.step_id,
+                               group_size=rl.group_size, num_minibatches=rl.ppo_extras.num_minibatches,
+                               whiten_advantages=rl.ppo_extras.whiten_advantages)
+      step = lambda st, b, key: ppo_lib.ppo_iteration_jit(graphdef, tx, setup, st, ref, b, key)
+    elif rl.algo == 'em':
+      setup = em_lib.EMSetup(group_size=rl.group_size, sampling=sampling, reward=rl.reward,
+                             step_id=self.tok.step_id, weights=rl.em.weights, normalize=rl.em.normalize,
+                             num_m_steps=rl.em.num_m_steps)
+      params = sft_params
+      step = lambda st, b, key: em_lib.em_iteration_jit(graphdef, tx, setup, st, b, key)
+    else:
+      raise ValueError(f"rl.algo='{rl.algo}': must be one of 'grpo', 'ppo', 'em', 'none'")
+    if ref is not None:
+      ref = jax.tree.map(jnp.copy, ref)  # the policy state is donated; keep the reference alive
+    state = create_train_state(params, tx)
+    train = self.train
+    key = jax.random.key(cfg.seed + 3)
+
+    def batch_fn(i):
+      idx = np.random.default_rng((cfg.seed, 2, i)).choice(len(train.tasks), rl.prompts_per_iteration,
+                                                            replace=False)
+      return {'prompt': jnp.asarray(train.prompt[idx]), 'prompt_mask': jnp.asarray(train.prompt_mask[idx]),
+              'answer': jnp.asarray(train.answer[idx]), 'answer_len': jnp.asarray(train.answer_len[idx])}
+
+    step_fn = lambda st, b, i: step(st, b, jax.random.fold_in(key, i))
+    state, done = self._run_phase(rl.algo, rl.iterations, cfg.sft.steps + 1, state, step_fn, batch_fn, stop)
+    return state, graphdef, done
+
   def run(self) -> dict:
     cfg = self.cfg
     stop = ckpt_lib.install_preemption_handler()
@@ -249,42 +317,25 @@ class Experiment:
           self.evaluate(graphdef, sft_params, 'sft', cfg.sft.steps)
 
         # Phase 2: RL.
-        if cfg.rl.algo == 'grpo' and cfg.rl.iterations > 0:
-          rl = cfg.rl
-          tx_rl = make_optimizer(rl.optim)
-          setup = grpo_lib.GRPOSetup(group_size=rl.group_size, loss=rl.grpo, sampling=self._rollout_sampling(),
-                                     reward=rl.reward, step_id=self.tok.step_id)
-          ref = sft_params if rl.grpo.beta > 0 else None
-          state = create_train_state(sft_params, tx_rl)
-          if ref is not None:
-            ref = jax.tree.map(jnp.copy, ref)  # the policy state is donated; keep the reference alive
-
-          def rl_batch(step):
-            idx = np.random.default_rng((cfg.seed, 2, step)).choice(n_train, rl.prompts_per_iteration,
-                                                                     replace=False)
-            return {'prompt': jnp.asarray(train.prompt[idx]), 'prompt_mask': jnp.asarray(train.prompt_mask[idx]),
-                    'answer': jnp.asarray(train.answer[idx]), 'answer_len': jnp.asarray(train.answer_len[idx])}
-
-          rl_key = jax.random.key(cfg.seed + 3)
-          rl_fn = lambda st, b, step: grpo_lib.grpo_iteration_jit(graphdef, tx_rl, setup, st, ref, b,
-                                                                  jax.random.fold_in(rl_key, step))
-          state, done = self._run_phase('grpo', rl.iterations, cfg.sft.steps + 1, state, rl_fn, rl_batch, stop)
+        rl = cfg.rl
+        if rl.algo != 'none' and rl.iterations > 0:
+          state, rl_graphdef, done = self._run_rl(graphdef, sft_params, stop)
           if not done:
             return {'preempted': True}
-          if 'grpo' not in self.load_results():
-            self.evaluate(graphdef, state.params, 'grpo', cfg.sft.steps + rl.iterations + 1)
+          if 'rl' not in self.load_results():
+            self.evaluate(rl_graphdef, state.params, 'rl', cfg.sft.steps + rl.iterations + 1)
         return self.load_results()
     finally:
       self.metrics.close()
       stop.uninstall()
 
 
-def format_results(results: dict, strategies) -> str:
+def format_results(results: dict, strategies, rl_name: str = 'rl') -> str:
   """Markdown table: one row per phase, one column per strategy (held-out accuracy)."""
   head = '| after | ' + ' | '.join(strategies) + ' |'
   lines = [head, '|' + '---|' * (len(strategies) + 1)]
-  for phase in ('sft', 'grpo'):
+  for phase, name in (('sft', 'SFT'), ('rl', rl_name.upper())):
     if phase in results:
       cells = [f"{results[phase].get(f'{s}/accuracy', float('nan')):.3f}" for s in strategies]
-      lines.append(f'| {phase.upper()} | ' + ' | '.join(cells) + ' |')
+      lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
