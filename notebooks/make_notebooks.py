@@ -50,26 +50,23 @@ CURVES = _notebook(
     'Training curves',
     'SFT and GRPO metrics of one run (`<workdir>/metrics.jsonl`), smoothed as in TensorBoard, and '
     'the held-out accuracy after each phase (`results.json`).',
-    [SETUP + "metrics = analysis.load_metrics(workdir)\nsorted({c.split('/')[0] for c in metrics.columns})",
+    [SETUP + "metrics = analysis.load_metrics(workdir)\nanalysis.phases_in(c.split('/')[0] for c in metrics.columns)",
      "md:## Phase 1: SFT",
      """
 sft = analysis.phase_curves(metrics, 'sft')
 fig = analysis.plot_curves(sft, ['loss', 'token_accuracy', 'grad_norm'], smoothing=smoothing, title='SFT')
 fig.savefig(f'{figures}/training_sft.png', dpi=120)
 """,
-     "md:## Phase 2: GRPO\n\nReward and accuracy of the sampled groups, KL to the reference, policy "
-     "entropy, completion lengths, the share of truncated completions, and the fraction of tokens "
-     "whose ratio was clipped (low, high, either).",
+     "md:## Phase 2: RL\n\nFor GRPO: reward and accuracy of the sampled groups, KL to the reference, "
+     "policy entropy, completion lengths, the share of truncated completions, and the fraction of "
+     "tokens whose ratio was clipped (low, high, either).",
      """
-if any(c.startswith('grpo/') for c in metrics.columns):
-  grpo = analysis.phase_curves(metrics, 'grpo')
-  panels = ['reward', 'accuracy', 'kl', 'entropy', 'completion_length', 'truncated',
-            ('clip_low', 'clip_high', 'clip_region'), 'ratio_mean', ('solve_all', 'solve_none'),
-            'invalid', 'loss', 'grad_norm']
-  fig = analysis.plot_curves(grpo, panels, smoothing=smoothing, title='GRPO')
-  fig.savefig(f'{figures}/training_grpo.png', dpi=120)
-else:
-  print('this run has no GRPO phase')
+phases = analysis.phases_in(c.split('/')[0] for c in metrics.columns)
+for phase in [p for p in phases if p not in ('sft', 'eval')]:
+  curves = analysis.phase_curves(metrics, phase)
+  panels = analysis.RL_PANELS.get(phase, list(curves.columns))
+  fig = analysis.plot_curves(curves, panels, smoothing=smoothing, title=phase.upper())
+  fig.savefig(f'{figures}/training_{phase}.png', dpi=120)
 """,
      "md:## Held-out accuracy",
      """

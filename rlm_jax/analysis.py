@@ -49,11 +49,15 @@ OUTPUTS_FILE = 'outputs.jsonl'
 NODE_KEYS = ('id', 'parent', 'text', 'visits', 'q', 'prior', 'terminal', 'reward', 'depth')
 SCALING_KEYS = ('strategy', 'budget', 'guide', 'accuracy', 'policy_tokens')
 OUTPUT_KEYS = ('strategy', 'budget', 'level', 'problem', 'expected', 'output', 'score')
-PHASE_ORDER = ('sft', 'grpo')
+PHASE_ORDER = ('sft', 'rl', 'grpo', 'ppo', 'em')  # results.json names phase 2 'rl'
 SCORE_NAMES = {-1: 'invalid', 0: 'wrong', 1: 'partial', 2: 'solved'}
 # The knob of each strategy that a budget sets (the other knobs keep `search.config` defaults).
 BUDGET_KNOBS = {'greedy': None, 'self_consistency': 'num_samples', 'best_of_n': 'num_samples',
                 'beam': 'beam_width', 'mcts': 'num_simulations'}
+# Panels of the training-curve figure per phase-2 algorithm (other phases: every metric).
+RL_PANELS = {'grpo': ['reward', 'accuracy', 'kl', 'entropy', 'completion_length', 'truncated',
+                      ('clip_low', 'clip_high', 'clip_region'), 'ratio_mean', ('solve_all', 'solve_none'),
+                      'invalid', 'loss', 'grad_norm']}
 DEFAULT_BUDGETS = {'greedy': (1,), 'self_consistency': (2, 4, 8), 'best_of_n': (2, 4, 8),
                    'beam': (1, 2, 4), 'mcts': (4, 8, 16)}
 
@@ -648,9 +652,11 @@ class LoadedRun:
 
 
 def checkpoint_phases(workdir: str | os.PathLike) -> list[str]:
-  """Phases with a checkpoint directory, in training order."""
+  """Phases with a checkpoint directory (`ckpt/<phase>`), in training order."""
   base = os.path.join(os.fspath(workdir), 'ckpt')
-  return [p for p in PHASE_ORDER if os.path.isdir(os.path.join(base, p))]
+  if not os.path.isdir(base):
+    return []
+  return phases_in(sorted(p for p in os.listdir(base) if os.path.isdir(os.path.join(base, p))))
 
 
 def load_run(workdir: str | os.PathLike, phase: str) -> LoadedRun:
@@ -676,6 +682,9 @@ def load_run(workdir: str | os.PathLike, phase: str) -> LoadedRun:
     ck = ckpt_lib.Checkpointer(os.path.join(workdir, 'ckpt', phase), save_every=1, keep=1 << 30, create=False)
     try:
       state, extra = ck.restore(abstract)
+    except ValueError as e:  # orbax: the saved tree does not match the policy built from config.json
+      raise ValueError(f'{workdir}/ckpt/{phase}: not a checkpoint of the policy in config.json '
+                       f'({str(e).splitlines()[0][:200]})') from e
     finally:
       ck.close()
   return LoadedRun(cfg, exp, graphdef, state.params, phase, int(extra.get('step', -1)))

@@ -298,3 +298,11 @@ def test_load_outputs_names_the_line(tmp_path):
   path.write_text(json.dumps(df.iloc[0].to_dict()) + '\n' + '{"strategy": "greedy"}\n')
   with pytest.raises(ValueError, match='outputs.jsonl:2: lacks budget'):
     analysis.load_outputs(path)
+
+
+def test_checkpoint_phases_in_training_order(tmp_path):
+  assert analysis.checkpoint_phases(tmp_path) == []
+  for p in ('grpo', 'zzz', 'sft'):
+    (tmp_path / 'ckpt' / p).mkdir(parents=True)
+  (tmp_path / 'ckpt' / 'notes.txt').write_text('')
+  assert analysis.checkpoint_phases(tmp_path) == ['sft', 'grpo', 'zzz']
