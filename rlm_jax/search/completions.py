@@ -5,7 +5,8 @@ call, and return the common `SearchResult`.
 
 * chain: one greedy or sampled completion (the CoT baseline).
 * best-of-N: N completions, the best by verifier reward, ORM (value at the last token),
-  PRM-min (lowest value over the step ends) or PRM-last (value at the last step end).
+  PRM-min (lowest value over the step ends), PRM-last (value at the last step end) or the
+  policy's mean token log-prob (no value model needed).
 * self-consistency: N completions, majority vote over their final-answer token spans (on
   device); `vote_texts` in `operators` votes on host with a text `answer_fn` instead.
 """
@@ -23,7 +24,7 @@ from rlm_jax.search import operators
 from rlm_jax.search import tree as tree_lib
 from rlm_jax.search.base import NodeBatch, Params, SearchModel, SearchResult
 
-SCORERS = ('reward', 'orm', 'prm_min', 'prm_last')
+SCORERS = ('reward', 'orm', 'prm_min', 'prm_last', 'logprob')
 
 
 class Completions(NamedTuple):
@@ -54,6 +55,8 @@ def score_completions(params: Params, model: SearchModel, roots: NodeBatch, comp
   if scorer not in SCORERS:
     raise ValueError(f"scorer '{scorer}': must be one of {SCORERS}")
   problem = jnp.repeat(roots.problem_M, n)
+  if scorer == 'logprob':  # the policy's own confidence: mean log-prob per token
+    return comp.logprob_BxN / jnp.maximum(comp.lengths_BxN, 1), jnp.zeros((b, n), jnp.int32)
   if scorer == 'reward':
     if model.reward_fn is None:
       raise ValueError("scorer 'reward' needs a reward_fn (verifier) in the SearchModel")
@@ -110,7 +113,7 @@ class ChainConfig:
   """greedy: argmax decoding (else one sample). score: 'none' or a scorer of `SCORERS`."""
 
   greedy: bool = True
-  score: Literal['none', 'reward', 'orm', 'prm_min', 'prm_last'] = 'none'
+  score: Literal['none', 'reward', 'orm', 'prm_min', 'prm_last', 'logprob'] = 'none'
 
   def __post_init__(self):
     if self.score not in ('none',) + SCORERS:
@@ -140,7 +143,7 @@ class BestOfNConfig:
   """num_samples: N. scorer: how completions are ranked (see module docstring)."""
 
   num_samples: int = 8
-  scorer: Literal['reward', 'orm', 'prm_min', 'prm_last'] = 'orm'
+  scorer: Literal['reward', 'orm', 'prm_min', 'prm_last', 'logprob'] = 'orm'
 
   def __post_init__(self):
     if self.num_samples < 1:

@@ -13,7 +13,7 @@ from rlm_jax.search.base import SearchModel, Steps
 PAD, EOS, STEP = 0, 2, 3
 
 
-def _fixed_model(cands, value_of_token=None):
+def _fixed_model(cands, value_of_token=None, logprobs=None):
   """Policy that always returns the given completions; value = table[token before a step end]."""
   width = max(len(c) for c in cands)
   toks = np.zeros((len(cands), width), np.int32)
@@ -22,12 +22,13 @@ def _fixed_model(cands, value_of_token=None):
   toks = jnp.asarray(toks)
   lens = jnp.asarray([len(c) for c in cands], jnp.int32)
   term = jnp.asarray([c[-1] == EOS for c in cands])
+  lp = jnp.zeros((len(cands),)) if logprobs is None else jnp.asarray(logprobs, jnp.float32)
 
   def policy_fn(params, key, nodes, num, *, to_end, greedy):
     assert to_end and num == len(cands)
     m = nodes.tokens_MxT.shape[0]
     tile = lambda x: jnp.broadcast_to(x, (m,) + x.shape)
-    return Steps(tile(toks), tile(lens), jnp.zeros((m, num)), tile(term))
+    return Steps(tile(toks), tile(lens), tile(lp), tile(term))
 
   def value_fn(params, nodes):
     tok = nodes.tokens_MxT
@@ -62,6 +63,14 @@ def test_prm_min_last_and_orm_pick_differently():
     assert int(res.model_calls_B[0]) == 2 + 2  # 2 samples + 2 value rows
     assert int(res.policy_tokens_B[0]) == 8
   assert picks == {'prm_min': a, 'prm_last': c, 'orm': c}
+
+
+def test_logprob_scorer_is_mean_token_logprob():
+  # -3 over 3 tokens beats -2.5 over 2 tokens; no value model, no value calls.
+  model = _fixed_model([[10, 11, EOS], [12, EOS]], logprobs=[-3.0, -2.5])
+  res = _run(completions.best_of_n, model, completions.BestOfNConfig(num_samples=2, scorer='logprob'))
+  np.testing.assert_allclose(res.extra['scores_BxN'][0], [-1.0, -1.25])
+  assert int(res.tokens_BxL[0, 0]) == 10 and int(res.model_calls_B[0]) == 2
 
 
 def test_prm_last_ignores_a_truncated_tail():
