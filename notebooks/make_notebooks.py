@@ -155,6 +155,8 @@ fig.savefig(f'{figures}/verifier_levels.png', dpi=120)
 levels
 """,
      "analysis.score_table(recs)",
+     "md:## Outcomes per phase (largest budget of each strategy)",
+     "analysis.score_table(analysis.at_largest_budget(outputs), by=('strategy', 'phase'))",
      "md:## Per-level accuracy of the training-time evaluation (`results.json`)",
      """
 analysis.eval_accuracy(analysis.results_table(analysis.load_results(workdir)))
