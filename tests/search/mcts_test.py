@@ -227,9 +227,10 @@ def test_inference_mode_scores_terminals_with_value_model():
   assert int(res.model_calls_B[0]) == 9
 
 
-def test_max_depth_caps_paths():
+def test_max_depth_caps_paths_with_uct():
   task = toy.ToyTask(num_actions=2, horizon=4, enumerate=True, value_confidence=0.2)
-  cfg = mcts_lib.MCTSConfig(num_simulations=8, num_children=2, num_walkers=2, max_depth=2)
+  cfg = mcts_lib.MCTSConfig(num_simulations=8, num_children=2, num_walkers=2, max_depth=2, selection='uct',
+                            backup='mean')
   params = toy.make_params(jax.random.key(0), 2, task)
   res = _search(task, cfg)(params, jax.random.key(0), *toy.prompts(2, task))
   t = _np(res.tree)
@@ -238,6 +239,8 @@ def test_max_depth_caps_paths():
   assert tree_lib.invariant_errors(res.tree) == []
   # No terminal: the answer falls back to the most-visited path, a depth-2 leaf.
   assert (np.asarray(res.lengths_B) == 4).all() and not np.asarray(res.terminal_B).any()
+  # Both depth-1 nodes were expanded: the walkers spread over the root's two children.
+  assert (t.first_child_BxN[:, 1:3] >= 0).all()
 
 
 def test_config_errors_name_the_key():
