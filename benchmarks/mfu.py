@@ -167,6 +167,14 @@ def _xla_flops(compiled) -> float | None:
   return None if not cost or 'flops' not in cost else float(cost['flops'])
 
 
+def _temp_gib(compiled) -> float | None:
+  try:
+    m = compiled.memory_analysis()
+    return None if m is None else (m.temp_size_in_bytes + m.argument_size_in_bytes) / 2**30
+  except (AttributeError, NotImplementedError):
+    return None
+
+
 def _fmt(x, digits=3):
   if x is None:
     return '-'
@@ -201,7 +209,7 @@ def bench_train(cfg, seq, batch, mesh, rules, steps):
     loss = float(metrics['loss'])  # waits for the last step
     seconds = (time.perf_counter() - t) / steps
   xla = _xla_flops(compiled)
-  return dict(seconds=seconds, compile_s=compile_s, loss=loss,
+  return dict(seconds=seconds, compile_s=compile_s, loss=loss, gib=_temp_gib(compiled),
               xla_flops=None if xla is None else xla * mesh.size,
               params=sum(x.size for x in jax.tree.leaves(state.params)))
 
@@ -298,7 +306,8 @@ def main(argv=None):
   ratio = None if tr['xla_flops'] is None else tr['xla_flops'] / flops
   print(f'train: loss {tr["loss"]:.3f} after {args.steps + 1} steps; params '
         f'{tr["params"] / 1e6:.1f}M; XLA/model FLOPs = {_fmt(ratio)} (remat {cfg.remat}: '
-        f'recompute and optimizer are in XLA\'s count only)')
+        f'recompute and optimizer are in XLA\'s count only); XLA buffers (arguments + temp) '
+        f'{_fmt(tr["gib"])} GiB per device')
 
 
 if __name__ == '__main__':
