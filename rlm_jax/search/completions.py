@@ -48,22 +48,27 @@ def _flat(x):
   return x.reshape((-1,) + x.shape[2:])
 
 
+def check_scorer(model: SearchModel, scorer: str) -> None:
+  """Fails early (before any sampling) when the model lacks what `scorer` reads."""
+  if scorer not in SCORERS:
+    raise ValueError(f"scorer '{scorer}': must be one of {SCORERS}")
+  if scorer == 'reward' and model.reward_fn is None:
+    raise ValueError("scorer 'reward' needs a reward_fn (verifier) in the SearchModel")
+  if scorer in ('orm', 'prm_min', 'prm_last') and model.value_fn is None:
+    raise ValueError(f"scorer '{scorer}' needs a value_fn (value model / PRM) in the SearchModel")
+
+
 def score_completions(params: Params, model: SearchModel, roots: NodeBatch, comp: Completions,
                       scorer: str):
   """Scores of N completions per question: (score_BxN, value_calls_BxN)."""
   b, n, lc = comp.tokens_BxNxL.shape
-  if scorer not in SCORERS:
-    raise ValueError(f"scorer '{scorer}': must be one of {SCORERS}")
+  check_scorer(model, scorer)
   problem = jnp.repeat(roots.problem_M, n)
   if scorer == 'logprob':  # the policy's own confidence: mean log-prob per token
     return comp.logprob_BxN / jnp.maximum(comp.lengths_BxN, 1), jnp.zeros((b, n), jnp.int32)
   if scorer == 'reward':
-    if model.reward_fn is None:
-      raise ValueError("scorer 'reward' needs a reward_fn (verifier) in the SearchModel")
     r = model.reward_fn(params, _flat(comp.tokens_BxNxL), _flat(comp.mask_BxNxL), problem)
     return r.reshape(b, n).astype(jnp.float32), jnp.zeros((b, n), jnp.int32)
-  if model.value_fn is None:
-    raise ValueError(f"scorer '{scorer}' needs a value_fn (value model / PRM) in the SearchModel")
   tok = _flat(comp.tokens_BxNxL)
   is_end = _flat(comp.mask_BxNxL) & ((tok == model.step_id) | (tok == model.eos_id))
   p_tok = jnp.repeat(roots.tokens_MxT, n, axis=0)
@@ -126,6 +131,8 @@ def chain(params: Params, key: jax.Array, prompt_BxLp, prompt_mask_BxLp, *, mode
 
   Args/Returns as `mcts.mcts_search`; tokens_BxL has the policy's completion width.
   """
+  if config.score != 'none':
+    check_scorer(model, config.score)
   roots = _roots(prompt_BxLp, prompt_mask_BxLp, problem_B, model)
   comp = sample_completions(params, key, model, roots, 1, config.greedy)
   b = prompt_BxLp.shape[0]
@@ -159,6 +166,7 @@ def best_of_n(params: Params, key: jax.Array, prompt_BxLp, prompt_mask_BxLp, *, 
   Returns:
     SearchResult; `extra` holds all candidates (`tokens_BxNxL`, `lengths_BxN`, `scores_BxN`).
   """
+  check_scorer(model, config.scorer)
   roots = _roots(prompt_BxLp, prompt_mask_BxLp, problem_B, model)
   comp = sample_completions(params, key, model, roots, config.num_samples, greedy=False)
   scores, vcalls = score_completions(params, model, roots, comp, config.scorer)
@@ -205,6 +213,8 @@ def self_consistency(params: Params, key: jax.Array, prompt_BxLp, prompt_mask_Bx
   `extra` holds the candidates, their answer spans and votes.
   """
   b, n = prompt_BxLp.shape[0], config.num_samples
+  if config.weighting == 'orm':
+    check_scorer(model, 'orm')
   roots = _roots(prompt_BxLp, prompt_mask_BxLp, problem_B, model)
   comp = sample_completions(params, key, model, roots, n, greedy=False)
   spans, found = operators.answer_spans(
