@@ -131,6 +131,7 @@ def _train(mesh_shape, devices, ckpt_dir: str | None, keep_params: bool = False)
   With `keep_params` (single process only), out['params'] holds the trained params on host.
   """
   import jax
+  import jax.numpy as jnp
   from flax import nnx
 
   from rlm_jax import distributed, sharding
@@ -138,7 +139,7 @@ def _train(mesh_shape, devices, ckpt_dir: str | None, keep_params: bool = False)
   from rlm_jax.models.transformer import Transformer
   from rlm_jax.sharding import DEFAULT_RULES, MeshConfig
   from rlm_jax.training.sft import sft_step_jit
-  from rlm_jax.training.state import OptimConfig, create_train_state, make_optimizer
+  from rlm_jax.training.state import OptimConfig, TrainState, make_optimizer
 
   mesh = sharding.make_mesh(MeshConfig(shape=mesh_shape), devices=devices)
   cfg = _model_cfg()
@@ -154,7 +155,7 @@ def _train(mesh_shape, devices, ckpt_dir: str | None, keep_params: bool = False)
     return jax.make_array_from_callback(a.shape, s, lambda index: w[index])
 
   params = jax.tree_util.tree_map_with_path(
-      place, abstract, sharding.state_shardings(abstract, mesh, DEFAULT_RULES))
+      place, abstract, _trimmed(sharding.state_shardings(abstract, mesh, DEFAULT_RULES)))
   tx = make_optimizer(OptimConfig(learning_rate=3e-2))
   rows = distributed.batch_slice(_GLOBAL_BATCH, mesh, DEFAULT_RULES)
   local = {k: v[rows] for k, v in _global_batch().items()}
@@ -163,7 +164,12 @@ def _train(mesh_shape, devices, ckpt_dir: str | None, keep_params: bool = False)
                            distributed.process_slice(_GLOBAL_BATCH).stop],
          "losses": [], "grad_norms": []}
   with sharding.use_mesh_rules(mesh, DEFAULT_RULES):
-    state = create_train_state(params, tx)
+    # Adam moments laid out like the params from the start (create_train_state leaves them
+    # replicated, which costs a second compile of the step once they come back sharded).
+    opt_shardings = _trimmed(sharding.state_shardings(jax.eval_shape(tx.init, params), mesh,
+                                                      DEFAULT_RULES))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(params))
     batch = distributed.host_local_to_global(local, mesh, DEFAULT_RULES)
     out["global_batch_shape"] = list(batch["tokens"].shape)
     for _ in range(_STEPS):
@@ -171,6 +177,7 @@ def _train(mesh_shape, devices, ckpt_dir: str | None, keep_params: bool = False)
       # Replicated scalars: every process can read them.
       out["losses"].append(float(metrics["loss"]))
       out["grad_norms"].append(float(metrics["grad_norm"]))
+  out["step_compiles"] = sft_step_jit._cache_size()  # pylint: disable=protected-access
   wq = state.params["layers"][0]["attn"]["wq"].get_value()
   out["wq_spec"] = str(wq.sharding.spec)
   out["wq_local_shards"] = len(wq.addressable_shards)
@@ -189,6 +196,26 @@ def _train(mesh_shape, devices, ckpt_dir: str | None, keep_params: bool = False)
     out["restore_max_diff"] = max(diffs)
     out["restore_extra"] = extra
   return out
+
+
+def _trimmed(shardings):
+  """Drops trailing Nones from NamedSharding specs.
+
+  jit returns P('fsdp',) where `state_shardings` says P('fsdp', None, None); the two are
+  different cache keys, so without this the step would compile twice (steps 1 and 2).
+  """
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  def trim(s):
+    if not isinstance(s, NamedSharding):
+      return s
+    spec = list(s.spec)
+    while spec and spec[-1] is None:
+      spec.pop()
+    return NamedSharding(s.mesh, PartitionSpec(*spec))
+
+  return jax.tree.map(trim, shardings)
 
 
 def _worker(process_id: int, port: int, outdir: str, mesh_name: str) -> None:
@@ -264,6 +291,7 @@ def test_two_processes_match_one_process(tmp_path, mesh_name):
     # Each process loaded half of the batch: rows [0, 4) or [4, 8), as process_slice says.
     assert got["rows"] == got["process_slice"] == [4 * i, 4 * i + 4]
     assert got["global_batch_shape"] == [_GLOBAL_BATCH, _LEN]
+    assert got["step_compiles"] == 1  # the 3 steps ran one compiled program
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(got["grad_norms"], ref["grad_norms"], rtol=1e-5)
     # Orbax: both processes wrote their shards and read them back unchanged.

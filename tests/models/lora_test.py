@@ -204,3 +204,41 @@ def test_pattern_that_matches_nothing_is_named():
                                  "model (weights look like: embed, layers.0.attn.wk")
   with pytest.raises(lora.LoraError, match='params hold no LoRA adapters'):
     lora.lora_optimizer(make_optimizer(OptimConfig()), base)
+
+
+@pytest.mark.slow  # ~15 s of CPU: a GRPO iteration compile; rollouts are covered above
+def test_grpo_learns_a_bandit_through_the_adapters_only():
+  """One-token bandit (as tests/training/grpo_test.py): GRPO on a LoRA policy moves only A, B."""
+  from rlm_jax.training import grpo, losses
+  from rlm_jax.training.rewards import RewardConfig
+
+  cfg = tfm.ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                        head_dim=8, d_ff=32)
+  good = 5
+  gdef, base = nnx.split(tfm.init_model(cfg, seed=0))
+  lgdef, params = lora.add_lora(gdef, base, lora.LoraConfig(rank=2, alpha=4.0,
+                                                            targets=('lm_head', 'mlp.w_up')))
+  setup = grpo.GRPOSetup(
+      group_size=8, loss=losses.GRPOConfig(max_completion_length=3, num_iterations=2),
+      sampling=SamplingConfig(max_new_tokens=3, eos_id=2, pad_id=0, temperature=1.0),
+      reward=RewardConfig(), step_id=3,
+      score_fn=lambda out, batch: jnp.where(out.tokens_BxT[:, 0] == good, 2, 0))
+  batch = {'prompt': jnp.ones((4, 2), jnp.int32), 'prompt_mask': jnp.ones((4, 2), bool),
+           'answer': jnp.zeros((4, 1), jnp.int32), 'answer_len': jnp.ones((4,), jnp.int32)}
+  tx = lora.lora_optimizer(make_optimizer(OptimConfig(learning_rate=5e-2, grad_clip=0.0)),
+                           params)
+
+  def p_good(g, s):
+    return float(jax.nn.softmax(_logits(g, s, jnp.ones((1, 2), jnp.int32))[0, -1])[good])
+
+  p0 = p_good(lgdef, params)
+  before = _flat(params)
+  state = create_train_state(params, tx)
+  for i in range(15):
+    state, _ = grpo.grpo_iteration_jit(lgdef, tx, setup, state, None, batch, jax.random.key(i))
+  after = _flat(state.params)
+  assert all(np.array_equal(before[k], after[k]) for k in before if k.startswith('base.'))
+  p1 = p_good(lgdef, state.params)
+  assert p0 < 0.3 and p1 > 0.8, (p0, p1)
+  # The merged policy is the trained one.
+  assert abs(p_good(*lora.merge_lora(lgdef, state.params)) - p1) < 1e-5
