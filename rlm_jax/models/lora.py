@@ -17,8 +17,9 @@ a training batch, and the backward pass forms the full dL/dW' (then dA = s·dW'�
 dB = s·Aᵀ·dW'), so a LoRA step costs about as many FLOPs as full fine-tuning; it saves the
 optimizer state and the weight update of the base (2× the base in fp32 with Adam). An
 in-model `x@W + s·(x@A)@B` would also skip dL/dW (about 1/3 of the step's FLOPs); it needs a
-hook in the model's matmuls. For many decode steps (rollouts), `merge_lora` once and sample
-with the merged model.
+hook in the model's matmuls. In the sampler the effective weights are loop-invariant and XLA
+hoists them out of the decode `while_loop` (seen in the compiled CPU program): a rollout
+forms them once per `generate` call, not once per token.
 
 Usage::
 
