@@ -73,19 +73,23 @@ class ModelConfig:
 
 
 class KVCache(NamedTuple):
-  """Per-layer keys/values in T slots, plus which slots hold real tokens."""
+  """Per-layer keys/values in T slots, plus which slots hold real tokens.
 
-  k: tuple[jax.Array, ...]  # n_layers x [B, T, KVH, Dh]
-  v: tuple[jax.Array, ...]
+  Keys are stored [B, KVH, Dh, T] and values [B, KVH, T, Dh]: the layouts the two attention
+  contractions read, so a decode step does not transpose the whole cache in every layer.
+  """
+
+  k: tuple[jax.Array, ...]  # n_layers x [B, KVH, Dh, T]
+  v: tuple[jax.Array, ...]  # n_layers x [B, KVH, T, Dh]
   valid_BxT: jax.Array  # bool
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, size: int) -> 'KVCache':
-    shape = (batch, size, cfg.n_kv_heads, cfg.head_dim)
-    zeros = lambda: jnp.zeros(shape, cfg.compute_dtype)
+    k_shape = (batch, cfg.n_kv_heads, cfg.head_dim, size)
+    v_shape = (batch, cfg.n_kv_heads, size, cfg.head_dim)
     return cls(
-        k=tuple(zeros() for _ in range(cfg.n_layers)),
-        v=tuple(zeros() for _ in range(cfg.n_layers)),
+        k=tuple(jnp.zeros(k_shape, cfg.compute_dtype) for _ in range(cfg.n_layers)),
+        v=tuple(jnp.zeros(v_shape, cfg.compute_dtype) for _ in range(cfg.n_layers)),
         valid_BxT=jnp.zeros((batch, size), bool),
     )
 
@@ -170,22 +174,31 @@ class Attention(nnx.Module):
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
     q = apply_rope(q, positions_BxL, cfg.rope_theta)
-    k = apply_rope(k, positions_BxL, cfg.rope_theta)
+    k_BxKxDxT = apply_rope(k, positions_BxL, cfg.rope_theta).transpose(0, 2, 3, 1)
+    v_BxKxTxD = v.transpose(0, 2, 1, 3)
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
-      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-      new_kv = (k, v)
+      k_BxKxDxT = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxKxDxT.astype(k_cache.dtype), cache_index, axis=3)
+      v_BxKxTxD = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxKxTxD.astype(v_cache.dtype), cache_index, axis=2)
+      new_kv = (k_BxKxDxT, v_BxKxTxD)
     else:
       new_kv = None
     b, l, h, dh = q.shape
     groups = h // cfg.n_kv_heads
-    q_BxLxKxGxD = q.reshape(b, l, cfg.n_kv_heads, groups, dh)
-    scores = jnp.einsum('blkgd,btkd->bkglt', q_BxLxKxGxD, k.astype(dt)).astype(jnp.float32)
+    q_BxKxGxLxD = q.reshape(b, l, cfg.n_kv_heads, groups, dh).transpose(0, 2, 3, 1, 4)
+    k_BxKxDxT, v_BxKxTxD = k_BxKxDxT.astype(dt), v_BxKxTxD.astype(dt)
+    if l == 1:  # decode: broadcast-multiply-sum reads the cache in place (no per-step transposes)
+      scores = jnp.sum(q_BxKxGxLxD[..., None] * k_BxKxDxT[:, :, None, None], axis=-2, dtype=jnp.float32)
+    else:
+      scores = jnp.einsum('bkgld,bkdt->bkglt', q_BxKxGxLxD, k_BxKxDxT).astype(jnp.float32)
     scores = scores * (dh**-0.5)
     scores = jnp.where(visible_BxLxT[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum('bkglt,btkd->blkgd', probs, v.astype(dt)).reshape(b, l, h, dh)
+    if l == 1:
+      out = jnp.sum(probs[..., None] * v_BxKxTxD[:, :, None, None], axis=-2, dtype=dt)
+    else:
+      out = jnp.einsum('bkglt,bkth->bkglh', probs, v_BxKxTxD)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
     out = jnp.einsum('blhk,hkd->bld', out, self.wo[...].astype(dt))
     return out, new_kv
 
