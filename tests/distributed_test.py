@@ -56,6 +56,23 @@ def test_config_errors_are_one_line(kwargs, message):
   assert str(e.value) == message
 
 
+def test_initialize_after_jax_was_used_names_the_job():
+  import jax
+  from rlm_jax import distributed
+  jax.devices()  # the backend is up: too late to join a job
+  cfg = distributed.DistributedConfig(coordinator_address="localhost:1", num_processes=2)
+  with pytest.raises(distributed.DistributedError) as e:
+    distributed.initialize(cfg, environ={})
+  assert str(e.value).startswith("jax.distributed.initialize failed with coordinator "
+                                 "localhost:1, process 0 of 2: jax.distributed.initialize() "
+                                 "must be called before any JAX calls")
+  # The environment turns a single-process config into a job, too.
+  with pytest.raises(distributed.DistributedError, match="process 1 of 4"):
+    distributed.initialize(distributed.DistributedConfig(),
+                           environ={"RLM_COORDINATOR": "h:9", "RLM_NUM_PROCESSES": "4",
+                                    "RLM_PROCESS_ID": "1"})
+
+
 def test_environment_overrides_config():
   from rlm_jax import distributed
   base = distributed.DistributedConfig(coordinator_address="a:1", num_processes=4, process_id=3)
