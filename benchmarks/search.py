@@ -13,14 +13,14 @@ tiny transformer.
     value calls the search makes are timed alone in one compiled loop; the rest of the search's
     wall time is bookkeeping (selection, tree writes, backup, prefix building).
 
-Timings: median of `--repeats` runs after one warm-up (compile) run, wall clock, one process.
+Timings: minimum over `--repeats` runs after one warm-up (compile) run, wall clock and process
+CPU time (all threads); on a shared machine the CPU-time ratio is the steadier one.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import time
 
 import jax
@@ -35,14 +35,20 @@ from rlm_jax.search import tree as tree_lib
 from rlm_jax.search.base import NodeBatch, SearchModel, Steps
 
 
-def _time(fn, *args, repeats: int) -> float:
+def _time(fn, *args, repeats: int) -> tuple[float, float]:
+  """(wall, process CPU) seconds of one call: the minimum over `repeats` runs after a warm-up.
+
+  The minimum is the least disturbed run; on a shared machine the CPU time (all threads of
+  this process) is the steadier of the two numbers.
+  """
   jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
+  wall, cpu = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return min(wall), min(cpu)
 
 
 # ------------------------------------------------------------------------------------------
@@ -110,17 +116,19 @@ def run_mctx(b: int, k: int, s: int, repeats: int):
 def part_a(repeats: int, batches=(256, 1024), walkers=(1, 4)):
   k, s = 16, 64
   print(f'\n(a) trivial model, K={k}, S={s} ({jax.devices()[0].platform}, {jax.device_count()} devices)')
-  print(f"| {'search':<20} | {'B':>5} | {'ms/search':>9} | {'leaf exp/s':>11} | {'vs mctx':>7} | {'nodes/s':>11} |")
-  print('|' + '---|' * 6)
+  print('| search | B | ms/search (wall) | ms/search (CPU) | leaf exp/s (wall) | vs mctx (wall) | '
+        'vs mctx (CPU) | nodes/s (wall) |')
+  print('|' + '---|' * 8)
   for b in batches:
-    sec, exp, nodes = run_mctx(b, k, s, repeats)
-    base = exp / sec
-    rows = [('mctx gumbel_muzero', sec, exp, nodes)]
+    (wall, cpu), exp, nodes = run_mctx(b, k, s, repeats)
+    base_w, base_c = exp / wall, exp / cpu
+    rows = [('mctx gumbel_muzero', wall, cpu, exp, nodes)]
     for w in walkers:
-      rows.append((f'rlm_jax mcts W={w}',) + run_ours(b, k, s, w, repeats))
-    for name, sec, exp, nodes in rows:
-      print(f'| {name:<20} | {b:>5} | {1e3 * sec:9.1f} | {exp / sec:11.0f} | {exp / sec / base:6.2f}x | '
-            f'{nodes / sec:11.0f} |', flush=True)
+      (wall, cpu), exp, nodes = run_ours(b, k, s, w, repeats)
+      rows.append((f'rlm_jax mcts W={w}', wall, cpu, exp, nodes))
+    for name, wall, cpu, exp, nodes in rows:
+      print(f'| {name} | {b} | {1e3 * wall:.1f} | {1e3 * cpu:.1f} | {exp / wall:.0f} | '
+            f'{exp / wall / base_w:.2f}x | {exp / cpu / base_c:.2f}x | {nodes / wall:.0f} |', flush=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -140,12 +148,12 @@ def part_b(repeats: int, b: int = 256):
   model = lm.make_search_model(gd, opts, lm.TokenIds.of(tok))
   params = lm.LMParams(policy=st)
   cfg = mcts_lib.MCTSConfig(num_simulations=4, num_children=4, num_walkers=2, max_depth=4)
-  lp = 16
-  prompt = jnp.tile(jnp.asarray(tok.encode('What is 12+30?', bos=True) + [tok.step_id, 4])[None], (b, 1))
+  ids = tok.encode('What is 12+30?', bos=True) + [tok.step_id]
+  lp = len(ids)
+  prompt = jnp.tile(jnp.asarray(ids)[None], (b, 1))
   mask = jnp.ones_like(prompt, bool)
-  assert prompt.shape[1] == lp
   search = jax.jit(functools.partial(mcts_lib.mcts_search, model=model, config=cfg))
-  t_search = _time(search, params, jax.random.key(0), prompt, mask, repeats=repeats)
+  t_search, c_search = _time(search, params, jax.random.key(0), prompt, mask, repeats=repeats)
 
   # The same calls alone: per simulation one policy call on B*W node states (K samples each)
   # and one value call on B*W*K child states, plus the root value call.
@@ -158,25 +166,32 @@ def part_b(repeats: int, b: int = 256):
                        jnp.ones((b * w * k,), jnp.int32), nodes.problem_M.repeat(k, 0))
   roots = expansion.root_nodes(prompt, mask, jnp.arange(b), tok.pad_id)
 
-  def models_only(params, key):
+  def models_only(params, key, nodes, children, roots):
     acc = expansion.last_values(model, params, roots).sum()
 
-    def sim(i, acc):
-      steps = model.policy_fn(params, jax.random.fold_in(key, i), nodes, k, to_end=False, greedy=False)
-      # Feed the sampled tokens into the value call so neither is skipped.
-      salt = steps.tokens_MxKxL[..., :1].reshape(-1, 1)
-      ch = children._replace(tokens_MxT=children.tokens_MxT.at[:, -1:].set(salt))
-      return acc + expansion.last_values(model, params, ch).sum() + steps.logprob_MxK.sum()
+    def sim(i, carry):
+      acc, last_B = carry
+      # Each call's inputs depend on the previous call's outputs (as in the search), so the
+      # compiler cannot hoist the prefill of identical prompts out of the loop.
+      n = nodes._replace(tokens_MxT=nodes.tokens_MxT.at[:, -1].set(last_B))
+      steps = model.policy_fn(params, jax.random.fold_in(key, i), n, k, to_end=False, greedy=False)
+      first = steps.tokens_MxKxL[..., 0].reshape(-1)
+      ch = children._replace(tokens_MxT=children.tokens_MxT.at[:, -1].set(first))
+      v = expansion.last_values(model, params, ch)
+      nxt = jnp.where(v.reshape(-1, k)[:, 0] > 2.0, first[::k], nodes.tokens_MxT[:, -1])
+      return acc + v.sum() + steps.logprob_MxK.sum(), nxt
 
-    return jax.lax.fori_loop(0, cfg.num_simulations, sim, acc)
+    return jax.lax.fori_loop(0, cfg.num_simulations, sim, (acc, nodes.tokens_MxT[:, -1]))[0]
 
-  t_models = _time(jax.jit(models_only), params, jax.random.key(0), repeats=repeats)
-  share = 1.0 - t_models / t_search
+  t_models, c_models = _time(jax.jit(models_only), params, jax.random.key(0), nodes, children, roots,
+                             repeats=repeats)
+  share, share_cpu = 1.0 - t_models / t_search, 1.0 - c_models / c_search
   print(f'\n(b) tiny transformer (d=64, 2 layers, vocab {tok.vocab_size}), B={b}, K={k}, W={w}, '
         f'S={cfg.num_simulations}, step {ls} tokens, state {t_len} tokens')
-  print('| search wall (s) | model calls alone (s) | outside model calls |')
-  print('|---|---|---|')
-  print(f'| {t_search:.3f} | {t_models:.3f} | {100 * share:.1f}% |')
+  print('| | search | model calls alone | outside model calls |')
+  print('|---|---|---|---|')
+  print(f'| wall (s) | {t_search:.3f} | {t_models:.3f} | {100 * share:.1f}% |')
+  print(f'| CPU (s) | {c_search:.3f} | {c_models:.3f} | {100 * share_cpu:.1f}% |')
 
 
 def main():
