@@ -47,7 +47,7 @@ from rlm_jax import sharding  # pylint: disable=g-import-not-at-top
 from rlm_jax.models.transformer import ModelConfig, Transformer
 from rlm_jax.sampling.sampler import SamplingConfig, generate
 from rlm_jax.training.sft import sft_step
-from rlm_jax.training.state import OptimConfig, TrainState, make_optimizer
+from rlm_jax.training.state import OptimConfig, create_train_state, make_optimizer
 
 PRESETS = {
     # name: (d_model, n_layers, n_heads, n_kv_heads, head_dim, d_ff, vocab, tie, seq, batch, remat)
@@ -185,17 +185,6 @@ def _fmt(x, digits=3):
   return f'{x:.2e}'
 
 
-def sharded_train_state(params, tx, mesh, rules) -> TrainState:
-  """TrainState whose optimizer state is laid out like the params from the start.
-
-  (`create_train_state` leaves the zero-initialised Adam moments replicated: a full copy
-  per device at step 0, and a second compile when step 1 returns them sharded.)
-  """
-  opt_shardings = sharding.state_shardings(jax.eval_shape(tx.init, params), mesh, rules)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
-
-
 def bench_train(cfg, seq, batch, mesh, rules, steps):
   init = lambda: Transformer(cfg, rngs=nnx.Rngs(0))
   graphdef, params = sharding.init_sharded(init, mesh, rules)
@@ -206,7 +195,7 @@ def bench_train(cfg, seq, batch, mesh, rules, steps):
   loss_mask[:, : seq // 4] = False  # a prompt quarter, as in SFT
   host = {'tokens': tokens, 'mask': np.ones((batch, seq), bool), 'loss_mask': loss_mask}
   with sharding.use_mesh_rules(mesh, rules):
-    state = sharded_train_state(params, tx, mesh, rules)
+    state = create_train_state(params, tx, mesh, rules)
     data = sharding.shard_batch(host, mesh, rules)
     t = time.perf_counter()
     compiled = jax.jit(sft_step, static_argnums=(0, 1), donate_argnums=(2,)).lower(

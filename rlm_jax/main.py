@@ -25,7 +25,12 @@ def main(argv):
   if not _WORKDIR.value:
     raise configlib.ConfigError('--workdir is required (a directory for checkpoints and metrics)')
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  from rlm_jax.training import pipeline  # heavy imports after the flags are checked
+  from rlm_jax import distributed  # heavy imports after the flags are checked
+  from rlm_jax.training import pipeline
+
+  # Multi-host: RLM_COORDINATOR (host:port or 'auto'), RLM_NUM_PROCESSES, RLM_PROCESS_ID, as set
+  # by experiments/tpu.py and experiments/slurm; a no-op for a single process.
+  distributed.initialize(distributed.DistributedConfig())
 
   cfg = configlib.from_config(pipeline.ExperimentConfig, _CONFIG.value, '')
   workdir = os.path.abspath(_WORKDIR.value)

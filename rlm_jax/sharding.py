@@ -194,6 +194,8 @@ def _spec(logical_axes: Sequence[str | None], table: dict[str, list[tuple[str, .
         break
     used.update(chosen)
     out.append(None if not chosen else chosen[0] if len(chosen) == 1 else chosen)
+  while out and out[-1] is None:  # P('fsdp', None) and P('fsdp') are different jit cache keys
+    out.pop()
   return P(*out)
 
 

@@ -156,7 +156,7 @@ def _train(mesh_shape, devices, ckpt_dir: str | None, keep_params: bool = False)
   from rlm_jax.models.transformer import Transformer
   from rlm_jax.sharding import DEFAULT_RULES, MeshConfig
   from rlm_jax.training.sft import sft_step_jit
-  from rlm_jax.training.state import OptimConfig, TrainState, make_optimizer
+  from rlm_jax.training.state import OptimConfig, create_train_state, make_optimizer
 
   mesh = sharding.make_mesh(MeshConfig(shape=mesh_shape), devices=devices)
   cfg = _model_cfg()
@@ -172,7 +172,7 @@ def _train(mesh_shape, devices, ckpt_dir: str | None, keep_params: bool = False)
     return jax.make_array_from_callback(a.shape, s, lambda index: w[index])
 
   params = jax.tree_util.tree_map_with_path(
-      place, abstract, _trimmed(sharding.state_shardings(abstract, mesh, DEFAULT_RULES)))
+      place, abstract, sharding.state_shardings(abstract, mesh, DEFAULT_RULES))
   tx = make_optimizer(OptimConfig(learning_rate=3e-2))
   rows = distributed.batch_slice(_GLOBAL_BATCH, mesh, DEFAULT_RULES)
   local = {k: v[rows] for k, v in _global_batch().items()}
@@ -181,12 +181,7 @@ def _train(mesh_shape, devices, ckpt_dir: str | None, keep_params: bool = False)
                            distributed.process_slice(_GLOBAL_BATCH).stop],
          "losses": [], "grad_norms": []}
   with sharding.use_mesh_rules(mesh, DEFAULT_RULES):
-    # Adam moments laid out like the params from the start (create_train_state leaves them
-    # replicated, which costs a second compile of the step once they come back sharded).
-    opt_shardings = _trimmed(sharding.state_shardings(jax.eval_shape(tx.init, params), mesh,
-                                                      DEFAULT_RULES))
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                       opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(params))
+    state = create_train_state(params, tx, mesh, DEFAULT_RULES)
     batch = distributed.host_local_to_global(local, mesh, DEFAULT_RULES)
     out["global_batch_shape"] = list(batch["tokens"].shape)
     for _ in range(_STEPS):
@@ -213,26 +208,6 @@ def _train(mesh_shape, devices, ckpt_dir: str | None, keep_params: bool = False)
     out["restore_max_diff"] = max(diffs)
     out["restore_extra"] = extra
   return out
-
-
-def _trimmed(shardings):
-  """Drops trailing Nones from NamedSharding specs.
-
-  jit returns P('fsdp',) where `state_shardings` says P('fsdp', None, None); the two are
-  different cache keys, so without this the step would compile twice (steps 1 and 2).
-  """
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  def trim(s):
-    if not isinstance(s, NamedSharding):
-      return s
-    spec = list(s.spec)
-    while spec and spec[-1] is None:
-      spec.pop()
-    return NamedSharding(s.mesh, PartitionSpec(*spec))
-
-  return jax.tree.map(trim, shardings)
 
 
 def _worker(process_id: int, port: int, outdir: str, mesh_name: str) -> None:

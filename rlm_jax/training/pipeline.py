@@ -276,7 +276,7 @@ class Experiment:
       raise ValueError(f"rl.algo='{rl.algo}': must be one of 'grpo', 'ppo', 'em', 'none'")
     if ref is not None:
       ref = jax.tree.map(jnp.copy, ref)  # the policy state is donated; keep the reference alive
-    state = create_train_state(params, tx)
+    state = create_train_state(params, tx, self.mesh, self.rules)
     train = self.train
     key = jax.random.key(cfg.seed + 3)
 
@@ -299,7 +299,7 @@ class Experiment:
         graphdef, params = self.init_params()
         # Phase 1: SFT.
         tx = make_optimizer(cfg.sft.optim)
-        state = create_train_state(params, tx)
+        state = create_train_state(params, tx, self.mesh, self.rules)
         train = self.train
         n_train = len(train.tasks)
 

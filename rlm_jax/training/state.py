@@ -54,10 +54,22 @@ def _create(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def create_train_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
-  """Optimizer state laid out like `params` (jitted, so under a mesh every leaf — step counters
-  included — gets the sharding the train step returns and the step never recompiles)."""
-  return jax.jit(_create, static_argnums=1)(params, tx)
+def create_train_state(params: nnx.State, tx: optax.GradientTransformation, mesh=None,
+                       rules=None) -> TrainState:
+  """A TrainState laid out like the train step returns it, so the step compiles once.
+
+  With a mesh, the optimizer moments get the params' logical-axis shardings from the start
+  (otherwise zeros would be created replicated: a full copy per device until step 1).
+  """
+  out_shardings = None
+  if mesh is not None:
+    from rlm_jax import sharding  # pylint: disable=g-import-not-at-top
+
+    abstract = jax.eval_shape(lambda p: _create(p, tx), params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    out_shardings = TrainState(step=replicated, params=jax.tree.map(lambda x: x.sharding, params),
+                               opt_state=sharding.state_shardings(abstract.opt_state, mesh, rules))
+  return jax.jit(_create, static_argnums=1, out_shardings=out_shardings)(params, tx)
 
 
 def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation) -> TrainState:
