@@ -16,8 +16,9 @@ Reference steps apply one rule each (`Every wumpus is a yumpus, so Max is a yump
 """
 from __future__ import annotations
 
-from rlm_jax.tasks import extract
-from rlm_jax.tasks.common import check_task, level_of, make_rng
+from rlm_jax.tasks.common import level_of, make_rng
+# Verification is the same for every True/False domain.
+from rlm_jax.tasks.boolean import answer_text, parse_task, score, verify  # noqa: F401  (re-exported)
 
 NAME = "ProntoQA"
 
@@ -97,27 +98,3 @@ def generate(seed, difficulty: float) -> dict:
       "steps": steps,
   }
 
-
-def parse_task(task: dict) -> bool:
-  check_task(task, "solution")
-  label = extract.as_bool(task["solution"])
-  if label is None:
-    raise ValueError(f"{task.get('type')} task solution must be 'True'/'False' or a bool, "
-                     f"got {task['solution']!r}")
-  return label
-
-
-def answer_text(task: dict) -> str:
-  return str(parse_task(task))
-
-
-def verify(task: dict, output: str) -> int:
-  return score(parse_task(task), output)
-
-
-def score(label: bool, output: str) -> int:
-  """2 if the final True/False in `output` matches `label`, 0 if not, -1 if none."""
-  got = extract.final_bool(output)
-  if got is None:
-    return -1
-  return 2 if got == label else 0
