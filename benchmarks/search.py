@@ -11,7 +11,8 @@ tiny transformer.
     rows of K candidates; mctx: recurrent_fn rows), "nodes/s" counts created, evaluated nodes.
 (b) A tiny random Transformer (char vocab) as policy + value head at B = 256. The same policy /
     value calls the search makes are timed alone in one compiled loop; the rest of the search's
-    wall time is bookkeeping (selection, tree writes, backup, prefix building).
+    wall time is bookkeeping (selection, tree writes, backup, prefix building). Cross-check:
+    the same search with a trivial model (random steps of the same width) is pure bookkeeping.
 
 Timings: minimum over `--repeats` runs after one warm-up (compile) run, wall clock and process
 CPU time (all threads); on a shared machine the CPU-time ratio is the steadier one.
@@ -55,19 +56,20 @@ def _time(fn, *args, repeats: int) -> tuple[float, float]:
 # (a) Trivial models.
 
 
-def trivial_model(vocab: int = 16) -> SearchModel:
-  """Random one-token steps and values; both read the node states so none of the search's
-  prefix building is optimised away."""
+def trivial_model(vocab: int = 16, step_tokens: int = 1) -> SearchModel:
+  """Random steps and values; both read the node states so none of the search's prefix
+  building is optimised away."""
 
   def policy_fn(params, key, nodes: NodeBatch, num, *, to_end, greedy):
     del params, to_end, greedy
     m = nodes.tokens_MxT.shape[0]
-    salt = nodes.tokens_MxT[:, -1:] + nodes.depth_M[:, None]
-    tok = (jax.random.randint(key, (m, num), 0, vocab) + salt) % vocab + 4
+    salt = (nodes.tokens_MxT[:, -1:] + nodes.depth_M[:, None])[..., None]
+    tok = (jax.random.randint(key, (m, num, step_tokens), 0, vocab) + salt) % vocab + 4
     logp = jax.random.normal(jax.random.fold_in(key, 1), (m, num))
-    # Lengths and terminal flags depend on the sample as they do for a real policy (always 1
-    # and False here: tok >= 4).
-    return Steps(tok[..., None].astype(jnp.int32), jnp.minimum(tok, 0) + 1, logp, tok < 0)
+    # Lengths and terminal flags depend on the sample as they do for a real policy (always
+    # the full width and False here: tok >= 4).
+    length = jnp.minimum(tok[..., 0], 0) + step_tokens
+    return Steps(tok.astype(jnp.int32), length, logp, tok[..., 0] < 0)
 
   def value_fn(params, nodes: NodeBatch):
     del params
@@ -185,13 +187,18 @@ def part_b(repeats: int, b: int = 256):
 
   t_models, c_models = _time(jax.jit(models_only), params, jax.random.key(0), nodes, children, roots,
                              repeats=repeats)
+  # Cross-check: the same search (shapes, knobs) with a trivial model is all bookkeeping.
+  trivial = jax.jit(functools.partial(mcts_lib.mcts_search, model=trivial_model(64, ls), config=cfg))
+  t_book, c_book = _time(trivial, None, jax.random.key(0), prompt, mask, repeats=repeats)
   share, share_cpu = 1.0 - t_models / t_search, 1.0 - c_models / c_search
   print(f'\n(b) tiny transformer (d=64, 2 layers, vocab {tok.vocab_size}), B={b}, K={k}, W={w}, '
         f'S={cfg.num_simulations}, step {ls} tokens, state {t_len} tokens')
-  print('| | search | model calls alone | outside model calls |')
-  print('|---|---|---|---|')
-  print(f'| wall (s) | {t_search:.3f} | {t_models:.3f} | {100 * share:.1f}% |')
-  print(f'| CPU (s) | {c_search:.3f} | {c_models:.3f} | {100 * share_cpu:.1f}% |')
+  print('| | search | model calls alone | outside model calls | same search, trivial model |')
+  print('|---|---|---|---|---|')
+  print(f'| wall (s) | {t_search:.3f} | {t_models:.3f} | {100 * share:.1f}% | {t_book:.3f} '
+        f'({100 * t_book / t_search:.1f}%) |')
+  print(f'| CPU (s) | {c_search:.3f} | {c_models:.3f} | {100 * share_cpu:.1f}% | {c_book:.3f} '
+        f'({100 * c_book / c_search:.1f}%) |')
 
 
 def main():
