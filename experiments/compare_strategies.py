@@ -80,7 +80,7 @@ def _table(rows: list[Row], title: str) -> str:
            '|---|---|---|---|---|']
   for r in rows:
     lines.append(f'| {r.strategy} | {r.accuracy:.3f} | {r.policy_tokens:.0f} | {r.model_calls:.1f} | '
-                 f'{r.seconds:.1f} |')
+                 f'{r.seconds:.2f} |')
   return '\n'.join(lines)
 
 
