@@ -7,8 +7,9 @@
 `--config` is the experiment config the policy was trained with (tokenizer, model, task
 lengths). The search knobs come from `--search_config` (default: `rlm_jax/search/config.py`),
 overridable as `--search_config.mcts.num_simulations=32`; `--strategy` overrides
-`search_config.strategy`. `--checkpoint` is a run directory (`<dir>/ckpt/grpo` is preferred
-over `<dir>/ckpt/sft`), a phase directory, or omitted with `--random_init` for a smoke test.
+`search_config.strategy`. `--checkpoint` is a run directory (its `ckpt/<phase>`: `--phase`, or
+the first of grpo, ppo, em, sft present), a phase directory, or omitted with `--random_init`
+for a smoke test.
 
 Output: one JSON line per task, `{"output": text, "score", "policy_tokens", "model_calls"}`,
 in task order: the format `python -m rlm_jax.tasks verify` reads. A summary line (problems,
@@ -41,22 +42,37 @@ _RANDOM_INIT = flags.DEFINE_bool('random_init', False, 'Random policy weights (s
 _OUT = flags.DEFINE_string('out', None, 'Output JSONL (one {"output": ...} per task).')
 _TREES = flags.DEFINE_string('trees', None, 'Optional JSONL of search trees (mcts, beam).')
 _LIMIT = flags.DEFINE_integer('limit', 0, 'Answer only the first N tasks (0: all).')
+_PHASE = flags.DEFINE_string('phase', None, 'Checkpoint phase of a run directory (default: the first of '
+                             'grpo, ppo, em, sft present).')
 
 
-def find_checkpoint_dir(path: str) -> tuple[str, str]:
-  """(directory with numbered steps, phase name) for a run or phase directory."""
+# Phase-2 algorithms of the training pipeline (their directory is named after the algorithm),
+# preferred over the SFT phase.
+PHASES = ('grpo', 'ppo', 'em', 'sft')
+
+
+def find_checkpoint_dir(path: str, phase: str | None = None) -> tuple[str, str]:
+  """(directory with numbered steps, phase name) for a run or phase directory.
+
+  A run directory holds `ckpt/<phase>/`; without `phase` the first of PHASES present wins.
+  """
   path = os.path.abspath(path)
-  for phase in ('grpo', 'sft'):
-    cand = os.path.join(path, 'ckpt', phase)
+  for name in ((phase,) if phase else PHASES):
+    cand = os.path.join(path, 'ckpt', name)
     if os.path.isdir(cand):
-      return cand, phase
+      return cand, name
   if os.path.isdir(path) and any(d.isdigit() for d in os.listdir(path)):
-    return path, os.path.basename(path)
-  raise configlib.ConfigError(f'--checkpoint={path}: no ckpt/grpo, ckpt/sft or step directories there')
+    return path, phase or os.path.basename(path)
+  want = f'ckpt/{phase}' if phase else 'ckpt/<' + '|'.join(PHASES) + '>'
+  raise configlib.ConfigError(f'--checkpoint={path}: no {want} or step directories there')
 
 
-def load_policy(cfg, checkpoint: str | None, random_init: bool, seed: int):
-  """(tokenizer, graphdef, params) of the policy described by the experiment config `cfg`."""
+def load_policy(cfg, checkpoint: str | None, random_init: bool, seed: int, phase: str | None = None):
+  """(tokenizer, graphdef, params) of the policy described by the experiment config `cfg`.
+
+  A 'ppo' phase holds an actor-critic (the policy plus a 'sigmoid' value head, as the
+  pipeline builds it); search can read that head with `lm.value_from_policy=True`.
+  """
   import jax
   import jax.numpy as jnp
   import orbax.checkpoint as ocp
@@ -73,13 +89,15 @@ def load_policy(cfg, checkpoint: str | None, random_init: bool, seed: int):
   model_cfg = configlib.from_config(ModelConfig, cfg.model, 'model')
   if model_cfg.vocab_size == 0:
     model_cfg = dataclasses.replace(model_cfg, vocab_size=tok.vocab_size)
-  make = lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
   if random_init:
-    graphdef, params = nnx.split(make())
+    graphdef, params = nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))
     return tok, graphdef, params
   if not checkpoint:
     raise configlib.ConfigError('--checkpoint is required (or --random_init for a smoke test)')
-  directory, phase = find_checkpoint_dir(checkpoint)
+  directory, phase = find_checkpoint_dir(checkpoint, phase)
+  if phase == 'ppo':
+    model_cfg = dataclasses.replace(model_cfg, value_head='sigmoid')
+  make = lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=seed))
   graphdef, abstract_params = nnx.split(nnx.eval_shape(make))
   optim_cfg = (configlib.from_config(pipeline.SFTConfig, cfg.sft, 'sft') if phase == 'sft'
                else configlib.from_config(pipeline.RLConfig, cfg.rl, 'rl')).optim
@@ -94,7 +112,11 @@ def load_policy(cfg, checkpoint: str | None, random_init: bool, seed: int):
   if not steps:
     raise configlib.ConfigError(f'--checkpoint: no complete checkpoint in {directory}')
   with ocp.CheckpointManager(directory, item_names=('state', 'extra')) as mngr:
-    out = mngr.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    try:
+      out = mngr.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    except ValueError as e:  # orbax: the saved tree does not match the model of the config
+      raise configlib.ConfigError(f'--checkpoint={directory}: not a checkpoint of the policy in --config '
+                                  f'({str(e).splitlines()[0][:200]})') from e
   print(f'loaded {phase} step {steps[-1]} from {directory}', file=sys.stderr)
   return tok, graphdef, out.state.params
 
@@ -166,7 +188,8 @@ def main(argv):
     tasks = tasks[:_LIMIT.value]
   if not tasks:
     raise configlib.ConfigError(f'--tasks={_TASKS.value}: no tasks')
-  tok, graphdef, params = load_policy(_CONFIG.value, _CHECKPOINT.value, _RANDOM_INIT.value, _CONFIG.value.seed)
+  tok, graphdef, params = load_policy(_CONFIG.value, _CHECKPOINT.value, _RANDOM_INIT.value, _CONFIG.value.seed,
+                                      _PHASE.value)
   t0 = time.perf_counter()
   records = solve(_CONFIG.value, setup, strategy, tasks, tok, graphdef, params, trees_path=_TREES.value)
   with open(_OUT.value, 'w') as f:

@@ -44,8 +44,12 @@ def test_loads_the_latest_training_checkpoint(tmp_path):
   _, _, params = solve.load_policy(cfg, str(tmp_path), False, seed=0)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trained)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with pytest.raises(configlib.ConfigError, match='no ckpt/grpo'):
+  assert solve.find_checkpoint_dir(str(tmp_path), 'sft') == (str(tmp_path / 'ckpt' / 'sft'), 'sft')
+  with pytest.raises(configlib.ConfigError, match='no ckpt/<grpo'):
     solve.find_checkpoint_dir(str(tmp_path / 'ckpt' / 'nothing'))
+  # The SFT phase restored explicitly is the other weights.
+  _, _, sft = solve.load_policy(cfg, str(tmp_path), False, seed=0, phase='sft')
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(sft)[0]), np.asarray(jax.tree.leaves(fresh)[0]))
   with pytest.raises(configlib.ConfigError, match='--checkpoint is required'):
     solve.load_policy(cfg, None, False, seed=0)
 
@@ -76,3 +80,14 @@ def test_cli_names_a_bad_strategy():
        '--out=/dev/null', '--strategy=astar'], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith('error: --strategy=astar: must be one of chain')
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+  cfg = _cfg()
+  _, _, params = solve.load_policy(cfg, None, True, seed=0)
+  wider = jax.tree.map(lambda x: jnp.concatenate([x, x], axis=-1) if x.ndim == 2 else x, params)
+  optim = configlib.from_config(pipeline.RLConfig, cfg.rl, 'rl').optim
+  with ckpt_lib.Checkpointer(tmp_path / 'ckpt' / 'grpo', save_every=1, keep=1) as ck:
+    ck.save(0, create_train_state(wider, make_optimizer(optim)), {'step': 0}, force=True)
+  with pytest.raises(configlib.ConfigError, match='not a checkpoint of the policy in --config'):
+    solve.load_policy(cfg, str(tmp_path), False, seed=0)
