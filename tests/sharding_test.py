@@ -80,17 +80,17 @@ def test_mesh_config_validation_through_configlib():
     (("embed", "mlp"), None, None, P("fsdp", "tensor")),
     (("vocab", "embed"), None, None, P("tensor", "fsdp")),
     # 'batch' takes data+fsdp, so the activation's 'embed' cannot use fsdp again.
-    (("batch", "length", "embed"), None, None, P(("data", "fsdp"), None, None)),
-    (("heads", "head_dim", None), None, None, P("tensor", None, None)),
+    (("batch", "length", "embed"), None, None, P(("data", "fsdp"))),
+    (("heads", "head_dim", None), None, None, P("tensor")),
     # Mesh axes of size 1 are left out.
-    (("batch", "length", "embed"), (1, 8, 1), (16, 5, 32), P("fsdp", None, None)),
+    (("batch", "length", "embed"), (1, 8, 1), (16, 5, 32), P("fsdp")),
     (("embed", "mlp"), (1, 1, 8), (32, 64), P(None, "tensor")),
     # Divisibility fallback: drop mesh axes from the end, then replicate.
-    (("batch", "length"), (2, 4, 1), (8, 3), P(("data", "fsdp"), None)),
-    (("batch", "length"), (2, 4, 1), (4, 3), P("data", None)),
-    (("batch", "length"), (2, 4, 1), (3, 3), P(None, None)),
-    (("embed", "kv_heads", "head_dim"), (1, 1, 8), (32, 2, 8), P(None, None, None)),
-    (("embed", "kv_heads", "head_dim"), (1, 4, 2), (32, 2, 8), P("fsdp", "tensor", None)),
+    (("batch", "length"), (2, 4, 1), (8, 3), P(("data", "fsdp"))),
+    (("batch", "length"), (2, 4, 1), (4, 3), P("data")),
+    (("batch", "length"), (2, 4, 1), (3, 3), P()),
+    (("embed", "kv_heads", "head_dim"), (1, 1, 8), (32, 2, 8), P()),
+    (("embed", "kv_heads", "head_dim"), (1, 4, 2), (32, 2, 8), P("fsdp", "tensor")),
 ])
 def test_logical_to_spec(axes, mesh_shape, shape, expected):
   mesh = None if mesh_shape is None else _mesh(mesh_shape)
@@ -101,7 +101,7 @@ def test_logical_to_spec_fallback_rules_and_errors():
   rules = (("batch", "fsdp"), ("embed", "fsdp"), ("embed", "tensor"), ("x", None))
   # First free candidate wins: embed falls back to 'tensor' once batch used 'fsdp'.
   assert sharding.logical_to_spec(("batch", "embed"), rules) == P("fsdp", "tensor")
-  assert sharding.logical_to_spec(("embed", "x"), rules) == P("fsdp", None)
+  assert sharding.logical_to_spec(("embed", "x"), rules) == P("fsdp")
   with pytest.raises(ShardingError, match=r"^logical axis 'embd' has no rule \(known: batch, "
                      r"embed, x\)$"):
     sharding.logical_to_spec(("embd",), rules)
@@ -130,15 +130,15 @@ class Toy(nnx.Module):
 # Parameter bytes of Toy: emb 512, w 1024, kv 256, scale 32, plain 12 -> 1836.
 @pytest.mark.parametrize("mesh_shape,specs,shard_shapes,replicated_bytes", [
     ((1, 4, 2),
-     dict(emb=P("tensor", "fsdp"), w=P("fsdp", "tensor"), kv=P("fsdp", "tensor", None),
-          scale=P(None), plain=P()),
+     dict(emb=P("tensor", "fsdp"), w=P("fsdp", "tensor"), kv=P("fsdp", "tensor"),
+          scale=P(), plain=P()),
      dict(emb=(8, 2), w=(2, 16), kv=(2, 1, 4), scale=(8,), plain=(3,)), 32 + 12),
     ((1, 1, 8),
-     dict(emb=P("tensor", None), w=P(None, "tensor"), kv=P(None, None, None), scale=P(None),
+     dict(emb=P("tensor"), w=P(None, "tensor"), kv=P(), scale=P(),
           plain=P()),
      dict(emb=(2, 8), w=(8, 4), kv=(8, 2, 4), scale=(8,), plain=(3,)), 256 + 32 + 12),
     ((8, 1, 1),  # pure data parallel: copies along 'data' are intended, fraction 0
-     dict(emb=P(None, None), w=P(None, None), kv=P(None, None, None), scale=P(None),
+     dict(emb=P(), w=P(), kv=P(), scale=P(),
           plain=P()),
      dict(emb=(16, 8), w=(8, 32), kv=(8, 2, 4), scale=(8,), plain=(3,)), 0),
 ])
@@ -237,7 +237,7 @@ def test_shard_batch():
   batch = {"tokens": np.arange(16 * 5).reshape(16, 5), "lengths": np.arange(16),
            "seed": np.int32(3)}
   out = sharding.shard_batch(batch, mesh, DEFAULT_RULES)
-  assert out["tokens"].sharding.spec == P(("data", "fsdp"), None)
+  assert out["tokens"].sharding.spec == P(("data", "fsdp"))
   assert {s.data.shape for s in out["tokens"].addressable_shards} == {(2, 5)}
   assert out["lengths"].sharding.spec == P(("data", "fsdp"))
   assert out["seed"].sharding.spec == P()

@@ -166,7 +166,7 @@ def test_sharded_load_places_slices_and_matches(tmp_path):
   mesh = sharding.make_mesh(sharding.MeshConfig(shape=(1, 4, 2)))
   graphdef, state = hf.load_hf(path, mesh=mesh)
   wq = state['layers'][0]['attn']['wq'][...]  # [D=32, H=4, Dh=16]: embed->fsdp, heads->tensor
-  assert wq.sharding.spec == P('fsdp', 'tensor', None)
+  assert wq.sharding.spec == P('fsdp', 'tensor')
   assert {s.data.shape for s in wq.addressable_shards} == {(8, 2, 16)}
   embed = state['embed'][...]  # [V, D]: vocab->tensor, embed->fsdp
   assert embed.sharding.spec == P('tensor', 'fsdp')
