@@ -93,9 +93,12 @@ print(f"tree {i} of {len(trees)} ({tree.get('phase')}, {tree.get('strategy')} {t
 tree.get('task')
 """,
      """
-fig, ax = plt.subplots(figsize=(min(3 + 0.35 * len(tree['nodes']), 16), 5))
+width = min(4 + 0.4 * len(tree['nodes']), 16)
+fig, (ax, ax_steps) = plt.subplots(2, 1, figsize=(width, 6.5), height_ratios=[3, 1])
 analysis.draw_tree(ax, tree, path)
-ax.set_title(str(tree.get('task', {}).get('problem', tree.get('prompt', ''))).strip(), fontsize=10)
+task = tree.get('task', {})
+ax.set_title(f"{task.get('problem', tree.get('prompt', ''))}   (expected: {task.get('expected', '?')})", fontsize=10)
+analysis.draw_path_table(ax_steps, tree, path)
 fig.tight_layout()
 fig.savefig(f'{figures}/mcts_tree.png', dpi=120)
 """,

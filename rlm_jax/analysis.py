@@ -20,8 +20,8 @@ run's held-out tasks and adds, under `W/analysis/`:
           nodes[i] = {"id", "parent" (-1 at the root), "text", "visits", "q", "prior",
           "terminal", "reward" (null where no verifier ran), "depth"}; other keys of the
           export ("value", "logprob", "children") are kept but not required.
-  OUTPUT {"phase", "strategy", "budget", "index", "level", "problem", "expected", "output",
-          "score"}: score is `tasks.verify` (-1 invalid, 0 wrong, 1 partial, 2 solved).
+  OUTPUT {"phase", "strategy", "budget", "guide", "index", "level", "problem", "expected",
+          "output", "score"}: score is `tasks.verify` (-1 invalid, 0 wrong, 1 partial, 2 solved).
 
 Figures go to `W/figures/`. Everything here runs on host; jax is imported only by `collect`.
 """
@@ -445,11 +445,10 @@ def draw_tree(ax, tree: Mapping, path: Sequence[int] | None = None, label_max_no
              edgecolors='tab:blue', linewidths=2.0, zorder=4)
   if len(nodes) <= label_max_nodes:
     for i, n in enumerate(nodes):
-      ax.annotate(str(n['id']), (lay.x_N[i], lay.y_N[i]), xytext=(0, 7), textcoords='offset points',
-                  ha='center', va='bottom', fontsize=7)
       qs = 'q=?' if not np.isfinite(q[i]) else f'q={q[i]:+.2f}'
-      ax.annotate(f'N={n["visits"]}\n{qs}', (lay.x_N[i], lay.y_N[i]), xytext=(0, -8),
-                  textcoords='offset points', ha='center', va='top', fontsize=6)
+      # Right of the node, where no edge runs (edges leave a node upwards and downwards).
+      ax.annotate(f'#{n["id"]}\nN={n["visits"]}\n{qs}', (lay.x_N[i], lay.y_N[i]), xytext=(9, 0),
+                  textcoords='offset points', ha='left', va='center', fontsize=6)
   depth = int(max(n['depth'] for n in nodes))
   ax.set_yticks(-np.arange(depth + 1), [str(d) for d in range(depth + 1)])
   ax.set_ylabel('depth (steps)')
@@ -458,6 +457,20 @@ def draw_tree(ax, tree: Mapping, path: Sequence[int] | None = None, label_max_no
   for side in ('top', 'right', 'bottom'):
     ax.spines[side].set_visible(False)
   ax.figure.colorbar(mpl.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label='q', shrink=0.6)
+
+
+def draw_path_table(ax, tree: Mapping, path: Sequence[int] | None = None, max_chars: int = 60) -> None:
+  """The steps of a path as a table on a matplotlib Axes (id, visits, q, reward, step text)."""
+  path = chosen_path(tree) if path is None else list(path)
+  table = node_table(tree, path[1:] or path)  # the root holds no step
+  fmt = lambda v: '' if not np.isfinite(v) else f'{v:+.2f}'
+  cut = lambda t: t if len(t) <= max_chars else t[:max_chars - 3] + '...'
+  rows = [[str(i), str(r.visits), fmt(r.q), fmt(r.reward), cut(r.text)] for i, r in table.iterrows()]
+  ax.axis('off')
+  tab = ax.table(cellText=rows, colLabels=['node', 'N', 'q', 'reward', 'step text'], loc='upper center',
+                 cellLoc='left', colWidths=[0.06, 0.06, 0.08, 0.08, 0.72])
+  tab.auto_set_font_size(False)
+  tab.set_fontsize(8)
 
 
 # ------------------------------------------------------------------------------------------
@@ -571,9 +584,12 @@ def score_table(outputs: pd.DataFrame, by: Sequence[str] = ('strategy', 'budget'
 
 
 def level_accuracy(outputs: pd.DataFrame) -> pd.DataFrame:
-  """Accuracy (score 2) with rows '<strategy> <budget>' and one column per level, plus 'all'."""
-  df = outputs.assign(solved=(outputs.score == 2).astype(float),
-                      run=outputs.strategy + ' ' + outputs.budget.astype(str))
+  """Accuracy (score 2) with rows '<strategy> <budget>' (plus ' (verifier)' where the records'
+  guide is the verifier) and one column per level, plus 'all'."""
+  run = outputs.strategy + ' ' + outputs.budget.astype(str)
+  if 'guide' in outputs:
+    run = run + np.where(outputs.guide == 'verifier', ' (verifier)', '')
+  df = outputs.assign(solved=(outputs.score == 2).astype(float), run=run)
   table = df.pivot_table(index='run', columns='level', values='solved', aggfunc='mean')
   table['all'] = df.groupby('run').solved.mean()
   return table
@@ -833,8 +849,9 @@ def collect(workdir: str | os.PathLike, *, phases: Sequence[str] | None = None,
         seconds = time.perf_counter() - t0
         scores = np.asarray([tasks_lib.verify(t, o) for t, o in zip(task_list, texts)])
         for i, (t, o) in enumerate(zip(task_list, texts)):
-          outputs.append({'phase': phase, 'strategy': name, 'budget': budget, 'index': i, 'level': t['level'],
-                          'problem': t['problem'], 'expected': expected[i], 'output': o, 'score': int(scores[i])})
+          outputs.append({'phase': phase, 'strategy': name, 'budget': budget, 'guide': guide, 'index': i,
+                          'level': t['level'], 'problem': t['problem'], 'expected': expected[i], 'output': o,
+                          'score': int(scores[i])})
         for i, t in kept:
           t.update(phase=phase, strategy=name, budget=budget, score=int(scores[i]),
                    task={'level': task_list[i]['level'], 'problem': task_list[i]['problem'], 'expected': expected[i]})

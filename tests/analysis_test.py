@@ -190,6 +190,13 @@ def test_golden_export_loads_and_draws(tmp_path):
   thick = [l for l in ax.lines if l.get_linewidth() == 3.0]
   assert len(thick) == len(path) - 1 and len(ax.lines) == len(tree['nodes']) - 1
   plt.close(fig)
+  fig, ax = plt.subplots()
+  analysis.draw_path_table(ax, HAND)  # chosen path 0 -> 1 -> 4: one row per step, root left out
+  cells = ax.tables[0].get_celld()
+  assert [cells[r, 0].get_text().get_text() for r in (1, 2)] == ['1', '4']
+  assert [cells[r, 4].get_text().get_text() for r in (1, 2)] == ['a=1\\n\\n', 'Answer: 1']
+  assert cells[2, 3].get_text().get_text() == '+1.00' and cells[1, 3].get_text().get_text() == ''
+  plt.close(fig)
   (tmp_path / 'bad.json').write_text('{"nodes": [')
   with pytest.raises(ValueError, match='bad.json: not valid JSON'):
     analysis.load_trees(tmp_path / 'bad.json')
@@ -264,7 +271,8 @@ def _records():
   rows = []
   for strategy, outs in outputs.items():
     for i, (t, o) in enumerate(zip(ts, outs)):
-      rows.append({'phase': 'grpo', 'strategy': strategy, 'budget': 1 if strategy == 'greedy' else 4, 'index': i,
+      rows.append({'phase': 'grpo', 'strategy': strategy, 'budget': 1 if strategy == 'greedy' else 4,
+                   'guide': 'none' if strategy == 'greedy' else 'verifier', 'index': i,
                    'level': t['level'], 'problem': t['problem'], 'expected': answers[i], 'output': o,
                    'score': tasks.verify(t, o)})
   return pd.DataFrame(rows)
@@ -274,7 +282,8 @@ def test_verifier_tables():
   df = _records()
   assert df.score.tolist() == [2, -1, 2, 0, 2, 2, -1, 2]
   acc = analysis.level_accuracy(df)
-  assert acc.loc['greedy 1'].tolist() == [0.5, 0.5, 0.5] and acc.loc['mcts 4'].tolist() == [1.0, 0.5, 0.75]
+  assert acc.loc['greedy 1'].tolist() == [0.5, 0.5, 0.5] and acc.loc['mcts 4 (verifier)'].tolist() == [1.0, 0.5, 0.75]
+  assert list(analysis.level_accuracy(df.drop(columns='guide')).index) == ['greedy 1', 'mcts 4']
   scores = analysis.score_table(df, by=('strategy',))
   assert scores.loc['greedy'].to_dict() == {'invalid': 0.25, 'wrong': 0.25, 'partial': 0.0, 'solved': 0.5, 'n': 4}
   per_level = analysis.score_table(df)
