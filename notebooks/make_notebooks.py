@@ -85,10 +85,12 @@ TREE = _notebook(
     '= terminal steps, the chosen answer path in blue. The table lists the steps of that path.',
     [SETUP + """
 trees = analysis.load_trees(workdir)
+trees = [t for t in trees if guide is None or t.get('guide') == guide] or trees
 i = analysis.pick_tree(trees) if tree_index is None else tree_index
 tree = trees[i]
 path = analysis.chosen_path(tree)
-print(f"tree {i} of {len(trees)} ({tree.get('phase')}, {tree.get('strategy')} {tree.get('budget')}): "
+print(f"tree {i} of {len(trees)} ({tree.get('phase')}, {tree.get('strategy')} {tree.get('budget')}, "
+      f"guide {tree.get('guide')}): "
       f"{len(tree['nodes'])} nodes, verifier score of the answer: {tree.get('score')}")
 tree.get('task')
 """,
@@ -106,16 +108,19 @@ fig.savefig(f'{figures}/mcts_tree.png', dpi=120)
      "analysis.node_table(tree, path)",
      "md:## All nodes",
      "analysis.node_table(tree)"],
-    params='tree_index = None  # None: the largest solved tree\n')
+    params="guide = 'verifier'  # trees of this guide if any ('policy', 'value', 'verifier', None: all)\n"
+           'tree_index = None  # None: the largest solved tree\n')
 
 SCALING = _notebook(
     'Test-time compute scaling',
     'Held-out accuracy against policy tokens spent per problem, per strategy and budget '
-    '(`<workdir>/analysis/scaling.json`). Dashed lines rank candidates with the ground-truth '
-    'verifier (the run has no value model): they bound what a learned verifier could reach.',
+    '(`<workdir>/analysis/scaling.json`), with one standard error. Solid lines use the policy '
+    'alone (samples, majority votes, log-probs, priors; or a value head when the run has one). '
+    'Dashed lines rank candidates with the ground-truth verifier: an oracle upper bound on what '
+    'a learned verifier could add, not a deployable strategy.',
     [SETUP + """
 scaling = analysis.load_scaling(workdir)
-scaling[['phase', 'strategy', 'budget', 'guide', 'accuracy', 'invalid', 'policy_tokens', 'tokens_x',
+scaling[['phase', 'label', 'budget', 'accuracy', 'accuracy_se', 'invalid', 'policy_tokens', 'tokens_x',
          'model_calls', 'seconds']]
 """,
      """
@@ -131,7 +136,7 @@ fig.savefig(f'{figures}/scaling.png', dpi=120)
      "most `budget_x` times the tokens of greedy decoding.",
      """
 greedy_tokens = scaling[scaling.strategy == 'greedy'].policy_tokens.max()
-analysis.best_within(scaling, budget_x * greedy_tokens)[['budget', 'guide', 'accuracy', 'policy_tokens', 'tokens_x']]
+analysis.best_within(scaling, budget_x * greedy_tokens)[['budget', 'accuracy', 'accuracy_se', 'policy_tokens', 'tokens_x']]
 """],
     params='budget_x = 8  # token budget, in multiples of greedy decoding\n')
 

@@ -12,10 +12,11 @@ run's held-out tasks and adds, under `W/analysis/`:
   ROW    {"phase", "strategy", "budget", "guide", "accuracy", "invalid", "policy_tokens",
           "model_calls", "num_problems", "seconds"}: one strategy at one budget (the knob of
           BUDGET_KNOBS); policy_tokens / model_calls are means per problem; guide is what
-          ranks candidates: "none" (the policy alone), "verifier" (the task's ground-truth
-          reward at terminal steps, an oracle upper bound) or "value" (a value model).
+          ranks candidates: "policy" (the policy alone: samples, votes, log-probs, priors),
+          "value" (a value head) or "verifier" (the task's ground-truth reward at terminal
+          steps: an oracle upper bound, not a deployable strategy).
   TREE   `search.tree_to_json` of one problem ({"prompt", "problem", "num_nodes", "nodes"})
-          plus "chosen_path" ([node ids], root first), "phase", "strategy", "budget",
+          plus "chosen_path" ([node ids], root first), "phase", "strategy", "budget", "guide",
           "task" ({"level", "problem", "expected"}) and "score" (verifier score of the answer).
           nodes[i] = {"id", "parent" (-1 at the root), "text", "visits", "q", "prior",
           "terminal", "reward" (null where no verifier ran), "depth"}; other keys of the
@@ -417,7 +418,7 @@ def draw_tree(ax, tree: Mapping, path: Sequence[int] | None = None, label_max_no
 
   Node area grows with visits, colour is q (red -1 .. green +1, grey where q is unknown),
   terminal nodes are squares, the chosen path is drawn thick in blue. With at most
-  `label_max_nodes` nodes every node is labelled 'id' above and 'N=visits q=..' below.
+  `label_max_nodes` nodes every node is labelled '#id N=visits q=..' on its right.
   """
   import matplotlib as mpl
 
@@ -486,6 +487,11 @@ def load_scaling(workdir_or_file: str | os.PathLike) -> pd.DataFrame:
   return scaling_table(data['rows'], where=path)
 
 
+def run_label(strategy: str, guide: str | None = None) -> str:
+  """'mcts' for a policy-only run, 'mcts (verifier)' / 'mcts (value)' for guided ones."""
+  return strategy if guide in (None, 'policy') else f'{strategy} ({guide})'
+
+
 def scaling_table(rows: Sequence[Mapping], where: str = 'scaling rows') -> pd.DataFrame:
   """ROW dicts -> frame sorted by (phase in training order, strategy, policy_tokens), with
   `tokens_x`: policy tokens relative to greedy decoding of the same phase (NaN without a greedy
@@ -505,27 +511,31 @@ def scaling_table(rows: Sequence[Mapping], where: str = 'scaling rows') -> pd.Da
   df['tokens_x'] = df.policy_tokens / df.phase.map(greedy)
   n = df['num_problems'] if 'num_problems' in df else np.nan
   df['accuracy_se'] = np.sqrt(df.accuracy * (1.0 - df.accuracy) / n)
+  df['label'] = [run_label(s, g) for s, g in zip(df.strategy, df.guide)]
   return df
 
 
 def best_within(scaling: pd.DataFrame, max_tokens: float) -> pd.DataFrame:
-  """Per (phase, strategy): the row with the best accuracy among those spending at most
-  `max_tokens` policy tokens per problem (ties: fewer tokens). Strategies with no such row
-  are left out."""
+  """Per (phase, label): the row with the best accuracy among those spending at most
+  `max_tokens` policy tokens per problem (ties: fewer tokens). Runs with no such row are left
+  out."""
   ok = scaling[scaling.policy_tokens <= max_tokens]
   ok = ok.sort_values(['accuracy', 'policy_tokens'], ascending=[False, True], kind='stable')
-  return ok.groupby(['phase', 'strategy'], sort=True).head(1).set_index(['phase', 'strategy']).sort_index()
+  return ok.groupby(['phase', 'label'], sort=True).head(1).set_index(['phase', 'label']).sort_index()
 
 
 def plot_scaling(ax, scaling: pd.DataFrame, phase: str | None = None) -> None:
   """Accuracy vs policy tokens per problem (log x), one line per strategy, +-1 standard error
   bars; verifier-guided strategies dashed (they use the ground-truth reward: an upper bound)."""
   df = scaling if phase is None else scaling[scaling.phase == phase]
-  for strategy, g in df.groupby('strategy', sort=True):
+  strategies = sorted(set(df.strategy))
+  for label, g in df.groupby('label', sort=True):
     g = g.sort_values('policy_tokens')
-    guided = (g.guide == 'verifier').any()
-    ax.errorbar(g.policy_tokens, g.accuracy, yerr=g.accuracy_se.fillna(0.0), fmt='s--' if guided else 'o-',
-                capsize=2, label=strategy + (' (verifier)' if guided else ''))
+    oracle = (g.guide == 'verifier').any()
+    # One colour per strategy, so a strategy with and without the verifier reads as a pair.
+    ax.errorbar(g.policy_tokens, g.accuracy, yerr=g.accuracy_se.fillna(0.0), fmt='s--' if oracle else 'o-',
+                color=f'C{strategies.index(g.strategy.iloc[0])}', capsize=2, label=label,
+                alpha=0.75 if oracle else 1.0)
     for _, r in g.iterrows():
       ax.annotate(str(r.budget), (r.policy_tokens, r.accuracy), xytext=(3, 3), textcoords='offset points', fontsize=7)
   import matplotlib as mpl
@@ -584,11 +594,10 @@ def score_table(outputs: pd.DataFrame, by: Sequence[str] = ('strategy', 'budget'
 
 
 def level_accuracy(outputs: pd.DataFrame) -> pd.DataFrame:
-  """Accuracy (score 2) with rows '<strategy> <budget>' (plus ' (verifier)' where the records'
-  guide is the verifier) and one column per level, plus 'all'."""
-  run = outputs.strategy + ' ' + outputs.budget.astype(str)
-  if 'guide' in outputs:
-    run = run + np.where(outputs.guide == 'verifier', ' (verifier)', '')
+  """Accuracy (score 2) with rows '<strategy> <budget>' (plus ' (<guide>)' for runs guided by
+  a value head or the verifier, see `run_label`) and one column per level, plus 'all'."""
+  guide = outputs.guide if 'guide' in outputs else [None] * len(outputs)
+  run = [run_label(f'{s} {b}', g) for s, b, g in zip(outputs.strategy, outputs.budget, guide)]
   df = outputs.assign(solved=(outputs.score == 2).astype(float), run=run)
   table = df.pivot_table(index='run', columns='level', values='solved', aggfunc='mean')
   table['all'] = df.groupby('run').solved.mean()
@@ -618,8 +627,8 @@ def error_examples(outputs: pd.DataFrame, kind: str, n: int = 5, max_chars: int 
 
 
 def at_largest_budget(outputs: pd.DataFrame) -> pd.DataFrame:
-  """The records of each strategy's largest budget (per phase when there is a 'phase' column)."""
-  keys = ['phase', 'strategy'] if 'phase' in outputs else ['strategy']
+  """The records of each run's largest budget (per phase and guide when those columns exist)."""
+  keys = [k for k in ('phase', 'strategy', 'guide') if k in outputs]
   return outputs[outputs.budget == outputs.groupby(keys).budget.transform('max')]
 
 
@@ -655,60 +664,12 @@ def plot_score_breakdown(ax, scores: pd.DataFrame) -> None:
 # Collecting search results from a checkpoint (jax from here on).
 
 
-@dataclasses.dataclass
-class LoadedRun:
-  """A trained policy restored from a run directory, with the run's held-out data."""
-
-  cfg: Any  # pipeline.ExperimentConfig
-  experiment: Any  # pipeline.Experiment (tokenizer, held-out tasks, mesh)
-  graphdef: Any
-  params: Any  # nnx.State of the policy
-  phase: str
-  step: int
-
-
 def checkpoint_phases(workdir: str | os.PathLike) -> list[str]:
   """Phases with a checkpoint directory (`ckpt/<phase>`), in training order."""
   base = os.path.join(os.fspath(workdir), 'ckpt')
   if not os.path.isdir(base):
     return []
   return phases_in(sorted(p for p in os.listdir(base) if os.path.isdir(os.path.join(base, p))))
-
-
-def load_run(workdir: str | os.PathLike, phase: str) -> LoadedRun:
-  """Rebuilds a run from `<workdir>/config.json` and restores the policy of `ckpt/<phase>`."""
-  import jax
-
-  from rlm_jax import checkpoint as ckpt_lib
-  from rlm_jax import configlib
-  from rlm_jax.training import pipeline
-  from rlm_jax.training.state import create_train_state, make_optimizer
-
-  workdir = check_workdir(workdir)
-  if phase not in checkpoint_phases(workdir):
-    raise FileNotFoundError(f'{workdir}/ckpt/{phase}: no checkpoint (phases with one: '
-                            f'{", ".join(checkpoint_phases(workdir)) or "none"})')
-  cfg = configlib.from_config(pipeline.ExperimentConfig, _read_json(os.path.join(workdir, 'config.json')), '')
-  exp = pipeline.Experiment(cfg, workdir)
-  with _mesh(exp):
-    graphdef, params = exp.init_params()
-    optim = cfg.sft.optim if phase == 'sft' else cfg.rl.optim
-    state = create_train_state(params, make_optimizer(optim))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-    ck = ckpt_lib.Checkpointer(os.path.join(workdir, 'ckpt', phase), save_every=1, keep=1 << 30, create=False)
-    try:
-      state, extra = ck.restore(abstract)
-    except ValueError as e:  # orbax: the saved tree does not match the policy built from config.json
-      raise ValueError(f'{workdir}/ckpt/{phase}: not a checkpoint of the policy in config.json '
-                       f'({str(e).splitlines()[0][:200]})') from e
-    finally:
-      ck.close()
-  return LoadedRun(cfg, exp, graphdef, state.params, phase, int(extra.get('step', -1)))
-
-
-def _mesh(exp):
-  from rlm_jax import sharding
-  return sharding.use_mesh_rules(exp.mesh, exp.rules)
 
 
 def parse_budgets(text: str) -> dict[str, tuple[int, ...]]:
@@ -731,92 +692,68 @@ def parse_budgets(text: str) -> dict[str, tuple[int, ...]]:
   return out
 
 
-def _strategy(run: LoadedRun, name: str, budget: int, model, setup):
-  """(search function with config bound, guide) for one budget."""
-  import functools
+def guides_for(name: str, has_value: bool, verifier: bool) -> list[str]:
+  """What may rank the candidates of strategy `name`: 'policy' (its samples, votes, log-probs,
+  priors), 'value' (the policy's value head), 'verifier' (the ground-truth reward: an oracle)."""
+  if name in ('greedy', 'self_consistency'):
+    return ['policy']
+  return ['value' if has_value else 'policy'] + (['verifier'] if verifier else [])
 
-  from rlm_jax import search
+
+def search_setup(base, name: str, budget: int, guide: str, has_value: bool):
+  """The `search.config` section of one (strategy, budget, guide): `base` (a ConfigDict from
+  `search.config.get_config`) with the budget's knob (BUDGET_KNOBS) and the guide set."""
   from rlm_jax.search import config as search_config
 
-  verifier = model.reward_fn is not None
-  has_value = model.value_fn is not None
+  c = base.copy_and_resolve_references()
+  c.strategy = 'chain' if name == 'greedy' else name
+  c.reward = 'answer' if guide == 'verifier' else 'none'
+  c.lm.value_from_policy = has_value
   if name == 'greedy':
-    return functools.partial(search.chain, config=search.ChainConfig(greedy=True)), 'none'
-  if name == 'self_consistency':
-    s = dataclasses.replace(setup, self_consistency=dataclasses.replace(setup.self_consistency, num_samples=budget))
-    return search_config.build_strategy(s, name, run.experiment.tok.encode), 'none'
-  if name == 'best_of_n':
-    scorer = 'orm' if has_value else 'reward'
-    cfg = dataclasses.replace(setup.best_of_n, num_samples=budget, scorer=scorer)
-    return functools.partial(search.best_of_n, config=cfg), 'value' if has_value else 'verifier'
-  guide = 'verifier' if verifier else ('value' if has_value else 'none')
-  if name == 'beam':
-    return functools.partial(search.beam_search, config=dataclasses.replace(setup.beam, beam_width=budget)), guide
-  return functools.partial(search.mcts_search, config=dataclasses.replace(setup.mcts, num_simulations=budget)), guide
-
-
-def _path_to(tree: Mapping, leaf: int) -> list[int]:
-  by_id = {n['id']: n for n in tree['nodes']}
-  path = [leaf]
-  while by_id[path[-1]]['parent'] != -1:
-    path.append(by_id[path[-1]]['parent'])
-  return path[::-1]
-
-
-def _search_all(fn, params, key, run: LoadedRun, model, n: int, batch_size: int, num_trees: int):
-  """Runs one strategy over the first n held-out prompts in fixed-shape batches (the last one
-  padded with repeats). Returns (texts [n], policy tokens [n], model calls [n], trees)."""
-  import jax
-  import jax.numpy as jnp
-
-  from rlm_jax import search
-  from rlm_jax.search import lm
-
-  held, tok = run.experiment.held, run.experiment.tok
-  texts, ptoks, calls, trees = [], [], [], []
-  with _mesh(run.experiment):
-    jfn = jax.jit(fn, static_argnames=('model',))
-    for c, lo in enumerate(range(0, n, batch_size)):
-      real = min(batch_size, n - lo)
-      idx = np.arange(lo, lo + batch_size) % n
-      res = jax.device_get(jfn(params, jax.random.fold_in(key, c), jnp.asarray(held.prompt[idx]),
-                               jnp.asarray(held.prompt_mask[idx]), model=model,
-                               problem_B=jnp.asarray(idx, jnp.int32)))
-      texts += lm.decode_result(tok, res)[:real]
-      ptoks += np.asarray(res.policy_tokens_B)[:real].tolist()
-      calls += np.asarray(res.model_calls_B)[:real].tolist()
-      for b in range(min(real, num_trees - len(trees)) if res.tree is not None else 0):
-        t = search.tree_to_json(res.tree, b, tok.decode)
-        t['chosen_path'] = _path_to(t, int(res.extra['leaf_B'][b]))
-        trees.append((lo + b, t))
-  return texts, ptoks, calls, trees
+    c.chain.update(greedy=True, score='none')
+  elif name == 'best_of_n':
+    c.best_of_n.update(num_samples=budget, scorer={'verifier': 'reward', 'value': 'orm', 'policy': 'logprob'}[guide])
+  else:
+    knob = BUDGET_KNOBS[name]
+    c[name][knob] = budget
+  return search_config.build(c)
 
 
 def collect(workdir: str | os.PathLike, *, phases: Sequence[str] | None = None,
-            budgets: Mapping[str, Sequence[int]] = DEFAULT_BUDGETS, num_problems: int = 0,
-            num_trees: int = 8, seed: int = 0, log=print) -> dict[str, str]:
+            budgets: Mapping[str, Sequence[int]] = DEFAULT_BUDGETS, verifier: bool = True,
+            num_problems: int = 0, num_trees: int = 8, seed: int = 0, log=print) -> dict[str, str]:
   """Runs the search strategies on a run's held-out tasks; writes the files of the module docstring.
+
+  Uses `rlm_jax.solve` (the policy of `ckpt/<phase>`, fixed-shape batches). The held-out tasks
+  are the run's own (`pipeline.build_data` with the run's config).
 
   Args:
     workdir: a finished run.
     phases: checkpoints to evaluate; None = every phase with a checkpoint.
     budgets: strategy -> budgets (see BUDGET_KNOBS). The other knobs are `search.config`
       defaults, except that completions are as long as the run's `task.completion_len` and
-      sampling uses the run's `eval.temperature`. Without a value model in the run, best-of-N,
-      beam and MCTS are guided by the task's verifier reward (guide 'verifier').
+      sampling uses the run's `eval.temperature`.
+    verifier: also run best-of-N, beam and MCTS guided by the task's verifier reward (an oracle
+      upper bound). Without it, and without a value head in the checkpoint, they rank by the
+      policy alone (best-of-N by mean log-prob; beam and MCTS with all values 0).
     num_problems: first N held-out tasks (0 = all of them).
-    num_trees: MCTS trees kept (largest MCTS budget, first problems).
-    seed: search randomness; strategy s at budget b uses fold_in(fold_in(key(seed), s), b).
+    num_trees: MCTS trees kept per phase and guide (largest MCTS budget, first problems).
+    seed: search seed; a run at budget b uses `search.config` seed 1000 * seed + b.
     log: progress lines.
 
   Returns:
     {'scaling', 'trees', 'outputs'}: the paths written.
   """
-  import jax
+  import tempfile
 
+  import ml_collections
+  from flax import nnx
+
+  from rlm_jax import configlib
+  from rlm_jax import solve
   from rlm_jax import tasks as tasks_lib
   from rlm_jax.search import config as search_config
-  from rlm_jax.search import lm
+  from rlm_jax.training import pipeline
 
   workdir = check_workdir(workdir)
   phases = list(phases) if phases is not None else checkpoint_phases(workdir)
@@ -825,43 +762,56 @@ def collect(workdir: str | os.PathLike, *, phases: Sequence[str] | None = None,
   for name in budgets:
     if name not in BUDGET_KNOBS:
       raise ValueError(f"budgets: unknown strategy '{name}' (allowed: {', '.join(BUDGET_KNOBS)})")
+  cfg = ml_collections.ConfigDict(_read_json(os.path.join(workdir, 'config.json')))
+  run_cfg = configlib.from_config(pipeline.ExperimentConfig, cfg, '')
   rows, trees, outputs = [], [], []
   for phase in phases:
-    run = load_run(workdir, phase)
-    tok, held = run.experiment.tok, run.experiment.held
-    n = len(held.tasks) if num_problems <= 0 else min(num_problems, len(held.tasks))
-    task_list = held.tasks[:n]
+    try:
+      tok, graphdef, params = solve.load_policy(cfg, workdir, False, run_cfg.seed, phase)
+    except configlib.ConfigError as e:
+      raise ValueError(str(e)) from e
+    has_value = nnx.merge(graphdef, params).cfg.value_head != 'none'
+    _, held = pipeline.build_data(tok, run_cfg.task, run_cfg.eval.size)
+    task_list = held.tasks[:num_problems] if num_problems > 0 else held.tasks
+    n = len(task_list)
     expected = [tasks_lib.answer_text(t) for t in task_list]
-    defaults = search_config.get_config()
-    defaults.lm.update(completion_tokens=run.cfg.task.completion_len, temperature=run.cfg.eval.temperature)
-    setup = search_config.build(defaults)
-    ids = lm.TokenIds.of(tok)
-    model = lm.make_search_model(run.graphdef, setup.lm, ids, reward_fn=lm.answer_reward_fn(ids))
-    params = lm.LMParams(policy=run.params,
-                         reward=lm.answer_table(tok, ['Answer: ' + e for e in expected], run.cfg.task.answer_len))
-    for s_idx, name in enumerate(budgets):
-      for budget in budgets[name]:
-        fn, guide = _strategy(run, name, budget, model, setup)
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), s_idx), budget)
-        keep = num_trees if name == 'mcts' and budget == max(budgets[name]) else 0
-        t0 = time.perf_counter()
-        texts, ptoks, calls, kept = _search_all(fn, params, key, run, model, n, min(setup.batch_size, n), keep)
-        seconds = time.perf_counter() - t0
-        scores = np.asarray([tasks_lib.verify(t, o) for t, o in zip(task_list, texts)])
-        for i, (t, o) in enumerate(zip(task_list, texts)):
-          outputs.append({'phase': phase, 'strategy': name, 'budget': budget, 'guide': guide, 'index': i,
-                          'level': t['level'], 'problem': t['problem'], 'expected': expected[i], 'output': o,
-                          'score': int(scores[i])})
-        for i, t in kept:
-          t.update(phase=phase, strategy=name, budget=budget, score=int(scores[i]),
-                   task={'level': task_list[i]['level'], 'problem': task_list[i]['problem'], 'expected': expected[i]})
-          trees.append(t)
-        rows.append({'phase': phase, 'strategy': name, 'budget': budget, 'guide': guide,
-                     'accuracy': float(np.mean(scores == 2)), 'invalid': float(np.mean(scores < 0)),
-                     'policy_tokens': float(np.mean(ptoks)), 'model_calls': float(np.mean(calls)),
-                     'num_problems': n, 'seconds': round(seconds, 2)})
-        log(f"{phase} {name}={budget}: accuracy {rows[-1]['accuracy']:.3f}, "
-            f"{rows[-1]['policy_tokens']:.1f} policy tokens/problem, {seconds:.1f}s")
+    base = search_config.get_config()
+    base.lm.update(completion_tokens=run_cfg.task.completion_len, temperature=run_cfg.eval.temperature)
+    base.batch_size = min(base.batch_size, n)
+    for name, name_budgets in budgets.items():
+      for guide in guides_for(name, has_value, verifier):
+        for budget in name_budgets:
+          setup = search_setup(base, name, budget, guide, has_value)
+          setup = dataclasses.replace(setup, seed=seed * 1000 + budget)
+          keep = num_trees if name == 'mcts' and budget == max(name_budgets) else 0
+          t0 = time.perf_counter()
+          with tempfile.TemporaryDirectory() as tmp:
+            tree_file = os.path.join(tmp, 'trees.jsonl') if keep else None
+            records = solve.solve(cfg, setup, setup.strategy, task_list, tok, graphdef, params,
+                                  trees_path=tree_file)
+            kept = []
+            if tree_file and os.path.exists(tree_file):
+              with open(tree_file) as f:
+                kept = [json.loads(line) for _, line in zip(range(keep), f)]
+          seconds = time.perf_counter() - t0
+          scores = np.asarray([tasks_lib.verify(t, r['output']) for t, r in zip(task_list, records)])
+          for i, (t, r) in enumerate(zip(task_list, records)):
+            outputs.append({'phase': phase, 'strategy': name, 'budget': budget, 'guide': guide, 'index': i,
+                            'level': t['level'], 'problem': t['problem'], 'expected': expected[i],
+                            'output': r['output'], 'score': int(scores[i])})
+          for i, t in enumerate(kept):
+            t.update(phase=phase, strategy=name, budget=budget, guide=guide, score=int(scores[i]),
+                     chosen_path=chosen_path(t),  # solve keeps mcts.answer='best_terminal' (default)
+                     task={'level': task_list[i]['level'], 'problem': task_list[i]['problem'],
+                           'expected': expected[i]})
+            trees.append(t)
+          rows.append({'phase': phase, 'strategy': name, 'budget': budget, 'guide': guide,
+                       'accuracy': float(np.mean(scores == 2)), 'invalid': float(np.mean(scores < 0)),
+                       'policy_tokens': float(np.mean([r['policy_tokens'] for r in records])),
+                       'model_calls': float(np.mean([r['model_calls'] for r in records])),
+                       'num_problems': n, 'seconds': round(seconds, 2)})
+          log(f"{phase} {name}={budget} ({guide}): accuracy {rows[-1]['accuracy']:.3f}, "
+              f"{rows[-1]['policy_tokens']:.1f} policy tokens/problem, {seconds:.1f}s")
   out_dir = os.path.join(workdir, ANALYSIS_DIR)
   os.makedirs(out_dir, exist_ok=True)
   paths = {k: os.path.join(out_dir, f) for k, f in
@@ -929,12 +879,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--num_problems', type=int, default=0, help='first N held-out tasks (0: all)')
   parser.add_argument('--num_trees', type=int, default=8)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--no_verifier', action='store_true',
+                      help='skip the verifier-guided (oracle) runs of best-of-N, beam and MCTS')
   args = parser.parse_args(argv)
   try:
     budgets = parse_budgets(args.budgets) if args.budgets else DEFAULT_BUDGETS
     phases = [p for p in args.phases.split(',') if p] or None
-    paths = collect(args.workdir, phases=phases, budgets=budgets, num_problems=args.num_problems,
-                    num_trees=args.num_trees, seed=args.seed)
+    paths = collect(args.workdir, phases=phases, budgets=budgets, verifier=not args.no_verifier,
+                    num_problems=args.num_problems, num_trees=args.num_trees, seed=args.seed)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

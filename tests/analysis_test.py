@@ -208,12 +208,12 @@ def test_golden_export_loads_and_draws(tmp_path):
 # Scaling.
 
 ROWS = [
-    {'phase': 'grpo', 'strategy': 'self_consistency', 'budget': 4, 'guide': 'none', 'accuracy': 0.6, 'policy_tokens': 80.0},
-    {'phase': 'grpo', 'strategy': 'greedy', 'budget': 1, 'guide': 'none', 'accuracy': 0.4, 'policy_tokens': 20.0,
+    {'phase': 'grpo', 'strategy': 'self_consistency', 'budget': 4, 'guide': 'policy', 'accuracy': 0.6, 'policy_tokens': 80.0},
+    {'phase': 'grpo', 'strategy': 'greedy', 'budget': 1, 'guide': 'policy', 'accuracy': 0.4, 'policy_tokens': 20.0,
      'num_problems': 100},
-    {'phase': 'grpo', 'strategy': 'self_consistency', 'budget': 2, 'guide': 'none', 'accuracy': 0.5, 'policy_tokens': 40.0},
+    {'phase': 'grpo', 'strategy': 'self_consistency', 'budget': 2, 'guide': 'policy', 'accuracy': 0.5, 'policy_tokens': 40.0},
     {'phase': 'grpo', 'strategy': 'mcts', 'budget': 8, 'guide': 'verifier', 'accuracy': 0.9, 'policy_tokens': 300.0},
-    {'phase': 'sft', 'strategy': 'greedy', 'budget': 1, 'guide': 'none', 'accuracy': 0.3, 'policy_tokens': 25.0,
+    {'phase': 'sft', 'strategy': 'greedy', 'budget': 1, 'guide': 'policy', 'accuracy': 0.3, 'policy_tokens': 25.0,
      'num_problems': 100},
 ]
 
@@ -227,13 +227,14 @@ def test_scaling_table_and_budget_matching(tmp_path):
   # Binomial standard error: sqrt(.3 * .7 / 100), sqrt(.4 * .6 / 100); no num_problems -> NaN.
   np.testing.assert_allclose(df.accuracy_se[:2], [math.sqrt(0.0021), math.sqrt(0.0024)])
   assert math.isnan(df.accuracy_se[2])
+  assert list(df.label) == ['greedy', 'greedy', 'mcts (verifier)', 'self_consistency', 'self_consistency']
   best = analysis.best_within(df, 50.0)
   assert best.loc[('grpo', 'self_consistency'), 'budget'] == 2
-  assert ('grpo', 'mcts') not in best.index
-  assert analysis.best_within(df, 1000.0).loc[('grpo', 'mcts'), 'accuracy'] == 0.9
+  assert ('grpo', 'mcts (verifier)') not in best.index
+  assert analysis.best_within(df, 1000.0).loc[('grpo', 'mcts (verifier)'), 'accuracy'] == 0.9
   assert analysis.phases_in(df.phase) == ['sft', 'grpo']
   with pytest.raises(ValueError, match=r'rows\[0\] lacks policy_tokens'):
-    analysis.scaling_table([{'strategy': 'greedy', 'budget': 1, 'guide': 'none', 'accuracy': 0.1}])
+    analysis.scaling_table([{'strategy': 'greedy', 'budget': 1, 'guide': 'policy', 'accuracy': 0.1}])
   (tmp_path / 'analysis').mkdir()
   (tmp_path / 'analysis' / 'scaling.json').write_text(json.dumps({'version': 1, 'rows': ROWS}))
   assert len(analysis.load_scaling(tmp_path)) == 5
@@ -272,7 +273,7 @@ def _records():
   for strategy, outs in outputs.items():
     for i, (t, o) in enumerate(zip(ts, outs)):
       rows.append({'phase': 'grpo', 'strategy': strategy, 'budget': 1 if strategy == 'greedy' else 4,
-                   'guide': 'none' if strategy == 'greedy' else 'verifier', 'index': i,
+                   'guide': 'policy' if strategy == 'greedy' else 'verifier', 'index': i,
                    'level': t['level'], 'problem': t['problem'], 'expected': answers[i], 'output': o,
                    'score': tasks.verify(t, o)})
   return pd.DataFrame(rows)
@@ -315,3 +316,22 @@ def test_checkpoint_phases_in_training_order(tmp_path):
     (tmp_path / 'ckpt' / p).mkdir(parents=True)
   (tmp_path / 'ckpt' / 'notes.txt').write_text('')
   assert analysis.checkpoint_phases(tmp_path) == ['sft', 'grpo', 'zzz']
+
+
+def test_search_setups_set_the_budget_knob_and_the_guide():
+  from rlm_jax.search import config as search_config
+  base = search_config.get_config()
+  assert analysis.guides_for('greedy', has_value=True, verifier=True) == ['policy']
+  assert analysis.guides_for('mcts', has_value=False, verifier=True) == ['policy', 'verifier']
+  assert analysis.guides_for('beam', has_value=True, verifier=False) == ['value']
+  s = analysis.search_setup(base, 'greedy', 1, 'policy', False)
+  assert (s.strategy, s.chain.greedy, s.reward) == ('chain', True, 'none')
+  s = analysis.search_setup(base, 'best_of_n', 4, 'verifier', False)
+  assert (s.best_of_n.num_samples, s.best_of_n.scorer, s.reward) == (4, 'reward', 'answer')
+  assert analysis.search_setup(base, 'best_of_n', 4, 'policy', False).best_of_n.scorer == 'logprob'
+  s = analysis.search_setup(base, 'mcts', 8, 'value', True)
+  assert (s.mcts.num_simulations, s.lm.value_from_policy, s.reward) == (8, True, 'none')
+  assert s.mcts.num_children == base.mcts.num_children  # other knobs keep their defaults
+  assert analysis.search_setup(base, 'beam', 2, 'policy', False).beam.beam_width == 2
+  assert analysis.search_setup(base, 'self_consistency', 3, 'policy', False).self_consistency.num_samples == 3
+  assert base.mcts.num_simulations == 16  # the base config is not modified

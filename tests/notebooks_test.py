@@ -1,7 +1,7 @@
 """Every notebook of notebooks/ runs end to end on a real (tiny) run and writes its figures.
 
 One module-scoped fixture trains configs/tiny.py, then runs `python -m rlm_jax.analysis` on it
-with one small budget per strategy (the grpo checkpoint only); each notebook is then executed
+with one small budget per strategy (the grpo checkpoint only; MCTS with and without the verifier); each notebook is then executed
 with nbclient against that workdir.
 """
 import glob
@@ -61,7 +61,7 @@ def test_every_notebook_is_tested_and_generated():
 def test_collected_artifacts_agree_with_the_run(workdir):
   """Greedy decoding through the search package reproduces the training-time evaluation."""
   scaling = analysis.load_scaling(workdir)
-  assert sorted(scaling.strategy) == ['greedy', 'mcts', 'self_consistency']
+  assert sorted(scaling.label) == ['greedy', 'mcts', 'mcts (verifier)', 'self_consistency']
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   final = results['rl'] if 'rl' in results else results['grpo']  # phase 2's evaluation
@@ -71,9 +71,13 @@ def test_collected_artifacts_agree_with_the_run(workdir):
   assert greedy.num_problems == 8  # configs/tiny.py: eval.size
   assert greedy.policy_tokens <= 24  # at most completion_len tokens per problem
   outputs = analysis.load_outputs(workdir)
-  assert len(outputs) == 3 * 8
+  assert len(outputs) == 4 * 8
   trees = analysis.load_trees(workdir)
-  assert len(trees) == 2 and all(t['strategy'] == 'mcts' and t['chosen_path'][0] == 0 for t in trees)
+  assert sorted(t['guide'] for t in trees) == ['policy', 'policy', 'verifier', 'verifier']
+  assert all(t['strategy'] == 'mcts' and t['chosen_path'][0] == 0 for t in trees)
+  # Verifier-guided MCTS: terminal nodes carry the verifier reward (+-1) as their q.
+  terminal = [n for t in trees if t['guide'] == 'verifier' for n in t['nodes'] if n['terminal']]
+  assert all(n['reward'] in (-1.0, 1.0) and n['q'] == n['reward'] for n in terminal)
 
 
 @pytest.mark.parametrize('name', sorted(FIGURES))
