@@ -27,12 +27,10 @@ import time
 import jax
 import jax.numpy as jnp
 import mctx
-import numpy as np
 from flax import nnx
 
 from rlm_jax.search import expansion
 from rlm_jax.search import mcts as mcts_lib
-from rlm_jax.search import tree as tree_lib
 from rlm_jax.search.base import NodeBatch, SearchModel, Steps
 
 

@@ -4,7 +4,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax

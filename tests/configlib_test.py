@@ -3,7 +3,6 @@ import dataclasses
 import os
 import subprocess
 import sys
-import textwrap
 from typing import Literal
 
 import ml_collections

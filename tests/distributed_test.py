@@ -106,7 +106,6 @@ def test_process_slice():
 
 
 def test_single_process_host_local_to_global_equals_shard_batch():
-  import jax
   from rlm_jax import distributed, sharding
   from rlm_jax.sharding import DEFAULT_RULES, MeshConfig
   mesh = sharding.make_mesh(MeshConfig(shape=(2, 2, 2)))
@@ -148,7 +147,6 @@ def _train(mesh_shape, devices, ckpt_dir: str | None, keep_params: bool = False)
   With `keep_params` (single process only), out['params'] holds the trained params on host.
   """
   import jax
-  import jax.numpy as jnp
   from flax import nnx
 
   from rlm_jax import distributed, sharding

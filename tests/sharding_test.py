@@ -1,5 +1,4 @@
 """Tests for rlm_jax.sharding on 8 fake CPU devices (tests/conftest.py)."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

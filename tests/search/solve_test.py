@@ -1,5 +1,4 @@
 """rlm_jax.solve: checkpoint loading in the training layout, solving a task file, CLI errors."""
-import json
 import os
 import subprocess
 import sys
@@ -8,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from rlm_jax import checkpoint as ckpt_lib
 from rlm_jax import configlib

@@ -1,7 +1,6 @@
 """The on-device answer reward agrees with the host verifier on hand-built completions."""
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from rlm_jax import tasks as tasks_lib
 from rlm_jax.data.encoding import completion_ids, encode_answers
