@@ -7,7 +7,6 @@ Strategies here are the cheap test-time ones that need only the policy: `greedy`
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Sequence
 
@@ -18,6 +17,7 @@ import numpy as np
 from rlm_jax import tasks as tasks_lib
 from rlm_jax.data.tokenizer import Tokenizer
 from rlm_jax.sampling.sampler import SamplingConfig, sample
+from rlm_jax.search.operators import vote_texts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +62,9 @@ def final_answer(text: str) -> str:
 
 
 def majority_vote(texts: Sequence[str]) -> str:
-  votes = collections.Counter(a for a in map(final_answer, texts) if a)
-  if not votes:
-    return texts[0] if texts else ''
-  answer = votes.most_common(1)[0][0]
-  return f'Answer: {answer}'
+  """The sample whose final answer is the most common one (the first sample if none has one)."""
+  best = vote_texts(texts, lambda t: final_answer(t) or None)
+  return texts[max(best, 0)] if texts else ''
 
 
 def score_outputs(tasks: Sequence[dict], outputs: Sequence[str]) -> dict:
