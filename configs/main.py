@@ -3,10 +3,11 @@
 Command (README quickstart):
   python -m rlm_jax.main --config=configs/main.py --workdir=runs/main
 
-Hardware: 2-core CPU. Wall time: see README results (a few minutes).
-Expected: held-out greedy accuracy rises from SFT to GRPO by more than the seed-to-seed
-spread; self-consistency (majority vote of 8 samples) on top. Table printed at the end and
-stored in <workdir>/results.json.
+Hardware: 2-core CPU. Wall time: 432 s (one run alone on the machine).
+Expected: held-out greedy accuracy ~0.18-0.26 after SFT and +1.5 points on average after GRPO
+over 3 seeds (README "Results") — a gain smaller than the seed-to-seed spread, so this config
+does not yet demonstrate RL beyond noise. Table printed at the end and stored in
+<workdir>/results.json.
 """
 import ml_collections
 
