@@ -56,7 +56,7 @@ def main(argv=None) -> int:
   print('\nHeld-out accuracy (results.json):\n')
   print(analysis.markdown_table(results.reset_index().rename(columns=str)))
   scaling = analysis.load_scaling(workdir)
-  cols = ['phase', 'strategy', 'budget', 'guide', 'accuracy', 'accuracy_se', 'policy_tokens', 'tokens_x']
+  cols = ['phase', 'label', 'budget', 'accuracy', 'accuracy_se', 'policy_tokens', 'tokens_x']
   print('\nTest-time compute (analysis/scaling.json):\n')
   print(analysis.markdown_table(scaling[cols]))
   return 0

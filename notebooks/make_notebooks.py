@@ -125,9 +125,9 @@ scaling[['phase', 'label', 'budget', 'accuracy', 'accuracy_se', 'invalid', 'poli
 """,
      """
 phases = analysis.phases_in(scaling.phase)
-fig, axes = plt.subplots(1, len(phases), figsize=(5.5 * len(phases), 4), squeeze=False, sharey=True)
-for ax, phase in zip(axes[0], phases):
-  analysis.plot_scaling(ax, scaling, phase)
+fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases) + 2, 4), squeeze=False, sharey=True)
+for j, (ax, phase) in enumerate(zip(axes[0], phases)):
+  analysis.plot_scaling(ax, scaling, phase, legend='right' if j == len(phases) - 1 else 'none')
   ax.set_title(f'after {phase.upper()}' if phase else '')
 fig.tight_layout()
 fig.savefig(f'{figures}/scaling.png', dpi=120)
@@ -154,7 +154,7 @@ print(f'{phase}: {len(recs)} outputs, strategies {sorted(set(recs.strategy))}')
      "md:## Accuracy per level and verifier outcomes",
      """
 levels = analysis.level_accuracy(recs)
-scores = analysis.score_table(recs, by=('strategy', 'budget'))
+scores = analysis.score_table(analysis.add_run_labels(recs), by=('run',))
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.8))
 analysis.plot_level_accuracy(ax1, levels)
 analysis.plot_score_breakdown(ax2, scores)
@@ -162,9 +162,9 @@ fig.tight_layout()
 fig.savefig(f'{figures}/verifier_levels.png', dpi=120)
 levels
 """,
-     "analysis.score_table(recs)",
+     "analysis.score_table(analysis.add_run_labels(recs), by=('run', 'level'))",
      "md:## Outcomes per phase (largest budget of each strategy)",
-     "analysis.score_table(analysis.at_largest_budget(outputs), by=('strategy', 'phase'))",
+     "analysis.score_table(analysis.add_run_labels(analysis.at_largest_budget(outputs)), by=('run', 'phase'))",
      "md:## Per-level accuracy of the training-time evaluation (`results.json`)",
      """
 analysis.eval_accuracy(analysis.results_table(analysis.load_results(workdir)))

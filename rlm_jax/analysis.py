@@ -493,9 +493,9 @@ def run_label(strategy: str, guide: str | None = None) -> str:
 
 
 def scaling_table(rows: Sequence[Mapping], where: str = 'scaling rows') -> pd.DataFrame:
-  """ROW dicts -> frame sorted by (phase in training order, strategy, policy_tokens), with
-  `tokens_x`: policy tokens relative to greedy decoding of the same phase (NaN without a greedy
-  row), and `accuracy_se`: the binomial standard error sqrt(a (1 - a) / num_problems) (NaN
+  """ROW dicts -> frame sorted by (phase in training order, label, policy_tokens), with
+  `label` (`run_label`), `tokens_x`: policy tokens relative to greedy decoding of the same
+  phase (NaN without a greedy row), and `accuracy_se`: the binomial standard error sqrt(a (1 - a) / num_problems) (NaN
   without num_problems)."""
   for i, r in enumerate(rows):
     missing = [k for k in SCALING_KEYS if k not in r]
@@ -504,14 +504,14 @@ def scaling_table(rows: Sequence[Mapping], where: str = 'scaling rows') -> pd.Da
   df = pd.DataFrame(list(rows))
   if 'phase' not in df:
     df['phase'] = ''
+  df['label'] = [run_label(s, g) for s, g in zip(df.strategy, df.guide)]
   order = {p: i for i, p in enumerate(phases_in(df.phase))}
-  df = df.assign(_order=df.phase.map(order)).sort_values(['_order', 'strategy', 'policy_tokens'], kind='stable')
+  df = df.assign(_order=df.phase.map(order)).sort_values(['_order', 'label', 'policy_tokens'], kind='stable')
   df = df.drop(columns='_order').reset_index(drop=True)
   greedy = df[df.strategy == 'greedy'].groupby('phase').policy_tokens.first()
   df['tokens_x'] = df.policy_tokens / df.phase.map(greedy)
   n = df['num_problems'] if 'num_problems' in df else np.nan
   df['accuracy_se'] = np.sqrt(df.accuracy * (1.0 - df.accuracy) / n)
-  df['label'] = [run_label(s, g) for s, g in zip(df.strategy, df.guide)]
   return df
 
 
@@ -524,9 +524,10 @@ def best_within(scaling: pd.DataFrame, max_tokens: float) -> pd.DataFrame:
   return ok.groupby(['phase', 'label'], sort=True).head(1).set_index(['phase', 'label']).sort_index()
 
 
-def plot_scaling(ax, scaling: pd.DataFrame, phase: str | None = None) -> None:
+def plot_scaling(ax, scaling: pd.DataFrame, phase: str | None = None, legend: str = 'inside') -> None:
   """Accuracy vs policy tokens per problem (log x), one line per strategy, +-1 standard error
-  bars; verifier-guided strategies dashed (they use the ground-truth reward: an upper bound)."""
+  bars; verifier-guided strategies dashed (they use the ground-truth reward: an upper bound).
+  legend: 'inside', 'right' (outside the axes, for the last of several panels) or 'none'."""
   df = scaling if phase is None else scaling[scaling.phase == phase]
   strategies = sorted(set(df.strategy))
   for label, g in df.groupby('label', sort=True):
@@ -544,9 +545,12 @@ def plot_scaling(ax, scaling: pd.DataFrame, phase: str | None = None) -> None:
   ax.xaxis.set_minor_formatter(mpl.ticker.NullFormatter())
   ax.set_xlabel('policy tokens per problem')
   ax.set_ylabel('held-out accuracy')
-  ax.set_ylim(-0.02, 1.02)
+  ax.set_ylim(0.0, min(1.02, float(df.accuracy.max()) + 0.1))
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  if legend == 'inside':
+    ax.legend(fontsize=8)
+  elif legend == 'right':
+    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.02, 1.0))
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = '.3f') -> str:
@@ -593,12 +597,17 @@ def score_table(outputs: pd.DataFrame, by: Sequence[str] = ('strategy', 'budget'
   return out
 
 
+def add_run_labels(outputs: pd.DataFrame) -> pd.DataFrame:
+  """A copy with column 'run' = `run_label('<strategy> <budget>', guide)`, e.g. 'mcts 16 (verifier)'."""
+  guide = outputs.guide if 'guide' in outputs else [None] * len(outputs)
+  return outputs.assign(run=[run_label(f'{s} {b}', g) for s, b, g in zip(outputs.strategy, outputs.budget, guide)])
+
+
 def level_accuracy(outputs: pd.DataFrame) -> pd.DataFrame:
   """Accuracy (score 2) with rows '<strategy> <budget>' (plus ' (<guide>)' for runs guided by
   a value head or the verifier, see `run_label`) and one column per level, plus 'all'."""
-  guide = outputs.guide if 'guide' in outputs else [None] * len(outputs)
-  run = [run_label(f'{s} {b}', g) for s, b, g in zip(outputs.strategy, outputs.budget, guide)]
-  df = outputs.assign(solved=(outputs.score == 2).astype(float), run=run)
+  df = add_run_labels(outputs)
+  df = df.assign(solved=(df.score == 2).astype(float))
   table = df.pivot_table(index='run', columns='level', values='solved', aggfunc='mean')
   table['all'] = df.groupby('run').solved.mean()
   return table
@@ -617,7 +626,7 @@ def error_examples(outputs: pd.DataFrame, kind: str, n: int = 5, max_chars: int 
     for g in per_level:
       if i < len(g) and len(picked) < n:
         picked.append(g.iloc[i])
-  cols = ['strategy', 'budget', 'level', 'problem', 'expected', 'output']
+  cols = ['strategy', 'budget'] + (['guide'] if 'guide' in outputs else []) + ['level', 'problem', 'expected', 'output']
   if not picked:
     return pd.DataFrame(columns=cols)
   cut = lambda s: s if len(s) <= max_chars else s[:max_chars - 3] + '...'

@@ -287,13 +287,16 @@ def test_verifier_tables():
   assert list(analysis.level_accuracy(df.drop(columns='guide')).index) == ['greedy 1', 'mcts 4']
   scores = analysis.score_table(df, by=('strategy',))
   assert scores.loc['greedy'].to_dict() == {'invalid': 0.25, 'wrong': 0.25, 'partial': 0.0, 'solved': 0.5, 'n': 4}
+  by_run = analysis.score_table(analysis.add_run_labels(df), by=('run',))
+  assert list(by_run.index) == ['greedy 1', 'mcts 4 (verifier)'] and by_run.loc['mcts 4 (verifier)', 'invalid'] == 0.25
   per_level = analysis.score_table(df)
   assert per_level.loc[('mcts', 4, 2), 'invalid'] == 0.5
   bad = analysis.error_examples(df, 'invalid')
   assert bad.level.tolist() == [1, 2] and bad.output.tolist() == ['no answer here', '']
   wrong = analysis.error_examples(df, 'wrong', max_chars=6)
   assert len(wrong) == 1 and wrong.output[0] == 'Ans...'
-  assert list(analysis.error_examples(df, 'partial').columns) == ['strategy', 'budget', 'level', 'problem', 'expected', 'output']
+  assert list(analysis.error_examples(df, 'partial').columns) == [
+      'strategy', 'budget', 'guide', 'level', 'problem', 'expected', 'output']
   with pytest.raises(ValueError, match="kind 'oops'"):
     analysis.error_examples(df, 'oops')
   both = pd.concat([df, df.assign(budget=df.budget * 2)])
