@@ -20,7 +20,7 @@ CORE = [
     'tqdm==4.70.1',
 ]
 HF = ['transformers==5.23.0', 'tokenizers==0.23.3', 'datasets==5.2.0', 'torch==2.13.0']
-NOTEBOOKS = ['matplotlib==3.11.2', 'nbclient==0.11.0', 'nbformat==5.11.1', 'ipykernel==7.4.0']
+NOTEBOOKS = ['matplotlib==3.11.2', 'nbclient==0.11.0', 'nbformat==5.11.1', 'ipykernel==7.4.0', 'pandas==3.1.1']
 TEST = ['pytest==9.2.0', 'hypothesis==6.170.15'] + HF + NOTEBOOKS
 
 setup(
