@@ -4,6 +4,17 @@ rollout (G samples per prompt, on-device sampler) -> jittable reward -> group ad
 num_iterations (μ) clipped-surrogate updates that reuse the rollout with π_old log-probs.
 Nothing leaves the device between the stages; the host only dispatches and logs.
 
+Scale knobs:
+  * `GRPOSetup.microbatches = k`: each of the μ updates accumulates gradients over k
+    microbatches of the B·G rollout rows (`state.accumulate_gradients`), and the π_old / π_ref
+    log-probs are computed k microbatches at a time. 'dapo', 'grpo' and 'dr_grpo' give the
+    full-batch gradient (dapo's token sum is divided by the global token count / k); 'bnpo'
+    normalises per microbatch, as TRL does with gradient accumulation.
+  * Rollout and training on different meshes (`grpo_iteration_on_meshes`): the params are
+    resharded explicitly to the rollout layout, sampled from in their own compiled program,
+    and the rollout is resharded back to the training batch layout for the update program.
+    With one mesh, `grpo_iteration_jit` stays the single compiled program.
+
 Log-probs in the loss are those of the untempered policy (the same quantity the sampler
 returns), so with μ = 1 the ratio is exactly 1 and the update is the plain policy gradient of
 the clipped objective. Dynamic sampling keeps shapes fixed: groups whose rewards are all equal
@@ -20,11 +31,16 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rlm_jax import sharding
 from rlm_jax.models.transformer import positions_from_mask
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, StopReason, generate
 from rlm_jax.training import advantages, losses
 from rlm_jax.training.rewards import RewardConfig, final_step_score, score_to_reward
-from rlm_jax.training.state import TrainState, all_finite, apply_gradients
+from rlm_jax.training.state import (TrainState, accumulate_gradients, all_finite, apply_gradients,
+                                    map_microbatches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +55,13 @@ class GRPOSetup:
   # Jittable verifier: (SampleOutput, batch with rows repeated G times) -> scores in {-1, 0, 1, 2}.
   # None: the final step must equal batch['answer'] (`final_step_score`).
   score_fn: Callable[[SampleOutput, dict], jax.Array] | None = None
+  # Gradient accumulation: each update runs over `microbatches` slices of the B·G rows
+  # (B·G must be divisible by it); 1 = the whole rollout at once.
+  microbatches: int = 1
+
+  def __post_init__(self):
+    if not isinstance(self.microbatches, int) or self.microbatches < 1:
+      raise ValueError(f'GRPOSetup.microbatches must be an int >= 1, got {self.microbatches!r}')
 
 
 def answer_match_score(out: SampleOutput, batch: dict, step_id: int) -> jax.Array:
@@ -74,26 +97,24 @@ def rollout(graphdef, params, batch: dict, key: jax.Array, setup: GRPOSetup) -> 
   }
 
 
-def grpo_iteration(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup, state: TrainState,
-                   ref_params, batch: dict, key: jax.Array):
-  """Rollout, rewards, advantages and μ updates.
+def grpo_update(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup, state: TrainState,
+                ref_params, ro: dict):
+  """Advantages and μ clipped-surrogate updates on one rollout (the second half of an iteration).
 
   Args:
     graphdef: policy graph (static).
     tx: optimizer (static).
-    setup: static GRPO settings.
-    state: TrainState of the policy (donated).
+    setup: static GRPO settings (loss, group size, microbatches).
+    state: TrainState of the policy (donated by `grpo_update_jit`).
     ref_params: frozen reference policy params, or None when setup.loss.beta == 0.
-    batch: prompt [B, Lp] (left-padded), prompt_mask, answer [B, A], answer_len [B].
-    key: PRNG key for the rollout.
+    ro: the output of `rollout`, rows prompt-major [B·G].
 
   Returns:
     (new_state, metrics) with scalar metrics.
   """
   cfg = setup.loss
-  b = batch['prompt'].shape[0]
-  g = setup.group_size
-  ro = rollout(graphdef, state.params, batch, key, setup)
+  g, k = setup.group_size, setup.microbatches
+  b = ro['prompt'].shape[0] // g
   lp = ro['prompt'].shape[1]
   reward = ro['reward']
   if cfg.overlong_buffer:
@@ -106,20 +127,39 @@ def grpo_iteration(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup,
     keep_B = advantages.dynamic_sampling_mask(reward_BxG)
     mask = mask & jnp.repeat(keep_B, g)[:, None]
 
-  seq = jnp.concatenate([ro['prompt'], ro['tokens']], axis=1)
-  seq_mask = jnp.concatenate([ro['prompt_mask'], ro['completion_mask']], axis=1)
-  logp_fn = lambda p: completion_logprobs(graphdef, p, seq, seq_mask, lp)
-  old_logp = jax.lax.stop_gradient(logp_fn(state.params)[0]) if cfg.num_iterations > 1 else None
-  ref_logp = jax.lax.stop_gradient(logp_fn(ref_params)[0]) if cfg.beta > 0 else None
+  rows = {
+      'seq': jnp.concatenate([ro['prompt'], ro['tokens']], axis=1),
+      'seq_mask': jnp.concatenate([ro['prompt_mask'], ro['completion_mask']], axis=1),
+      'adv': adv, 'mask': mask, 'truncated': ro['truncated'],
+  }
+  logp_fn = lambda p, r: completion_logprobs(graphdef, p, r['seq'], r['seq_mask'], lp)
+  frozen_logp = lambda p: jax.lax.stop_gradient(
+      map_microbatches(lambda r: logp_fn(p, r)[0], rows, k))
+  if cfg.num_iterations > 1:
+    rows['old_logp'] = frozen_logp(state.params)
+  if cfg.beta > 0:
+    rows['ref_logp'] = frozen_logp(ref_params)
 
-  def loss_fn(params):
-    logp, entropy = logp_fn(params)
-    loss, aux = losses.grpo_loss(logp, old_logp, ref_logp, adv, mask, ro['truncated'], cfg)
-    aux['entropy'] = jnp.sum(entropy * mask) / jnp.maximum(mask.sum(), 1)
+  # Global normalisers, so that the mean over k microbatches is the full-batch loss.
+  loss_mask = mask.astype(jnp.float32)
+  if cfg.mask_truncated_completions:
+    loss_mask = loss_mask * (1.0 - ro['truncated'].astype(jnp.float32))[:, None]
+  n_loss_tok = loss_mask.sum()
+  n_mask_tok = jnp.maximum(mask.astype(jnp.float32).sum(), 1.0)
+
+  def loss_fn(params, r):
+    logp, entropy = logp_fn(params, r)
+    loss, aux = losses.grpo_loss(logp, r.get('old_logp'), r.get('ref_logp'), r['adv'], r['mask'],
+                                 r['truncated'], cfg, num_items=None if k == 1 else n_loss_tok / k)
+    if k > 1:  # token means of this microbatch -> shares of the whole batch's token mean
+      w = jnp.maximum(aux['num_tokens'], 1.0) * k / jnp.maximum(n_loss_tok, 1.0)
+      aux = {key: v * w for key, v in aux.items() if key != 'num_tokens'} | {
+          'num_tokens': aux['num_tokens'] * k}
+    aux['entropy'] = jnp.sum(entropy * r['mask']) / (n_mask_tok / k)
     return loss, aux
 
   def update(st: TrainState, _):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)
+    (loss, aux), grads = accumulate_gradients(loss_fn, st.params, rows, k)
     finite = jnp.isfinite(loss) & all_finite(grads)
     new = apply_gradients(st, grads, tx)
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, st)
@@ -142,4 +182,103 @@ def grpo_iteration(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup,
   return state, metrics
 
 
+def grpo_iteration(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup, state: TrainState,
+                   ref_params, batch: dict, key: jax.Array):
+  """Rollout, rewards, advantages and μ updates.
+
+  Args:
+    graphdef: policy graph (static).
+    tx: optimizer (static).
+    setup: static GRPO settings.
+    state: TrainState of the policy (donated).
+    ref_params: frozen reference policy params, or None when setup.loss.beta == 0.
+    batch: prompt [B, Lp] (left-padded), prompt_mask, answer [B, A], answer_len [B].
+    key: PRNG key for the rollout.
+
+  Returns:
+    (new_state, metrics) with scalar metrics.
+  """
+  ro = rollout(graphdef, state.params, batch, key, setup)
+  return grpo_update(graphdef, tx, setup, state, ref_params, ro)
+
+
 grpo_iteration_jit = jax.jit(grpo_iteration, static_argnums=(0, 1, 2), donate_argnums=(3,))
+rollout_jit = jax.jit(rollout, static_argnums=(0, 4))
+grpo_update_jit = jax.jit(grpo_update, static_argnums=(0, 1, 2), donate_argnums=(3,))
+
+
+# ----------------------------------------------------------------------------------------
+# Rollout on its own mesh.
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """A mesh and the logical -> mesh rule table used on it."""
+
+  mesh: Mesh
+  rules: sharding.Rules
+
+
+def reshard_params(params, placement: Placement):
+  """Explicit copy of an nnx state into the layout its logical axes get on `placement`.
+
+  Args:
+    params: nnx.State whose Variables carry `logical_axes`.
+    placement: target mesh and rules.
+
+  Returns:
+    The same values, `jax.device_put` to `sharding.state_shardings(params, mesh, rules)`.
+  """
+  return jax.device_put(params, sharding.state_shardings(params, placement.mesh, placement.rules))
+
+
+def reshard_rows(batch: dict, placement: Placement) -> dict:
+  """Puts every leaf [B, ...] with its leading dim laid out as 'batch' on `placement`.
+
+  Unlike `sharding.shard_batch`, a B that does not divide the batch mesh axes is not an
+  error: that dim loses mesh axes until it does (at worst replicated), as `constrain` does.
+  """
+
+  def put(x):
+    axes = ('batch',) + (None,) * (x.ndim - 1) if x.ndim else ()
+    spec = sharding.logical_to_spec(axes, placement.rules, placement.mesh, x.shape)
+    return jax.device_put(x, NamedSharding(placement.mesh, spec))
+
+  return jax.tree.map(put, batch)
+
+
+def rollout_on_mesh(graphdef, params, batch: dict, key: jax.Array, setup: GRPOSetup,
+                    rollout_at: Placement, train_at: Placement) -> dict:
+  """`rollout` with the policy resharded to `rollout_at`, outputs back on `train_at`.
+
+  Args:
+    graphdef, params: the policy, laid out for training.
+    batch, key, setup: as for `rollout`.
+    rollout_at: mesh + rules the sampler runs with (params, prompts and the activation
+      constraints inside the sampler follow them).
+    train_at: mesh + rules of the update; the returned rows are laid out as its 'batch'.
+
+  Returns:
+    The rollout dict of `rollout`, rows [B·G] sharded for the update.
+  """
+  params_r = reshard_params(params, rollout_at)
+  batch_r = reshard_rows(batch, rollout_at)
+  key_r = jax.device_put(key, NamedSharding(rollout_at.mesh, P()))
+  with sharding.use_mesh_rules(rollout_at.mesh, rollout_at.rules):
+    ro = rollout_jit(graphdef, params_r, batch_r, key_r, setup)
+  return reshard_rows(ro, train_at)
+
+
+def grpo_iteration_on_meshes(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup,
+                             state: TrainState, ref_params, batch: dict, key: jax.Array,
+                             rollout_at: Placement, train_at: Placement):
+  """`grpo_iteration` with the rollout on its own mesh: two compiled programs and two reshards.
+
+  Same arguments and results as `grpo_iteration` (state donated), plus the two placements
+  (see `rollout_on_mesh`). The training state stays on `train_at`. With the same key, the
+  rollout and the update equal those of `grpo_iteration_jit` up to float reassociation
+  (random bits do not depend on the sharding).
+  """
+  ro = rollout_on_mesh(graphdef, state.params, batch, key, setup, rollout_at, train_at)
+  with sharding.use_mesh_rules(train_at.mesh, train_at.rules):
+    return grpo_update_jit(graphdef, tx, setup, state, ref_params, ro)
