@@ -369,3 +369,66 @@ def test_transformer_start_up_check(single_device_run):
                      r"replicated: embed \(8.0 KiB\), layers.0.attn.wo \(8.0 KiB\), "
                      r"layers.0.attn.wq \(8.0 KiB\)\. "):
     sharding.check_sharded(replicated, mesh, 0.02)
+
+
+# ----------------------------------------------------------------------------------------
+# GRPO with the rollout on its own mesh (rlm_jax.training.grpo.grpo_iteration_on_meshes).
+
+
+def test_grpo_rollout_on_a_tensor_parallel_mesh_matches_the_one_mesh_iteration():
+  from rlm_jax.models import transformer as tfm
+  from rlm_jax.sampling.sampler import SamplingConfig
+  from rlm_jax.training import grpo, losses
+  from rlm_jax.training.rewards import RewardConfig
+  from rlm_jax.training.state import OptimConfig, create_train_state, make_optimizer
+
+  cfg = tfm.ModelConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                        head_dim=8, d_ff=32)
+  train = grpo.Placement(_mesh((1, 8, 1)), DEFAULT_RULES)  # FSDP
+  roll = grpo.Placement(_mesh((2, 1, 4)), DEFAULT_RULES)  # DP x TP
+  graphdef, params = sharding.init_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0)),
+                                           train.mesh, DEFAULT_RULES)
+  setup = grpo.GRPOSetup(
+      group_size=8, loss=losses.GRPOConfig(max_completion_length=3),
+      sampling=SamplingConfig(max_new_tokens=3, eos_id=2, pad_id=0, temperature=1.0),
+      reward=RewardConfig(), step_id=3,
+      score_fn=lambda out, batch: jnp.where(out.tokens_BxT[:, 0] == 5, 2, 0))
+  batch = {"prompt": jnp.ones((4, 2), jnp.int32), "prompt_mask": jnp.ones((4, 2), bool),
+           "answer": jnp.zeros((4, 1), jnp.int32), "answer_len": jnp.ones((4,), jnp.int32)}
+  key = jax.random.key(7)
+  tx = make_optimizer(OptimConfig(learning_rate=1e-2, grad_clip=0.0))
+
+  # The reshard really changes the layout: w_up [embed, mlp] goes from fsdp to tensor.
+  w_up = lambda p: p["layers"][0]["mlp"]["w_up"].get_value()
+  moved = grpo.reshard_params(params, roll)
+  assert w_up(params).sharding.spec == P("fsdp")
+  assert w_up(moved).sharding.spec == P(None, "tensor") and w_up(moved).sharding.mesh == roll.mesh
+  assert {s.data.shape for s in w_up(moved).addressable_shards} == {(16, 8)}
+  np.testing.assert_array_equal(np.asarray(w_up(moved)), np.asarray(w_up(params)))
+
+  compiled_updates = grpo.grpo_update_jit._cache_size()  # pylint: disable=protected-access
+  with sharding.use_mesh_rules(train.mesh, train.rules):
+    ro_two = grpo.rollout_on_mesh(graphdef, params, batch, key, setup, roll, train)
+    # One mesh: the two halves of `grpo_iteration` (fused in grpo_iteration_jit; the halves
+    # share the update program with the two-mesh path, which saves compiles here).
+    ro_one = grpo.reshard_rows(grpo.rollout_jit(graphdef, params, batch, key, setup), train)
+    state_one, m_one = grpo.grpo_update_jit(
+        graphdef, tx, setup, create_train_state(jax.tree.map(jnp.copy, params), tx, train.mesh,
+                                                train.rules), None, ro_one)
+    state_two, m_two = grpo.grpo_iteration_on_meshes(
+        graphdef, tx, setup, create_train_state(params, tx, train.mesh, train.rules), None, batch,
+        key, roll, train)
+  np.testing.assert_array_equal(np.asarray(ro_two["tokens"]), np.asarray(ro_one["tokens"]))
+  assert ro_two["tokens"].sharding.mesh == train.mesh
+  assert ro_two["tokens"].sharding.spec == P("fsdp")
+  assert 0 < float(m_one["accuracy"]) < 1  # mixed rewards: the update is not a no-op
+  for k in ("reward", "accuracy", "completion_length"):
+    assert float(m_two[k]) == float(m_one[k]), k
+  # Both paths ran the same update program (the resharded rollout has the training layout).
+  assert grpo.grpo_update_jit._cache_size() == compiled_updates + 1  # pylint: disable=protected-access
+  np.testing.assert_allclose(float(m_two["loss"]), float(m_one["loss"]), rtol=1e-5, atol=1e-7)
+  assert w_up(state_two.params).sharding.spec == P("fsdp")  # the state stays on the train mesh
+  for a, b in zip(jax.tree.leaves(state_two.params), jax.tree.leaves(state_one.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  delta = np.abs(np.asarray(w_up(state_one.params)) - np.asarray(w_up(params)))
+  assert delta.max() > 1e-3
