@@ -25,13 +25,17 @@ from rlm_jax import tasks as tasks_lib
 from rlm_jax.data import encoding
 from rlm_jax.data.tokenizer import Tokenizer, load_tokenizer
 from rlm_jax.models.transformer import ModelConfig, Transformer
-from rlm_jax.sampling.sampler import SamplingConfig
+from rlm_jax.sampling.sampler import SamplingConfig, sample
+from rlm_jax.search import lm as search_lm
+from rlm_jax.training import alphazero as az_lib
 from rlm_jax.training import evaluate as eval_lib
 from rlm_jax.training import em as em_lib
 from rlm_jax.training import grpo as grpo_lib
+from rlm_jax.training import labels as labels_lib
 from rlm_jax.training import losses
 from rlm_jax.training import ppo as ppo_lib
 from rlm_jax.training.rewards import RewardConfig
+from rlm_jax.training import value as value_lib
 from rlm_jax.training.sft import sft_step_jit
 from rlm_jax.training.state import OptimConfig, TrainState, create_train_state, make_optimizer
 
@@ -66,6 +70,48 @@ class SFTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValueConfig:
+  """Phase-1 value / PRM training (its own checkpointed phase `value`, after policy SFT).
+
+  The value model is the policy's architecture with the value head of `mode` ('mse': a
+  'sigmoid' head, targets 2p − 1; 'bce': a 'logit' head, targets p), started from the SFT
+  policy's weights (`init='policy'`) or at random. rl.algo='alphazero' keeps training the same
+  model (built from this section even when `enabled` is False).
+
+  Step labels (`training.labels`), for `num_traces` training problems:
+    solver  solver traces (all steps correct) and `negatives_per_task` corrupted ones;
+    mc      one trace per problem sampled from the SFT policy, each step labelled by the
+            fraction of `mc_rollouts` completions from it that end correct (O-PRM);
+    mcts    MCTS with the SFT policy and the verifier (the search knobs of rl.alphazero), the
+            best path's per-step q-values.
+  The label set is rebuilt deterministically from (seed, SFT checkpoint) when the phase
+  (re)starts; `label_batch` problems go through one compiled labelling call.
+  """
+
+  enabled: bool = False
+  labels: Literal['solver', 'mc', 'mcts'] = 'solver'
+  mode: Literal['mse', 'bce'] = 'mse'
+  init: Literal['policy', 'random'] = 'policy'
+  value_hidden: int = 0  # value-head MLP width (0: d_model)
+  steps: int = 200
+  batch_size: int = 32
+  num_traces: int = 512
+  label_batch: int = 64
+  negatives_per_task: int = 1
+  max_steps: int = 8  # steps labelled per trace
+  mc_rollouts: int = 4
+  temperature: float = 1.0  # sampling of mc traces and rollouts
+  optim: OptimConfig = OptimConfig()
+
+  def __post_init__(self):
+    for name in ('batch_size', 'num_traces', 'label_batch', 'max_steps', 'mc_rollouts'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'value.{name}={getattr(self, name)}: must be >= 1')
+    if self.steps < 0 or self.negatives_per_task < 0:
+      raise ValueError('value.steps and value.negatives_per_task must be >= 0')
+
+
+@dataclasses.dataclass(frozen=True)
 class PPOExtras:
   """PPO knobs beyond `losses.PPOConfig` (the actor-critic gets value_head='sigmoid')."""
 
@@ -82,9 +128,10 @@ class EMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-  """Phase 2. `group_size` is G for GRPO and EM (and completions per prompt for PPO)."""
+  """Phase 2. `group_size` is G for GRPO and EM (and completions per prompt for PPO). For
+  'alphazero', `iterations` are rounds and `prompts_per_iteration` problems searched per round."""
 
-  algo: Literal['grpo', 'ppo', 'em', 'none'] = 'grpo'
+  algo: Literal['grpo', 'ppo', 'em', 'alphazero', 'none'] = 'grpo'
   iterations: int = 100
   prompts_per_iteration: int = 32
   group_size: int = 8
@@ -96,6 +143,7 @@ class RLConfig:
   ppo: losses.PPOConfig = losses.PPOConfig()
   ppo_extras: PPOExtras = PPOExtras()
   em: EMConfig = EMConfig()
+  alphazero: az_lib.AlphaZeroConfig = az_lib.AlphaZeroConfig()
   reward: RewardConfig = RewardConfig()
 
 
@@ -116,6 +164,7 @@ class ExperimentConfig:
   rl: RLConfig
   eval: eval_lib.EvalConfig
   checkpoint: CheckpointConfig
+  value: ValueConfig = ValueConfig()
 
 
 @dataclasses.dataclass
@@ -163,6 +212,10 @@ class Experiment:
       raise ValueError(f'model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer '
                        f'vocabulary ({self.tok.vocab_size})')
     self.model_cfg = model_cfg
+    needs_value = [s for s in cfg.eval.strategies if s in eval_lib.VALUE_STRATEGIES]
+    if needs_value and not cfg.value.enabled and cfg.rl.algo != 'alphazero':
+      raise ValueError(f'eval.strategies {needs_value} need a value model: set value.enabled=True '
+                       "(phase-1 value training) or rl.algo='alphazero'")
     self.mesh = sharding.make_mesh(cfg.mesh)
     self.rules = cfg.mesh.rules
     self.train, self.held = build_data(self.tok, cfg.task, cfg.eval.size)
@@ -182,10 +235,11 @@ class Experiment:
                           pad_id=self.tok.pad_id, step_id=self.tok.step_id, temperature=rl.temperature,
                           top_k=rl.top_k, top_p=rl.top_p)
 
-  def evaluate(self, graphdef, params, tag: str, step: int) -> dict:
+  def evaluate(self, graphdef, params, tag: str, step: int, value=None) -> dict:
+    """`value`: (graphdef, params) of the value model for the value-guided strategies."""
     res = eval_lib.evaluate(graphdef, params, self.tok, self.held.tasks, self.held.prompt,
                             self.held.prompt_mask, self.cfg.task.completion_len, self.cfg.eval,
-                            jax.random.key(self.cfg.seed + 7))
+                            jax.random.key(self.cfg.seed + 7), value=value)
     self.metrics.write(step, {f'eval/{k}': v for k, v in res.items()})
     results = self.load_results()
     results[tag] = res
@@ -273,7 +327,7 @@ class Experiment:
       params = sft_params
       step = lambda st, b, key: em_lib.em_iteration_jit(graphdef, tx, setup, st, b, key)
     else:
-      raise ValueError(f"rl.algo='{rl.algo}': must be one of 'grpo', 'ppo', 'em', 'none'")
+      raise ValueError(f"rl.algo='{rl.algo}': must be one of 'grpo', 'ppo', 'em', 'alphazero', 'none'")
     if ref is not None:
       ref = jax.tree.map(jnp.copy, ref)  # the policy state is donated; keep the reference alive
     state = create_train_state(params, tx, self.mesh, self.rules)
@@ -287,8 +341,136 @@ class Experiment:
               'answer': jnp.asarray(train.answer[idx]), 'answer_len': jnp.asarray(train.answer_len[idx])}
 
     step_fn = lambda st, b, i: step(st, b, jax.random.fold_in(key, i))
-    state, done = self._run_phase(rl.algo, rl.iterations, cfg.sft.steps + 1, state, step_fn, batch_fn, stop)
+    state, done = self._run_phase(rl.algo, rl.iterations, self._phase1_end() + 1, state, step_fn, batch_fn, stop)
     return state, graphdef, done
+
+  def _phase1_end(self) -> int:
+    """Metrics step of the phase-1 evaluation: after SFT and, when enabled, the value phase
+    (which logs at sft.steps + 1 ...). Phase 2 logs from here + 1."""
+    v = self.cfg.value
+    return self.cfg.sft.steps + (v.steps + 1 if v.enabled else 0)
+
+  # --- value model (phase 1) and the AlphaZero loop (phase 2) -----------------------------
+
+  def value_model(self, policy_params) -> tuple[nnx.GraphDef, nnx.State]:
+    """A new value model: the policy's architecture with the value head of `value.mode`; with
+    `value.init='policy'` every weight but the value head is copied from `policy_params`."""
+    v = self.cfg.value
+    vcfg = dataclasses.replace(self.model_cfg, value_head=value_lib.HEAD_OF_MODE[v.mode],
+                               value_hidden=v.value_hidden)
+    make = lambda: Transformer(vcfg, rngs=nnx.Rngs(params=self.cfg.seed + 13))
+    graphdef, params = sharding.init_sharded(make, self.mesh, self.rules)
+    if v.init == 'policy':
+      params = ppo_lib.actor_critic_params(params, policy_params)
+    return graphdef, jax.tree.map(jnp.copy, params)  # own buffers: the value state is donated
+
+  def _label_chunks(self, idx: np.ndarray):
+    """Fixed-shape device batches of training problems `idx` (the last chunk padded with its
+    first row): yields (chunk index, number of real rows, batch)."""
+    n, size, train = len(idx), self.cfg.value.label_batch, self.train
+    for c, lo in enumerate(range(0, n, size)):
+      rows = idx[lo:lo + size]
+      full = np.concatenate([rows, np.repeat(rows[:1], size - len(rows))])
+      arrays = (('prompt', train.prompt), ('prompt_mask', train.prompt_mask), ('answer', train.answer),
+                ('answer_len', train.answer_len))
+      yield c, len(rows), {name: jnp.asarray(x[full]) for name, x in arrays}
+
+  def value_data(self, graphdef, policy_params) -> dict[str, np.ndarray]:
+    """Step-labelled rows for phase-1 value training (host numpy, `value.value_step` layout).
+
+    Deterministic in (seed, policy): the label source of `value.labels` over `value.num_traces`
+    training problems (see `ValueConfig`).
+    """
+    cfg, v, tok = self.cfg, self.cfg.value, self.tok
+    n = min(v.num_traces, len(self.train.tasks))
+    idx = np.sort(np.random.default_rng((cfg.seed, 6)).choice(len(self.train.tasks), n, replace=False))
+    keys = ('tokens', 'mask', 'targets', 'target_mask')
+    if v.labels == 'solver':
+      records = labels_lib.solver_labels([self.train.tasks[i] for i in idx], cfg.seed, v.negatives_per_task)
+      enc = labels_lib.encode_step_labels(tok, records, cfg.task.prompt_len + cfg.task.completion_len, v.max_steps)
+      rows = value_lib.prm_batch(enc['tokens'], enc['mask'], enc['completion_start'], enc['step_labels'],
+                                 enc['step_valid'], tok.step_id, tok.eos_id)
+      return {k: np.asarray(jax.device_get(rows[k])) for k in keys}
+    key = jax.random.key(cfg.seed + 17)
+    parts = []
+    if v.labels == 'mc':
+      scfg = SamplingConfig(max_new_tokens=cfg.task.completion_len, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                            step_id=tok.step_id, temperature=v.temperature)
+      setup = labels_lib.MCLabelSetup(num_rollouts=v.mc_rollouts, max_steps=v.max_steps, sampling=scfg,
+                                      step_id=tok.step_id)
+      for c, real, batch in self._label_chunks(idx):
+        k_trace, k_roll = jax.random.split(jax.random.fold_in(key, c))
+        out = sample(graphdef, policy_params, batch['prompt'], batch['prompt_mask'], k_trace, scfg)
+        t = out.tokens_BxT.shape[1]
+        batch = dict(batch, completion=out.tokens_BxT,
+                     completion_mask=jnp.arange(t)[None] < out.lengths_B[:, None])
+        lab = labels_lib.mc_rollout_labels_jit(graphdef, policy_params, setup, batch, k_roll)
+        rows = labels_lib.trace_prm_batch(batch, lab['labels'], lab['valid'], tok.step_id, tok.eos_id)
+        parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in keys})
+    else:  # mcts: the search of the AlphaZero loop, without a value model (none exists yet)
+      rl = cfg.rl
+      setup = az_lib.make_setup(dataclasses.replace(rl.alphazero, use_value_model=False),
+                                search_lm.TokenIds.of(tok), cfg.task.prompt_len, cfg.task.completion_len, v.mode,
+                                rl.temperature, rl.top_k, rl.top_p)
+      for c, real, batch in self._label_chunks(idx):
+        rows = az_lib.search_rows_jit(graphdef, None, setup, policy_params, None, batch,
+                                      jax.random.fold_in(key, c))
+        parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in keys})
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+  def _run_value(self, graphdef, sft_params, stop):
+    """Phase-1 value / PRM training. Returns ((value graphdef, params), finished)."""
+    cfg, v = self.cfg, self.cfg.value
+    vgd, vparams = self.value_model(sft_params)
+    tx = make_optimizer(v.optim)
+    state = create_train_state(vparams, tx, self.mesh, self.rules)
+    offset = cfg.sft.steps + 1
+    data = {}
+
+    def batch_fn(step):
+      if not data:  # built only when the phase has steps left to run
+        data.update(self.value_data(graphdef, sft_params))
+        m = data['target_mask'] > 0
+        mean = float(data['targets'][m].mean()) if m.any() else 0.0
+        self.metrics.write(offset + step, {'value/label_rows': len(m), 'value/labels': int(m.sum()),
+                                           'value/label_mean': mean})
+      n = len(data['tokens'])
+      idx = np.random.default_rng((cfg.seed, 4, step)).choice(n, v.batch_size, replace=n < v.batch_size)
+      return {k: jnp.asarray(x[idx]) for k, x in data.items()}
+
+    step_fn = lambda st, b, i: value_lib.value_step_jit(vgd, tx, st, b, v.mode)
+    state, done = self._run_phase('value', v.steps, offset, state, step_fn, batch_fn, stop)
+    return (vgd, state.params), done
+
+  def _run_alphazero(self, graphdef, sft_params, value_model, stop):
+    """Phase 2, AlphaZero-style (`training.alphazero`). Returns (AZState, value graphdef, finished).
+
+    The value model is phase 1's when there is one, else a new one (`value_model`). The replay
+    buffer is part of the checkpointed state.
+    """
+    cfg, rl, tok = self.cfg, self.cfg.rl, self.tok
+    ptx, vtx = make_optimizer(rl.optim), make_optimizer(rl.alphazero.value_optim)
+    vgd, vparams = value_model if value_model is not None else self.value_model(sft_params)
+    setup = az_lib.make_setup(rl.alphazero, search_lm.TokenIds.of(tok), cfg.task.prompt_len,
+                              cfg.task.completion_len, cfg.value.mode, rl.temperature, rl.top_k, rl.top_p)
+    buffer = az_lib.empty_buffer(rl.alphazero.buffer_size, setup.row_len(), tok.pad_id)
+    buffer = jax.device_put(buffer, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+    copy = lambda t: jax.tree.map(jnp.copy, t)  # the round donates its state
+    state = az_lib.AZState(policy=create_train_state(copy(sft_params), ptx, self.mesh, self.rules),
+                           value=create_train_state(copy(vparams), vtx, self.mesh, self.rules), buffer=buffer)
+    train, key = self.train, jax.random.key(cfg.seed + 5)
+
+    def batch_fn(i):
+      idx = np.random.default_rng((cfg.seed, 2, i)).choice(len(train.tasks), rl.prompts_per_iteration,
+                                                            replace=False)
+      return {'prompt': jnp.asarray(train.prompt[idx]), 'prompt_mask': jnp.asarray(train.prompt_mask[idx]),
+              'answer': jnp.asarray(train.answer[idx]), 'answer_len': jnp.asarray(train.answer_len[idx])}
+
+    step_fn = lambda st, b, i: az_lib.alphazero_round_jit(graphdef, vgd, ptx, vtx, setup, st, b,
+                                                          jax.random.fold_in(key, i))
+    state, done = self._run_phase('alphazero', rl.iterations, self._phase1_end() + 1, state, step_fn, batch_fn,
+                                  stop)
+    return state, vgd, done
 
   def run(self) -> dict:
     cfg = self.cfg
@@ -312,18 +494,31 @@ class Experiment:
         if not done:
           return {'preempted': True}
         sft_params = state.params
+        # Phase 1b: value / PRM model.
+        value_model = None
+        if cfg.value.enabled:
+          value_model, done = self._run_value(graphdef, sft_params, stop)
+          if not done:
+            return {'preempted': True}
         results = self.load_results()
         if 'sft' not in results:
-          self.evaluate(graphdef, sft_params, 'sft', cfg.sft.steps)
+          self.evaluate(graphdef, sft_params, 'sft', self._phase1_end(), value_model)
 
         # Phase 2: RL.
         rl = cfg.rl
-        if rl.algo != 'none' and rl.iterations > 0:
+        rl_end = self._phase1_end() + rl.iterations + 1
+        if rl.algo == 'alphazero' and rl.iterations > 0:
+          state, vgd, done = self._run_alphazero(graphdef, sft_params, value_model, stop)
+          if not done:
+            return {'preempted': True}
+          if 'rl' not in self.load_results():
+            self.evaluate(graphdef, state.policy.params, 'rl', rl_end, (vgd, state.value.params))
+        elif rl.algo != 'none' and rl.iterations > 0:
           state, rl_graphdef, done = self._run_rl(graphdef, sft_params, stop)
           if not done:
             return {'preempted': True}
           if 'rl' not in self.load_results():
-            self.evaluate(rl_graphdef, state.params, 'rl', cfg.sft.steps + rl.iterations + 1)
+            self.evaluate(rl_graphdef, state.params, 'rl', rl_end, value_model)
         return self.load_results()
     finally:
       self.metrics.close()
