@@ -1,0 +1,515 @@
+"""One GRPO iteration: `rlm_jax.training.grpo.grpo_iteration_jit` vs tunix's GRPOLearner (CPU).
+
+Every peer trains the same Llama-shaped model from the same weights (initialised once and
+written with `rlm_jax.models.hf.export_hf`, as in benchmarks/sampler.py) on the same B prompts
+of --prompt-len tokens, G samples each, --completion-len tokens per sample (the EOS id is -1,
+which no model samples, so every row generates exactly that many), temperature 1, μ updates
+per rollout, k3 KL to a reference model with coefficient --beta, per-sequence token-mean loss,
+clip ε = 0.2, AdamW (lr 1e-5, b 0.9/0.95) after global-norm clipping at 1. The reward is cheap:
+1 if more than half of a completion's tokens have even ids, else 0.
+
+Peers (--peers, comma-separated):
+  ours      `grpo_iteration_jit`: rollout, reward, group advantages and the μ updates in one
+            compiled program (the headline). Split timing: the rollout jitted alone, and the rest
+            of the same `grpo_iteration` code jitted alone on a given rollout.
+  hostloop  our pieces in a host loop: jitted `sample`, then rewards and advantages in NumPy
+            on host (device_get in between), old/ref log-probs jitted, then μ calls of a jitted
+            update step. The structure of a typical host-driven learner, with our kernels.
+  tunix     `tunix.rl.grpo.grpo_learner.GRPOLearner` + `GRPOConfig` on an `RLCluster`
+            (`ClusterConfig`, `RLTrainingConfig`, `base_rollout.RolloutConfig`, vanilla rollout
+            engine, actor/reference/rollout on one 1-device mesh, so the rollout shares the
+            actor's weights), driven by `GRPOLearner.train`, with tunix's own `Llama3` loaded
+            from the same export by `tunix.models.llama3.params.create_model_from_safe_tensors`.
+            It pins its own jax/flax, so it runs in its own virtualenv (--tunix-python) as a
+            subprocess, before ours, so the two never share the cores.
+
+Measured after --warmup iterations (the first one compiles; its wall time is printed apart),
+median of --repeats iterations, each ended by waiting for the updated parameters:
+  iter s     wall seconds per iteration (CPU s: CPU seconds of the process, all threads);
+  rollout    the sampling part; rollout tok/s = B·G·completion_len / rollout seconds;
+  update     everything after sampling (rewards, advantages, old/ref log-probs, μ updates);
+             update tok/s = μ·B·G·completion_len / update seconds.
+Ours is split with separately jitted pieces (their sum is not the fused time); tunix's
+rollout is the time inside `RLCluster.generate` (its sampler plus string (de)tokenisation)
+and its update is the iteration minus that. The ratio column is our fused iteration over the
+peer's iteration; the target is <= 0.7.
+
+  python benchmarks/grpo.py                                  # ours, hostloop, tunix; ~2 min
+  python benchmarks/grpo.py --peers=ours,hostloop            # without the tunix virtualenv
+  python benchmarks/grpo.py --layers=1 --d-model=64 --heads=2 --kv-heads=1 --head-dim=32 \
+      --d-ff=128 --vocab=128 --prompts=2 --group=4 --prompt-len=8 --completion-len=8  # tiny
+
+The tunix virtualenv: python3 -m venv /work/venv-tunix && /work/venv-tunix/bin/pip install
+google-tunix==0.1.7 (it installs jax 0.10.2 / flax 0.12.8 there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from unittest import mock
+
+import numpy as np
+
+# benchmarks/sampler.py: model export and tunix tokenizer shared with the sampler benchmark.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sampler as sampler_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+PAD, BOS = 0, 1
+NO_EOS = -1  # an id no model samples: every row generates --completion-len tokens
+PEERS = ('ours', 'hostloop', 'tunix')
+LEARNING_RATE = 1e-5
+EPSILON = 0.2
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--layers', type=int, default=4)
+  p.add_argument('--d-model', type=int, default=256)
+  p.add_argument('--heads', type=int, default=4)
+  p.add_argument('--kv-heads', type=int, default=2)
+  p.add_argument('--head-dim', type=int, default=64)
+  p.add_argument('--d-ff', type=int, default=704)
+  p.add_argument('--vocab', type=int, default=1024)
+  p.add_argument('--prompt-len', type=int, default=32)
+  p.add_argument('--completion-len', type=int, default=64)
+  p.add_argument('--prompts', type=int, default=4, help='B: prompts per iteration')
+  p.add_argument('--group', type=int, default=8, help='G: samples per prompt')
+  p.add_argument('--mu', type=int, default=1, help='μ: updates per rollout (num_iterations)')
+  p.add_argument('--beta', type=float, default=0.04, help='KL coefficient (0: no reference model)')
+  p.add_argument('--warmup', type=int, default=1, help='untimed iterations (the first compiles)')
+  p.add_argument('--repeats', type=int, default=3, help='timed iterations (median)')
+  p.add_argument('--peers', default='ours,hostloop,tunix', help=f'comma-separated subset of {PEERS}')
+  p.add_argument('--tunix-python', default='/work/venv-tunix/bin/python',
+                 help='python of a virtualenv with google-tunix==0.1.7')
+  p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # internal: 'tunix'
+  p.add_argument('--workdir', default='', help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  peers = [x for x in args.peers.split(',') if x]
+  bad = [x for x in peers if x not in PEERS]
+  if bad or not peers:
+    p.error(f'--peers={args.peers!r}: each must be one of {PEERS}')
+  for name in ('layers', 'prompt_len', 'completion_len', 'prompts', 'mu', 'repeats'):
+    if getattr(args, name) < 1:
+      p.error(f'--{name.replace("_", "-")}={getattr(args, name)}: must be >= 1')
+  if args.group < 2:
+    p.error(f'--group={args.group}: must be >= 2 (group advantages need two samples)')
+  if args.warmup < 1:
+    p.error(f'--warmup={args.warmup}: must be >= 1 (the first iteration compiles)')
+  if args.beta < 0:
+    p.error(f'--beta={args.beta}: must be >= 0')
+  args.peer_list = peers
+  return args
+
+
+def make_prompts(args) -> np.ndarray:
+  """[B, Lp] int32 prompts: BOS, then ids in [3, vocab) (never PAD, BOS or the tokenizer's EOS)."""
+  rng = np.random.RandomState(0)
+  body = rng.randint(3, args.vocab, (args.prompts, args.prompt_len - 1))
+  return np.concatenate([np.full((args.prompts, 1), BOS), body], axis=1).astype(np.int32)
+
+
+def probe_completions(args) -> np.ndarray:
+  """Fixed [B, T] completions for the same-model check (ids in [3, vocab), as the prompts)."""
+  return np.random.RandomState(1).randint(3, args.vocab, (args.prompts, args.completion_len)).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- reward
+
+
+def even_majority_reward_np(tokens_NxT: np.ndarray, lengths_N: np.ndarray) -> np.ndarray:
+  """Host reward: 1.0 where more than half of the generated tokens have even ids, else 0.0."""
+  valid_NxT = np.arange(tokens_NxT.shape[1])[None] < lengths_N[:, None]
+  even_N = np.sum(valid_NxT & (tokens_NxT % 2 == 0), axis=1)
+  return (2 * even_N > lengths_N).astype(np.float32)
+
+
+def even_majority_score(out, batch):
+  """The same rule, jittable, on the verifier scale of `GRPOSetup.score_fn`: 2 solved, 0 wrong."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  del batch
+  t = out.tokens_BxT.shape[1]
+  valid_BxT = jnp.arange(t)[None] < out.lengths_B[:, None]
+  even_B = jnp.sum(valid_BxT & (out.tokens_BxT % 2 == 0), axis=1)
+  return jnp.where(2 * even_B > out.lengths_B, 2, 0).astype(jnp.int32)
+
+
+def group_advantages_np(reward_BxG: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+  """(r - group mean) / (group std + eps), unbiased std (as rlm_jax.training.advantages, TRL)."""
+  mean = reward_BxG.mean(axis=1, keepdims=True)
+  std = reward_BxG.std(axis=1, ddof=1, keepdims=True)
+  return ((reward_BxG - mean) / (std + eps)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _timed(fn):
+  """(result, wall s, CPU s) of `fn()`; fn must wait for its results."""
+  w0, c0 = time.perf_counter(), time.process_time()
+  out = fn()
+  return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def summarize(first_s, iters, args) -> dict:
+  """iters: list of dicts with wall, cpu, rollout, update seconds (update may be None)."""
+  med = lambda k: statistics.median(x[k] for x in iters)
+  n_roll = args.prompts * args.group * args.completion_len
+  res = dict(first_s=first_s, iter_s=med('wall'), cpu_s=med('cpu'), rollout_s=med('rollout'),
+             update_s=med('update'))
+  res['rollout_tok_s'] = n_roll / res['rollout_s']
+  res['update_tok_s'] = args.mu * n_roll / res['update_s']
+  return res
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def _setup(args):
+  from rlm_jax.sampling.sampler import SamplingConfig  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training.grpo import GRPOSetup  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training.losses import GRPOConfig  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training.rewards import RewardConfig  # pylint: disable=g-import-not-at-top
+
+  # loss_type 'grpo' = per-sequence token mean, tunix's default loss_agg_mode.
+  loss = GRPOConfig(loss_type='grpo', scale_rewards='group', epsilon=EPSILON, beta=args.beta,
+                    num_iterations=args.mu, max_completion_length=args.completion_len)
+  sampling = SamplingConfig(max_new_tokens=args.completion_len, eos_id=NO_EOS, pad_id=PAD, temperature=1.0)
+  return GRPOSetup(group_size=args.group, loss=loss, sampling=sampling, reward=RewardConfig(correct=1.0),
+                   step_id=-1, score_fn=even_majority_score)
+
+
+def _optimizer():
+  from rlm_jax.training.state import OptimConfig, make_optimizer  # pylint: disable=g-import-not-at-top
+
+  return make_optimizer(OptimConfig(learning_rate=LEARNING_RATE, b1=0.9, b2=0.95, grad_clip=1.0))
+
+
+def _update_after_rollout(graphdef, tx, setup, state, ref_params, batch, ro):
+  """`grpo_iteration` with its rollout replaced by a given one: exactly its update code.
+
+  Patching the module's `rollout` while this traces times the very code of the fused
+  iteration after sampling, instead of a copy of it that could drift.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
+
+  with mock.patch.object(grpo_lib, 'rollout', lambda *a, **k: ro):
+    return grpo_lib.grpo_iteration(graphdef, tx, setup, state, ref_params, batch, jax.random.key(0))
+
+
+def _param_delta(a, b) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  sq = jax.tree.map(lambda x, y: jnp.sum(jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32))), a, b)
+  return float(jnp.sqrt(sum(jax.tree.leaves(sq))))
+
+
+def run_ours(graphdef, params, args) -> dict:
+  """Fused iteration (headline) and its rollout / update parts jitted apart."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
+
+  setup, tx = _setup(args), _optimizer()
+  prompt = jnp.asarray(make_prompts(args))
+  batch = {'prompt': prompt, 'prompt_mask': jnp.ones(prompt.shape, bool)}
+  ref = jax.tree.map(jnp.copy, params) if args.beta > 0 else None
+  key = jax.random.key(0)
+
+  # Fused: the state is donated, so each call gets the previous call's output.
+  state = create_train_state(params, tx)
+  fused, first_s, metrics = [], None, None
+  for i in range(args.warmup + args.repeats):
+    (state, metrics), wall, cpu = _timed(lambda i=i, st=state: jax.block_until_ready(
+        grpo_lib.grpo_iteration_jit(graphdef, tx, setup, st, ref, batch, jax.random.fold_in(key, i))))
+    if i == 0:
+      first_s = wall
+    if i >= args.warmup:
+      fused.append(dict(wall=wall, cpu=cpu))
+  metrics = jax.device_get(metrics)
+  delta = _param_delta(state.params, params)
+
+  # Split: rollout alone, then the rest of the same iteration on that rollout.
+  rollout_jit = jax.jit(grpo_lib.rollout, static_argnums=(0, 4))
+  update_jit = jax.jit(_update_after_rollout, static_argnums=(0, 1, 2), donate_argnums=(3,))
+  state = create_train_state(params, tx)
+  split = []
+  for i in range(args.warmup + args.repeats):
+    ro, t_roll, _ = _timed(lambda i=i, st=state: jax.block_until_ready(
+        rollout_jit(graphdef, st.params, batch, jax.random.fold_in(key, i), setup)))
+    (state, _), t_upd, _ = _timed(lambda st=state, ro=ro: jax.block_until_ready(
+        update_jit(graphdef, tx, setup, st, ref, batch, ro)))
+    if i >= args.warmup:
+      split.append(dict(rollout=t_roll, update=t_upd))
+  iters = [dict(f, **s) for f, s in zip(fused, split)]
+  res = summarize(first_s, iters, args)
+  res.update(loss=float(metrics['loss']), reward=float(metrics['reward']), finite=bool(metrics['finite']),
+             param_delta=delta, split_sum_s=res['rollout_s'] + res['update_s'])
+  return res
+
+
+# ----------------------------------------------------------------------------- hostloop
+
+
+def run_hostloop(graphdef, params, args) -> dict:
+  """Jitted sampling -> host rewards/advantages (NumPy) -> jitted log-probs and μ update steps."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  from rlm_jax.sampling.sampler import sample  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training import losses  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training.state import apply_gradients, create_train_state  # pylint: disable=g-import-not-at-top
+
+  setup, tx = _setup(args), _optimizer()
+  cfg, lp, g = setup.loss, args.prompt_len, args.group
+  prompt_N = jnp.asarray(np.repeat(make_prompts(args), g, axis=0))
+  prompt_mask_N = jnp.ones(prompt_N.shape, bool)
+  ref = jax.tree.map(jnp.copy, params) if args.beta > 0 else None
+
+  @jax.jit
+  def logps(p, seq, seq_mask):
+    return grpo_lib.completion_logprobs(graphdef, p, seq, seq_mask, lp)[0]
+
+  @jax.jit
+  def update_step(state, seq, seq_mask, adv_N, old, ref_logp):
+    mask = seq_mask[:, lp:]
+
+    def loss_fn(p):
+      logp = grpo_lib.completion_logprobs(graphdef, p, seq, seq_mask, lp)[0]
+      return losses.grpo_loss(logp, old, ref_logp, adv_N, mask, jnp.zeros(adv_N.shape, bool), cfg)
+
+    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return apply_gradients(state, grads, tx), dict(loss=loss, grad_norm=optax.global_norm(grads))
+
+  def iteration(state, key):
+    w0 = time.perf_counter()
+    out = sample(graphdef, state.params, prompt_N, prompt_mask_N, key, setup.sampling)
+    tokens, lengths = jax.device_get((out.tokens_BxT, out.lengths_B))
+    t_roll = time.perf_counter() - w0
+    reward = even_majority_reward_np(tokens, lengths)
+    adv_N = group_advantages_np(reward.reshape(-1, g)).reshape(-1)
+    completion_mask = np.arange(tokens.shape[1])[None] < lengths[:, None]
+    seq = jnp.concatenate([prompt_N, jnp.asarray(tokens)], axis=1)
+    seq_mask = jnp.concatenate([prompt_mask_N, jnp.asarray(completion_mask)], axis=1)
+    adv_N = jnp.asarray(adv_N)
+    old = logps(state.params, seq, seq_mask) if cfg.num_iterations > 1 else None
+    ref_logp = logps(ref, seq, seq_mask) if cfg.beta > 0 else None
+    for _ in range(cfg.num_iterations):
+      state, aux = update_step(state, seq, seq_mask, adv_N, old, ref_logp)
+    jax.block_until_ready(state)
+    return (state, aux, float(reward.mean())), t_roll
+
+  state = create_train_state(params, tx)
+  key = jax.random.key(0)
+  iters, first_s = [], None
+  for i in range(args.warmup + args.repeats):
+    ((state, aux, reward), t_roll), wall, cpu = _timed(lambda i=i, st=state: iteration(st, jax.random.fold_in(key, i)))
+    if i == 0:
+      first_s = wall
+    if i >= args.warmup:
+      iters.append(dict(wall=wall, cpu=cpu, rollout=t_roll, update=wall - t_roll))
+  res = summarize(first_s, iters, args)
+  res.update(loss=float(aux['loss']), reward=reward, finite=bool(np.isfinite(float(aux['loss']))),
+             param_delta=_param_delta(state.params, params))
+  return res
+
+
+# ----------------------------------------------------------------------------- tunix
+
+
+def tunix_worker(args):
+  """Runs inside the tunix virtualenv: prints one TUNIX_RESULT JSON line."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  from tunix.models.llama3 import model as tmodel  # pylint: disable=g-import-not-at-top
+  from tunix.models.llama3 import params as tparams  # pylint: disable=g-import-not-at-top
+  from tunix.rl import common as tcommon  # pylint: disable=g-import-not-at-top
+  from tunix.rl import rl_cluster as rlc  # pylint: disable=g-import-not-at-top
+  from tunix.rl.grpo import grpo_learner  # pylint: disable=g-import-not-at-top
+  from tunix.rl.rollout import base_rollout  # pylint: disable=g-import-not-at-top
+
+  b, g, lp, t, mu = args.prompts, args.group, args.prompt_len, args.completion_len, args.mu
+  n_iters = args.warmup + args.repeats
+  mcfg = tmodel.ModelConfig(
+      num_layers=args.layers, vocab_size=args.vocab, embed_dim=args.d_model, hidden_dim=args.d_ff,
+      num_heads=args.heads, head_dim=args.head_dim, num_kv_heads=args.kv_heads, rope_theta=1_000_000,
+      norm_eps=1e-5, shd_config=tmodel.ShardingConfig.get_default_sharding(),
+  )
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ('fsdp', 'tp'))
+  with jax.set_mesh(mesh):
+    actor = tparams.create_model_from_safe_tensors(args.workdir, mcfg, mesh)
+    reference = tparams.create_model_from_safe_tensors(args.workdir, mcfg, mesh) if args.beta > 0 else None
+  params0 = jax.tree.map(jnp.copy, nnx.state(actor, nnx.Param))
+
+  # Same-model check: log-probs of fixed completions under the initial weights.
+  gdef, st = nnx.split(actor)
+  probe_logp = tcommon.compute_per_token_logps(
+      gdef, st, prompt_tokens=jnp.asarray(make_prompts(args)), completion_tokens=jnp.asarray(probe_completions(args)),
+      pad_id=PAD, eos_id=2, stop_gradient=True, return_logits=False)
+
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LEARNING_RATE, b1=0.9, b2=0.95, weight_decay=0.0))
+  cluster = rlc.RLCluster(
+      actor=actor, reference=reference, tokenizer=sampler_bench._IdTokenizer(),  # pylint: disable=protected-access
+      cluster_config=rlc.ClusterConfig(
+          role_to_mesh={rlc.Role.ACTOR: mesh, rlc.Role.REFERENCE: mesh, rlc.Role.ROLLOUT: mesh},
+          rollout_engine='vanilla', offload_to_cpu=False,
+          training_config=rlc.RLTrainingConfig(actor_optimizer=tx, eval_every_n_steps=10**9,
+                                               max_steps=n_iters * mu),
+          rollout_config=base_rollout.RolloutConfig(
+              max_tokens_to_generate=t, max_prompt_length=lp, kv_cache_size=lp + t, temperature=1.0,
+              top_p=1.0, eos_tokens=[NO_EOS]),
+      ),
+  )
+
+  def reward_fn(prompts, completions, **kw):
+    del prompts, kw
+    toks = [np.array([int(x) for x in c.split()], np.int64) for c in completions]
+    return [float(even_majority_reward_np(x[None], np.array([len(x)]))[0]) for x in toks]
+
+  learner = grpo_learner.GRPOLearner(
+      rl_cluster=cluster, reward_fns=reward_fn,
+      algo_config=grpo_learner.GRPOConfig(num_generations=g, num_iterations=mu, beta=args.beta,
+                                          epsilon=EPSILON, kl_loss_mode='low_var_kl',
+                                          loss_agg_mode='sequence-mean-token-mean'))
+
+  # Timing hooks on the learner's own call path (instance attributes; the methods are unchanged).
+  iters, rollouts, gen_lengths = [], [], []
+  run_global_step, generate = learner._run_global_step, cluster.generate  # pylint: disable=protected-access
+
+  def timed_generate(*a, **k):
+    out, wall, _ = _timed(lambda: generate(*a, **k))
+    rollouts.append(wall)
+    gen_lengths.extend(len(x) for x in out.tokens)
+    return out
+
+  def timed_global_step(*a, **k):
+    def step():
+      run_global_step(*a, **k)
+      jax.block_until_ready(nnx.state(cluster.actor_trainer.model))
+    _, wall, cpu = _timed(step)
+    iters.append(dict(wall=wall, cpu=cpu))
+
+  cluster.generate = timed_generate
+  learner._run_global_step = timed_global_step  # pylint: disable=protected-access
+
+  prompts = make_prompts(args)
+  # Prompts travel as text; the sampler adds BOS itself, so send the ids after it.
+  text = np.array([' '.join(map(str, row[1:])) for row in prompts])
+  learner.train({'prompts': text} for _ in range(n_iters))
+  if len(iters) != n_iters or len(rollouts) != n_iters:
+    raise RuntimeError(f'tunix ran {len(iters)} iterations and {len(rollouts)} rollouts, expected {n_iters}')
+  if set(gen_lengths) != {t}:
+    raise RuntimeError(f'tunix completions have lengths {sorted(set(gen_lengths))}, expected all {t}')
+  for it, r in zip(iters, rollouts):
+    it.update(rollout=r, update=it['wall'] - r)
+  res = summarize(iters[0]['wall'], iters[args.warmup:], args)
+  res.update(param_delta=_param_delta(nnx.state(cluster.actor_trainer.model, nnx.Param), params0),
+             train_steps=int(cluster.actor_trainer.train_steps), probe_logp=np.asarray(probe_logp).tolist())
+  info = f'google-tunix {metadata.version("google-tunix")}, jax {jax.__version__}'
+  print('TUNIX_RESULT ' + json.dumps({'info': info, 'result': res}))
+
+
+def run_tunix(path, args):
+  """(result or None, one line of info) from the tunix worker subprocess."""
+  py = args.tunix_python
+  if not os.path.exists(py):
+    return None, f'not run: no python at {py} (python3 -m venv DIR && DIR/bin/pip install google-tunix==0.1.7)'
+  cmd = [py, os.path.abspath(__file__), '--worker=tunix', f'--workdir={path}'] + [
+      a for a in sys.argv[1:] if not a.startswith(('--worker', '--workdir', '--tunix-python', '--peers'))
+  ]
+  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
+  for line in proc.stdout.splitlines():
+    if line.startswith('TUNIX_RESULT '):
+      res = json.loads(line[len('TUNIX_RESULT '):])
+      return res['result'], res['info']
+  tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
+  return None, f'not run: tunix worker failed (exit {proc.returncode}): {tail}'
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def format_table(results: dict, args) -> str:
+  """One row per peer; ratio = our fused iteration / the peer's iteration (target <= 0.7)."""
+  cols = ('peer', 'iter s', 'iter CPU s', 'rollout s', 'rollout tok/s', 'update s', 'update tok/s',
+          'first iter s', 'ours/peer')
+  lines = [' | '.join(cols)]
+  ours = results.get('ours')
+  for name, r in results.items():
+    ratio = '-' if ours is None or name == 'ours' else f"{ours['iter_s'] / r['iter_s']:.2f}"
+    row = (name, f"{r['iter_s']:.3f}", f"{r['cpu_s']:.2f}", f"{r['rollout_s']:.3f}", f"{r['rollout_tok_s']:.0f}",
+           f"{r['update_s']:.3f}", f"{r['update_tok_s']:.0f}", f"{r['first_s']:.1f}", ratio)
+    lines.append(' | '.join(v.rjust(len(c)) for v, c in zip(row, cols)))
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.worker == 'tunix':
+    return tunix_worker(args)
+  # Run from a checkout without installing: the repository root holds the package.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
+
+  results, notes = {}, []
+  with tempfile.TemporaryDirectory() as tmp:
+    cfg, graphdef, params = sampler_bench.build_and_export(args, tmp)
+    print(f'model: {cfg.n_layers} layers, d={cfg.d_model}, heads {cfg.n_heads}/{cfg.n_kv_heads}, head_dim '
+          f'{cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, fp32; B={args.prompts} prompts x G={args.group}, '
+          f'prompt {args.prompt_len}, completion {args.completion_len} (no EOS), mu={args.mu}, beta={args.beta}; '
+          f'median of {args.repeats} after {args.warmup} warm-up')
+    print(f'ours: jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device), '
+          f'{os.cpu_count()} cpus; load average {os.getloadavg()[0]:.1f}')
+    tunix = None
+    if 'tunix' in args.peer_list:  # first, so the two jax processes never overlap
+      tunix, info = run_tunix(tmp, args)
+      print(f'tunix: {info}')
+  if 'ours' in args.peer_list:
+    results['ours'] = run_ours(graphdef, params, args)
+  if 'hostloop' in args.peer_list:
+    results['hostloop'] = run_hostloop(graphdef, params, args)
+  if tunix is not None:
+    results['tunix'] = tunix
+    ours_logp = grpo_lib.completion_logprobs(
+        graphdef, params, jnp.concatenate([make_prompts(args), probe_completions(args)], axis=1),
+        jnp.ones((args.prompts, args.prompt_len + args.completion_len), bool), args.prompt_len)[0]
+    notes.append(f"same model: max |log p ours - log p tunix| on fixed completions = "
+                 f"{float(np.max(np.abs(np.asarray(ours_logp) - np.asarray(tunix['probe_logp'])))):.2e}")
+  print()
+  print(format_table(results, args))
+  for name, r in results.items():
+    extra = f", loss {r['loss']:.4f}, mean reward {r['reward']:.3f}" if 'loss' in r else ''
+    extra += f", {r['train_steps']} update steps" if 'train_steps' in r else ''
+    notes.append(f"{name}: |params after - before| = {r['param_delta']:.3e}{extra}")
+  if 'ours' in results:
+    o = results['ours']
+    notes.append(f"ours split pieces: rollout {o['rollout_s']:.3f} s + update {o['update_s']:.3f} s = "
+                 f"{o['split_sum_s']:.3f} s vs fused {o['iter_s']:.3f} s")
+  print('\n'.join(notes))
+  print(f'load average after: {os.getloadavg()[0]:.1f}')
+  return results
+
+
+if __name__ == '__main__':
+  main()
