@@ -97,6 +97,29 @@ class LoraConfig:
     return self.alpha / self.rank
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+  """`config.lora` of an experiment: the `LoraConfig` fields, with rank 0 = no adapters.
+
+  With rank > 0 the pipeline trains only adapters of the policy in SFT, GRPO and EM
+  (`LoraTransformer` + `lora_optimizer`) and evaluates / hands on the merged weights.
+  """
+
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = DEFAULT_TARGETS
+  dtype: str = 'float32'
+
+  def __post_init__(self):
+    if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+      raise LoraError(f'lora.rank={self.rank!r}: must be an integer >= 0 (0 = off)')
+    LoraConfig(max(self.rank, 1), self.alpha, self.targets, self.dtype)  # checks the rest
+
+  def lora_config(self) -> LoraConfig | None:
+    """The LoraConfig, or None when rank == 0 (LoRA off)."""
+    return LoraConfig(self.rank, self.alpha, self.targets, self.dtype) if self.rank else None
+
+
 def _path_str(path: Sequence[Any]) -> str:
   return '.'.join(str(p) for p in path)
 

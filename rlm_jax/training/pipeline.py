@@ -16,14 +16,17 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from rlm_jax import checkpoint as ckpt_lib
+from rlm_jax import distributed
 from rlm_jax import metrics as metrics_lib
 from rlm_jax import sharding
 from rlm_jax import tasks as tasks_lib
 from rlm_jax.data import encoding
 from rlm_jax.data.tokenizer import Tokenizer, load_tokenizer
+from rlm_jax.models import lora as lora_lib
 from rlm_jax.models.transformer import ModelConfig, Transformer
 from rlm_jax.sampling.sampler import SamplingConfig, sample
 from rlm_jax.search import lm as search_lm
@@ -67,6 +70,14 @@ class SFTConfig:
   steps: int = 300
   batch_size: int = 64
   optim: OptimConfig = OptimConfig()
+  # Gradient accumulation: each step runs batch_size / microbatches rows at a time (same
+  # update as one full batch; `training.sft`).
+  microbatches: int = 1
+
+  def __post_init__(self):
+    if self.microbatches < 1 or self.batch_size % self.microbatches:
+      raise ValueError(f'sft.microbatches={self.microbatches}: must be >= 1 and divide '
+                       f'sft.batch_size={self.batch_size}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +156,20 @@ class RLConfig:
   em: EMConfig = EMConfig()
   alphazero: az_lib.AlphaZeroConfig = az_lib.AlphaZeroConfig()
   reward: RewardConfig = RewardConfig()
+  # GRPO only. Gradient accumulation over the prompts_per_iteration * group_size rollout rows
+  # (`GRPOSetup.microbatches`), and an optional mesh for the rollout (None: the training
+  # mesh, one compiled program per iteration; else params are resharded to it for sampling).
+  microbatches: int = 1
+  rollout_mesh: sharding.MeshConfig | None = None
+
+  def __post_init__(self):
+    rows = self.prompts_per_iteration * self.group_size
+    if self.microbatches < 1 or rows % self.microbatches:
+      raise ValueError(f'rl.microbatches={self.microbatches}: must be >= 1 and divide '
+                       f'prompts_per_iteration * group_size = {rows}')
+    if self.algo != 'grpo' and (self.microbatches > 1 or self.rollout_mesh is not None):
+      raise ValueError(f"rl.microbatches / rl.rollout_mesh: only rl.algo='grpo' supports them, "
+                       f"got rl.algo='{self.algo}'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +190,8 @@ class ExperimentConfig:
   eval: eval_lib.EvalConfig
   checkpoint: CheckpointConfig
   value: ValueConfig = ValueConfig()
+  lora: lora_lib.LoraSection = lora_lib.LoraSection()  # rank 0: full fine-tuning
+  distributed: distributed.DistributedConfig = distributed.DistributedConfig()  # read by main
 
 
 @dataclasses.dataclass
@@ -216,18 +243,44 @@ class Experiment:
     if needs_value and not cfg.value.enabled and cfg.rl.algo != 'alphazero':
       raise ValueError(f'eval.strategies {needs_value} need a value model: set value.enabled=True '
                        "(phase-1 value training) or rl.algo='alphazero'")
+    self.lora = cfg.lora.lora_config()  # None: LoRA off
+    if self.lora is not None:
+      if cfg.rl.algo in ('ppo', 'alphazero'):
+        raise ValueError(f"lora.rank={cfg.lora.rank} with rl.algo='{cfg.rl.algo}': LoRA adapters are "
+                         "trained in SFT, GRPO and EM only; set lora.rank=0 or another rl.algo")
+      nnx.eval_shape(lambda: lora_lib.init_lora(model_cfg, self.lora))  # bad targets fail here
     self.mesh = sharding.make_mesh(cfg.mesh)
     self.rules = cfg.mesh.rules
+    # The rollout's own placement, when it differs from the training mesh (GRPO only).
+    self.rollout_at = None
+    rm = cfg.rl.rollout_mesh
+    if rm is not None:
+      rollout_mesh = sharding.make_mesh(rm)
+      if dict(rollout_mesh.shape) != dict(self.mesh.shape) or rm.rules != self.rules:
+        self.rollout_at = grpo_lib.Placement(rollout_mesh, rm.rules)
     self.train, self.held = build_data(self.tok, cfg.task, cfg.eval.size)
     self.metrics = None
-    self.results_path = os.path.join(workdir, 'results.json')
+    self.results_path = epath.Path(workdir) / 'results.json'  # workdir may be gs://...
 
   # --- pieces -----------------------------------------------------------------------------
 
   def init_params(self) -> tuple[nnx.GraphDef, nnx.State]:
+    """The policy; with LoRA a `LoraTransformer` (the same base weights plus adapters)."""
     seed = self.cfg.seed
+    if self.lora is not None:
+      return sharding.init_sharded(lambda: lora_lib.init_lora(self.model_cfg, self.lora, seed),
+                                   self.mesh, self.rules)
     return sharding.init_sharded(lambda: Transformer(self.model_cfg, rngs=nnx.Rngs(params=seed)),
                                  self.mesh, self.rules)
+
+  def optimizer(self, optim: OptimConfig, params):
+    """make_optimizer(optim); with LoRA it updates only the adapters of `params`."""
+    tx = make_optimizer(optim)
+    return tx if self.lora is None else lora_lib.lora_optimizer(tx, params)
+
+  def plain_policy(self, graphdef, params) -> tuple[nnx.GraphDef, nnx.State]:
+    """The policy as a plain Transformer (LoRA adapters merged into the weights)."""
+    return (graphdef, params) if self.lora is None else lora_lib.merge_lora(graphdef, params)
 
   def _rollout_sampling(self) -> SamplingConfig:
     rl = self.cfg.rl
@@ -237,21 +290,22 @@ class Experiment:
 
   def evaluate(self, graphdef, params, tag: str, step: int, value=None) -> dict:
     """`value`: (graphdef, params) of the value model for the value-guided strategies."""
+    graphdef, params = self.plain_policy(graphdef, params)
     res = eval_lib.evaluate(graphdef, params, self.tok, self.held.tasks, self.held.prompt,
                             self.held.prompt_mask, self.cfg.task.completion_len, self.cfg.eval,
                             jax.random.key(self.cfg.seed + 7), value=value)
     self.metrics.write(step, {f'eval/{k}': v for k, v in res.items()})
     results = self.load_results()
     results[tag] = res
-    with open(self.results_path + '.tmp', 'w') as f:
-      json.dump(results, f, indent=1)
-    os.replace(self.results_path + '.tmp', self.results_path)
+    if jax.process_index() == 0:
+      tmp = self.results_path.with_name(self.results_path.name + '.tmp')
+      tmp.write_text(json.dumps(results, indent=1))
+      tmp.replace(self.results_path)  # a kill leaves the old or the new file
     return res
 
   def load_results(self) -> dict:
-    if os.path.exists(self.results_path):
-      with open(self.results_path) as f:
-        return json.load(f)
+    if self.results_path.exists():
+      return json.loads(self.results_path.read_text())
     return {}
 
   def _run_phase(self, name: str, num_steps: int, step_offset: int, state: TrainState, step_fn, batch_fn,
@@ -301,15 +355,20 @@ class Experiment:
   def _run_rl(self, graphdef, sft_params, stop):
     """Phase 2 with the configured algorithm. Returns (state, graphdef, finished)."""
     cfg, rl = self.cfg, self.cfg.rl
-    tx = make_optimizer(rl.optim)
+    tx = self.optimizer(rl.optim, sft_params)  # ppo builds new params: LoRA is refused for it
     sampling = self._rollout_sampling()
     ref = None
     if rl.algo == 'grpo':
       setup = grpo_lib.GRPOSetup(group_size=rl.group_size, loss=rl.grpo, sampling=sampling, reward=rl.reward,
-                                 step_id=self.tok.step_id)
+                                 step_id=self.tok.step_id, microbatches=rl.microbatches)
       params = sft_params
       ref = sft_params if rl.grpo.beta > 0 else None
-      step = lambda st, b, key: grpo_lib.grpo_iteration_jit(graphdef, tx, setup, st, ref, b, key)
+      if self.rollout_at is None:  # one compiled program per iteration
+        step = lambda st, b, key: grpo_lib.grpo_iteration_jit(graphdef, tx, setup, st, ref, b, key)
+      else:
+        train_at = grpo_lib.Placement(self.mesh, self.rules)
+        step = lambda st, b, key: grpo_lib.grpo_iteration_on_meshes(graphdef, tx, setup, st, ref, b, key,
+                                                                    self.rollout_at, train_at)
     elif rl.algo == 'ppo':
       ac_cfg = dataclasses.replace(self.model_cfg, value_head='sigmoid')
       graphdef, ac_init = sharding.init_sharded(
@@ -480,7 +539,7 @@ class Experiment:
       with sharding.use_mesh_rules(self.mesh, self.rules):
         graphdef, params = self.init_params()
         # Phase 1: SFT.
-        tx = make_optimizer(cfg.sft.optim)
+        tx = self.optimizer(cfg.sft.optim, params)
         state = create_train_state(params, tx, self.mesh, self.rules)
         train = self.train
         n_train = len(train.tasks)
@@ -489,7 +548,7 @@ class Experiment:
           idx = np.random.default_rng((cfg.seed, 1, step)).choice(n_train, cfg.sft.batch_size, replace=False)
           return {k: jnp.asarray(v[idx]) for k, v in train.sft.items()}
 
-        sft_fn = lambda st, b, step: sft_step_jit(graphdef, tx, st, b)
+        sft_fn = lambda st, b, step: sft_step_jit(graphdef, tx, st, b, microbatches=cfg.sft.microbatches)
         state, done = self._run_phase('sft', cfg.sft.steps, 0, state, sft_fn, sft_batch, stop)
         if not done:
           return {'preempted': True}
@@ -497,7 +556,7 @@ class Experiment:
         # Phase 1b: value / PRM model.
         value_model = None
         if cfg.value.enabled:
-          value_model, done = self._run_value(graphdef, sft_params, stop)
+          value_model, done = self._run_value(*self.plain_policy(graphdef, sft_params), stop)
           if not done:
             return {'preempted': True}
         results = self.load_results()
