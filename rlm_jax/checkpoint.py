@@ -23,6 +23,9 @@ Typical loop::
   ckpt.close()
 
 Multi-host: every process calls `save`/`restore` with its own shards; orbax coordinates.
+
+Directories may be URLs (`gs://bucket/run/ckpt`): `resolve_path` keeps them as they are
+(only local paths are made absolute) and orbax writes them through etils.epath/tensorstore.
 """
 from __future__ import annotations
 
@@ -38,6 +41,30 @@ from etils import epath
 COMMIT_FILE = "commit_success.txt"
 
 
+def resolve_path(path: str | os.PathLike) -> epath.Path:
+  """A run or checkpoint directory as an `epath.Path`.
+
+  Local paths are made absolute (relative to the current directory); URLs such as
+  'gs://bucket/run' are kept exactly (os.path.abspath would turn them into
+  '<cwd>/gs:/bucket/run').
+
+  Raises:
+    ValueError: a URL whose scheme etils.epath does not handle (it would silently become a
+      local path); one line naming it.
+  """
+  text = os.fspath(path)
+  if "://" not in text:
+    return epath.Path(os.path.abspath(text))
+  try:
+    p = epath.Path(text)
+  except KeyError:  # epath has no class registered for this scheme
+    p = None
+  if p is None or os.fspath(p) != text.rstrip("/"):
+    raise ValueError(f"{text!r}: URL scheme {text.split('://', 1)[0]!r} is not supported by "
+                     f"etils.epath (use a local path or gs://, s3://, az://)")
+  return p
+
+
 class CheckpointNotFoundError(FileNotFoundError):
   """Raised when a checkpoint was asked for and none (or not that step) exists."""
 
@@ -46,7 +73,8 @@ class Checkpointer:
   """Saves/restores a state pytree plus a small JSON dict with orbax.
 
   Args:
-    directory: where steps live (`<directory>/<step>/`); made absolute.
+    directory: where steps live (`<directory>/<step>/`); a local path (made absolute) or a
+      URL such as gs://bucket/run/ckpt (kept as it is, see `resolve_path`).
     save_every: `save(step)` writes only when `step % save_every == 0` (or `force`).
     keep: number of most recent checkpoints kept; older ones are deleted.
     async_save: if True, `save` returns once device arrays are copied to host and writing
@@ -60,7 +88,7 @@ class Checkpointer:
       raise ValueError(f"Checkpointer: save_every={save_every} must be >= 1")
     if keep < 1:
       raise ValueError(f"Checkpointer: keep={keep} must be >= 1")
-    self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    self.directory = resolve_path(directory)
     if not create and not self.directory.is_dir():
       raise CheckpointNotFoundError(f"checkpoint directory {self.directory} does not exist")
     options = ocp.CheckpointManagerOptions(

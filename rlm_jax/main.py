@@ -1,7 +1,17 @@
 """Entry point: `python -m rlm_jax.main --config=configs/X.py [--config.a.b=v] --workdir=DIR`.
 
 Builds the typed experiment config once (unknown keys and bad values fail here with one line),
-runs the pipeline (resuming from `<workdir>` if it holds checkpoints) and prints the results.
+joins a multi-process job if one is configured, runs the pipeline (resuming from `<workdir>`
+if it holds checkpoints) and prints the results.
+
+`--workdir` is a local directory (made absolute) or a URL such as `gs://bucket/run` (kept as
+it is; checkpoints, metrics, results and config.json are written there through etils.epath).
+
+Multi-process: `config.distributed` (coordinator_address '' | 'auto' | 'host:port',
+num_processes, process_id, local_device_ids) says how to join; the launcher's environment
+variables RLM_COORDINATOR, RLM_NUM_PROCESSES, RLM_PROCESS_ID, RLM_LOCAL_DEVICE_IDS override
+it field by field (a variable that is set and non-empty wins over the config; unset ones
+leave the config value), so one config serves every host and the launcher fills in the rank.
 """
 
 import os
@@ -17,6 +27,21 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, results).')
 
 
+def prepare_workdir(path: str) -> str:
+  """Resolves `--workdir` (local -> absolute, URL kept) and creates it; returns it as a str.
+
+  Raises:
+    configlib.ConfigError: a URL scheme that etils.epath does not handle (one line).
+  """
+  from rlm_jax import checkpoint  # heavy imports after the flags are checked
+  try:
+    workdir = checkpoint.resolve_path(path)
+  except ValueError as e:
+    raise configlib.ConfigError(f'--workdir={e}') from e
+  workdir.mkdir(parents=True, exist_ok=True)
+  return os.fspath(workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise configlib.ConfigError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -28,15 +53,17 @@ def main(argv):
   from rlm_jax import distributed  # heavy imports after the flags are checked
   from rlm_jax.training import pipeline
 
-  # Multi-host: RLM_COORDINATOR (host:port or 'auto'), RLM_NUM_PROCESSES, RLM_PROCESS_ID, as set
-  # by experiments/tpu.py and experiments/slurm; a no-op for a single process.
-  distributed.initialize(distributed.DistributedConfig())
-
   cfg = configlib.from_config(pipeline.ExperimentConfig, _CONFIG.value, '')
-  workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(_CONFIG.value.to_json_best_effort(indent=1))
+  # Before any other jax call; a no-op for a single process. Env (launchers) overrides config.
+  try:
+    distributed.initialize(cfg.distributed)
+  except distributed.DistributedError as e:
+    raise configlib.ConfigError(str(e)) from e
+  workdir = prepare_workdir(_WORKDIR.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    (epath.Path(workdir) / 'config.json').write_text(_CONFIG.value.to_json_best_effort(indent=1))
   try:
     experiment = pipeline.Experiment(cfg, workdir)
   except (ValueError, FileNotFoundError) as e:  # bad values only visible once the run is built

@@ -279,3 +279,23 @@ def test_preemption_handler_sigterm_saves_and_stops(tmp_path):
   finally:
     stop.uninstall()
   assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_resolve_path_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch):
+  from rlm_jax.checkpoint import resolve_path
+  monkeypatch.chdir(tmp_path)
+  assert str(resolve_path("runs/a")) == str(tmp_path / "runs" / "a")
+  assert str(resolve_path(tmp_path / "b")) == str(tmp_path / "b")
+  for url in ("gs://bucket/run/ckpt", "s3://bucket/x"):
+    assert str(resolve_path(url)) == url  # os.path.abspath would give <cwd>/gs:/bucket/...
+  assert str(resolve_path("gs://bucket/run/") / "ckpt" / "3") == "gs://bucket/run/ckpt/3"
+  with pytest.raises(ValueError) as e:
+    resolve_path("hdfs://cluster/run")
+  assert str(e.value) == ("'hdfs://cluster/run': URL scheme 'hdfs' is not supported by "
+                          "etils.epath (use a local path or gs://, s3://, az://)")
+  # A relative directory given to the Checkpointer lands under the current directory.
+  ckpt = Checkpointer("rel/ckpt", save_every=1, keep=1)
+  ckpt.save(0, _state(0))
+  ckpt.close()
+  assert str(ckpt.directory) == str(tmp_path / "rel" / "ckpt")
+  assert (tmp_path / "rel" / "ckpt" / "0" / COMMIT_FILE).exists()

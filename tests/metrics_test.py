@@ -1,4 +1,5 @@
 """Tests for rlm_jax.metrics: JSONL + TensorBoard writing, torn lines, resume truncation."""
+import contextlib
 import glob
 import json
 import os
@@ -132,3 +133,52 @@ def test_progress_counts(tmp_path):
   bar.update(2)
   assert bar.n == 5
   bar.close()
+
+
+@contextlib.contextmanager
+def _fake_gcs(root):
+  """gs://BUCKET/... served from root/BUCKET/... through etils.epath's test backend."""
+  from etils.epath import testing as epath_testing
+
+  def local(p):
+    p = os.fspath(p)
+    return os.path.join(root, p[len("gs://"):]) if p.startswith("gs://") else p
+
+  one = lambda fn, p, *a, **k: fn(local(p), *a, **k)
+  two = lambda fn, p, dst, *a, **k: fn(local(p), local(dst), *a, **k)
+  with epath_testing.mock_epath(open=one, exists=one, isdir=one, listdir=one, glob=one,
+                                makedirs=one, mkdir=one, remove=one, rmtree=one, stat=one,
+                                walk=one, rename=two, replace=two, copy=two):
+    yield
+
+
+def test_url_workdir_keeps_the_url_and_rewrites_one_object(tmp_path):
+  local = tmp_path / "fake-bucket" / "run" / "metrics.jsonl"
+  with _fake_gcs(tmp_path):
+    w = MetricWriter("gs://fake-bucket/run", enabled=True, tensorboard=False,
+                     remote_flush_secs=3600)
+    assert w.remote and w.path == "gs://fake-bucket/run/metrics.jsonl"
+    assert (tmp_path / "fake-bucket" / "run").is_dir() and not local.exists()
+    w.write(0, {"loss": 2.0})
+    w.write(1, {"loss": 1.0})
+    assert not local.exists()  # buffered: object stores cannot append
+    w.flush()
+    assert local.read_text() == '{"step": 0, "loss": 2.0}\n{"step": 1, "loss": 1.0}\n'
+    w.write(2, {"loss": 0.5})
+    w.truncate_after(1)  # rewritten at once
+    assert [r["step"] for r in read_metrics("gs://fake-bucket/run")] == [0, 1]
+    w.write(2, {"loss": 0.25})
+    w.close()  # uploads the last rows
+    with MetricWriter("gs://fake-bucket/run/", enabled=True, tensorboard=False,
+                      resume_step=0, remote_flush_secs=0) as w:  # resume + write-through
+      assert [r["step"] for r in read_metrics("gs://fake-bucket/run")] == [0]
+      w.write(1, {"loss": 9.0})
+      assert read_metrics("gs://fake-bucket/run")[-1] == {"step": 1, "loss": 9.0}
+  assert not (tmp_path / "gs:").exists() and not os.path.exists("gs:")  # nothing mangled
+
+
+def test_unknown_url_scheme_is_one_line(tmp_path):
+  with pytest.raises(ValueError) as e:
+    MetricWriter("hdfs://cluster/run", enabled=True, tensorboard=False)
+  assert str(e.value) == ("'hdfs://cluster/run': URL scheme 'hdfs' is not supported by "
+                          "etils.epath (use a local path or gs://, s3://, az://)")

@@ -90,7 +90,8 @@ def _rollout(b=4, g=4, t=5, seed=0):
 
 @pytest.mark.parametrize('loss_kw', [
     dict(loss_type='dapo', mask_truncated_completions=True, num_iterations=2, beta=0.1),
-    dict(loss_type='grpo'),
+    # Per-sequence means need no re-weighting; slow only to keep the default suite short.
+    pytest.param(dict(loss_type='grpo'), marks=pytest.mark.slow),
 ])
 def test_microbatched_update_equals_the_full_batch_update(loss_kw):
   """k = 4 microbatches vs the whole rollout, SGD lr 1 (update = -grad): same params and
