@@ -1,4 +1,4 @@
-"""One GRPO iteration: `rlm_jax.training.grpo.grpo_iteration_jit` vs tunix's GRPOLearner (CPU).
+"""One GRPO iteration: `grpo_iteration_jit` vs tunix's GRPOLearner and TRL's GRPOTrainer (CPU).
 
 Every peer trains the same Llama-shaped model from the same weights (initialised once and
 written with `rlm_jax.models.hf.export_hf`, as in benchmarks/sampler.py) on the same B prompts
@@ -22,6 +22,11 @@ Peers (--peers, comma-separated):
             from the same export by `tunix.models.llama3.params.create_model_from_safe_tensors`.
             It pins its own jax/flax, so it runs in its own virtualenv (--tunix-python) as a
             subprocess, before ours, so the two never share the cores.
+  trl       `trl.GRPOTrainer` + `trl.GRPOConfig` (1.16.0) on torch CPU with HF transformers'
+            `LlamaForCausalLM` loaded from the same export, per_device_train_batch_size = B·G,
+            steps_per_generation = 1, num_iterations = μ (one generation, then μ optimizer steps),
+            generation_kwargs min_new_tokens = T; a word-level tokenizer maps "17" <-> id 17.
+            Subprocess with --trl-path on PYTHONPATH (trl is not in the project's environment).
 
 Measured after --warmup iterations (the first one compiles; its wall time is printed apart),
 median of --repeats iterations, each ended by waiting for the updated parameters:
@@ -30,17 +35,20 @@ median of --repeats iterations, each ended by waiting for the updated parameters
   update     everything after sampling (rewards, advantages, old/ref log-probs, μ updates);
              update tok/s = μ·B·G·completion_len / update seconds.
 Ours is split with separately jitted pieces (their sum is not the fused time); tunix's
-rollout is the time inside `RLCluster.generate` (its sampler plus string (de)tokenisation)
-and its update is the iteration minus that. The ratio column is our fused iteration over the
+rollout is the time inside `RLCluster.generate` (its sampler plus string (de)tokenisation),
+trl's the time inside `GRPOTrainer._generate_single_turn` (HF `generate`), and their update is
+the iteration minus that. The ratio column is our fused iteration over the
 peer's iteration; the target is <= 0.7.
 
-  python benchmarks/grpo.py                                  # ours, hostloop, tunix; ~2 min
-  python benchmarks/grpo.py --peers=ours,hostloop            # without the tunix virtualenv
+  python benchmarks/grpo.py                                  # all four peers
+  python benchmarks/grpo.py --peers=ours,hostloop            # without tunix and trl
   python benchmarks/grpo.py --layers=1 --d-model=64 --heads=2 --kv-heads=1 --head-dim=32 \
       --d-ff=128 --vocab=128 --prompts=2 --group=4 --prompt-len=8 --completion-len=8  # tiny
 
 The tunix virtualenv: python3 -m venv /work/venv-tunix && /work/venv-tunix/bin/pip install
-google-tunix==0.1.7 (it installs jax 0.10.2 / flax 0.12.8 there).
+google-tunix==0.1.7 (it installs jax 0.10.2 / flax 0.12.8 there). trl, next to the project's
+torch/transformers/datasets: pip install --target /work/trl-site --no-deps trl==1.16.0
+accelerate==1.15.0. A peer that cannot run is reported with its error line and skipped.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ import sampler as sampler_bench  # pylint: disable=g-import-not-at-top,wrong-imp
 
 PAD, BOS = 0, 1
 NO_EOS = -1  # an id no model samples: every row generates --completion-len tokens
-PEERS = ('ours', 'hostloop', 'tunix')
+PEERS = ('ours', 'hostloop', 'tunix', 'trl')
 LEARNING_RATE = 1e-5
 EPSILON = 0.2
 
@@ -85,10 +93,15 @@ def parse_args(argv=None):
   p.add_argument('--beta', type=float, default=0.04, help='KL coefficient (0: no reference model)')
   p.add_argument('--warmup', type=int, default=1, help='untimed iterations (the first compiles)')
   p.add_argument('--repeats', type=int, default=3, help='timed iterations (median)')
-  p.add_argument('--peers', default='ours,hostloop,tunix', help=f'comma-separated subset of {PEERS}')
+  p.add_argument('--peers', default='ours,hostloop,tunix,trl', help=f'comma-separated subset of {PEERS}')
   p.add_argument('--tunix-python', default='/work/venv-tunix/bin/python',
                  help='python of a virtualenv with google-tunix==0.1.7')
-  p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # internal: 'tunix'
+  p.add_argument('--trl-path', default='/work/trl-site',
+                 help='folder with trl==1.16.0 and accelerate==1.15.0 (pip install --target DIR --no-deps ...), '
+                      'put on PYTHONPATH of the trl worker; empty if trl is importable as is')
+  p.add_argument('--torch-threads', type=int, default=1,
+                 help='torch threads for the trl peer (on a busy 2-core machine 2 OpenMP threads spin-wait)')
+  p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # internal: 'tunix' or 'trl'
   p.add_argument('--workdir', default='', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   peers = [x for x in args.peers.split(',') if x]
@@ -426,22 +439,123 @@ def tunix_worker(args):
   print('TUNIX_RESULT ' + json.dumps({'info': info, 'result': res}))
 
 
-def run_tunix(path, args):
-  """(result or None, one line of info) from the tunix worker subprocess."""
-  py = args.tunix_python
-  if not os.path.exists(py):
-    return None, f'not run: no python at {py} (python3 -m venv DIR && DIR/bin/pip install google-tunix==0.1.7)'
-  cmd = [py, os.path.abspath(__file__), '--worker=tunix', f'--workdir={path}'] + [
+def run_worker(kind: str, python: str, path: str, args, pythonpath: str = ''):
+  """(result or None, one line of info) from a peer worker subprocess (`--worker=kind`)."""
+  cmd = [python, os.path.abspath(__file__), f'--worker={kind}', f'--workdir={path}'] + [
       a for a in sys.argv[1:] if not a.startswith(('--worker', '--workdir', '--tunix-python', '--peers'))
   ]
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
+  if pythonpath:
+    env['PYTHONPATH'] = pythonpath
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
+  tag = kind.upper() + '_RESULT '
   for line in proc.stdout.splitlines():
-    if line.startswith('TUNIX_RESULT '):
-      res = json.loads(line[len('TUNIX_RESULT '):])
+    if line.startswith(tag):
+      res = json.loads(line[len(tag):])
       return res['result'], res['info']
   tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
-  return None, f'not run: tunix worker failed (exit {proc.returncode}): {tail}'
+  return None, f'not run: {kind} worker failed (exit {proc.returncode}): {tail}'
+
+
+def run_tunix(path, args):
+  if not os.path.exists(args.tunix_python):
+    return None, (f'not run: no python at {args.tunix_python} '
+                  '(python3 -m venv DIR && DIR/bin/pip install google-tunix==0.1.7)')
+  return run_worker('tunix', args.tunix_python, path, args)
+
+
+# ----------------------------------------------------------------------------- trl
+
+
+def trl_worker(args):
+  """Runs with trl importable (torch CPU): prints one TRL_RESULT JSON line."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+
+  import datasets  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  import trl  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(args.torch_threads)
+  b, g, t, mu = args.prompts, args.group, args.completion_len, args.mu
+  n_iters = args.warmup + args.repeats
+  # Token ids written as decimal words: a word-level tokenizer maps "17" <-> 17.
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({str(i): i for i in range(args.vocab)}, unk_token='3'))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  ptok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=str(PAD), bos_token=str(BOS),
+                                              eos_token='2', unk_token='3')
+  model = transformers.AutoModelForCausalLM.from_pretrained(args.workdir, dtype=torch.float32, local_files_only=True)
+
+  # Same-model check: log-probs of fixed completions under the initial weights.
+  seq = torch.tensor(np.concatenate([make_prompts(args), probe_completions(args)], axis=1), dtype=torch.int64)
+  with torch.no_grad():
+    logp = torch.log_softmax(model(input_ids=seq).logits[:, args.prompt_len - 1:-1].float(), dim=-1)
+    probe_logp = torch.gather(logp, 2, seq[:, args.prompt_len:, None])[..., 0].numpy()
+  params0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+  prompts = [' '.join(map(str, row)) for row in make_prompts(args)]
+
+  def reward_fn(completions, completion_ids, **kw):
+    del completions, kw
+    return [float(even_majority_reward_np(np.array([c]), np.array([len(c)]))[0]) for c in completion_ids]
+
+  # One GRPO iteration = one generation of B·G completions, then μ optimizer steps on all of
+  # them (per_device_train_batch_size = B·G, steps_per_generation = 1, num_iterations = μ);
+  # min_new_tokens = T keeps EOS out, so every completion has T tokens.
+  cfg = trl.GRPOConfig(
+      output_dir=os.path.join(args.workdir, 'trl'), per_device_train_batch_size=b * g, gradient_accumulation_steps=1,
+      steps_per_generation=1, num_generations=g, num_iterations=mu, max_completion_length=t, temperature=1.0,
+      top_p=1.0, beta=args.beta, epsilon=EPSILON, loss_type='grpo', scale_rewards='group',
+      learning_rate=LEARNING_RATE, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
+      lr_scheduler_type='constant', warmup_steps=0, max_steps=n_iters * mu, use_cpu=True, report_to='none',
+      save_strategy='no', logging_steps=10**6, disable_tqdm=True, generation_kwargs={'min_new_tokens': t}, seed=0)
+  trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_fn, args=cfg, processing_class=ptok,
+                            train_dataset=datasets.Dataset.from_dict({'prompt': prompts * n_iters}))
+
+  rollouts, gen_lengths, marks = [], [], []
+  generate = trainer._generate_single_turn  # pylint: disable=protected-access
+
+  def timed_generate(*a, **k):
+    out, wall, _ = _timed(lambda: generate(*a, **k))
+    rollouts.append(wall)
+    gen_lengths.extend(len(c) for c in out[0])
+    return out
+
+  class StepClock(transformers.TrainerCallback):
+
+    def on_step_begin(self, *a, **k):
+      marks.append((time.perf_counter(), time.process_time()))
+
+    def on_step_end(self, *a, **k):
+      marks.append((time.perf_counter(), time.process_time()))
+
+  trainer._generate_single_turn = timed_generate  # pylint: disable=protected-access
+  trainer.add_callback(StepClock())
+  trainer.train()
+  if len(rollouts) != n_iters or len(marks) != 2 * n_iters * mu:
+    raise RuntimeError(f'trl ran {len(rollouts)} rollouts and {len(marks) // 2} steps, expected {n_iters}, '
+                       f'{n_iters * mu}')
+  if set(gen_lengths) != {t}:
+    raise RuntimeError(f'trl completions have lengths {sorted(set(gen_lengths))}, expected all {t}')
+  iters = []
+  for i in range(n_iters):  # iteration i: from the start of step i·μ to the end of step i·μ + μ - 1
+    (w0, c0), (w1, c1) = marks[2 * i * mu], marks[2 * (i + 1) * mu - 1]
+    iters.append(dict(wall=w1 - w0, cpu=c1 - c0, rollout=rollouts[i], update=w1 - w0 - rollouts[i]))
+  res = summarize(iters[0]['wall'], iters[args.warmup:], args)
+  sq = sum(float(torch.sum((p.detach() - params0[k]) ** 2)) for k, p in model.named_parameters())
+  res.update(param_delta=sq ** 0.5, train_steps=int(trainer.state.global_step), probe_logp=probe_logp.tolist())
+  info = (f'trl {metadata.version("trl")}, torch {torch.__version__} ({torch.get_num_threads()} threads), '
+          f'transformers {transformers.__version__}')
+  print('TRL_RESULT ' + json.dumps({'info': info, 'result': res}))
+
+
+def run_trl(path, args):
+  pythonpath = args.trl_path
+  if pythonpath and not os.path.isdir(os.path.join(pythonpath, 'trl')):
+    return None, (f'not run: no trl under --trl-path={pythonpath} (pip install --target DIR --no-deps '
+                  'trl==1.16.0 accelerate==1.15.0)')
+  return run_worker('trl', sys.executable, path, args, pythonpath)
 
 
 # ----------------------------------------------------------------------------- main
@@ -465,6 +579,8 @@ def main(argv=None):
   args = parse_args(argv)
   if args.worker == 'tunix':
     return tunix_worker(args)
+  if args.worker == 'trl':
+    return trl_worker(args)
   # Run from a checkout without installing: the repository root holds the package.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax  # pylint: disable=g-import-not-at-top
@@ -481,21 +597,23 @@ def main(argv=None):
           f'median of {args.repeats} after {args.warmup} warm-up')
     print(f'ours: jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device), '
           f'{os.cpu_count()} cpus; load average {os.getloadavg()[0]:.1f}')
-    tunix = None
-    if 'tunix' in args.peer_list:  # first, so the two jax processes never overlap
-      tunix, info = run_tunix(tmp, args)
-      print(f'tunix: {info}')
+    peers = {}  # the subprocess peers first, so no two of them ever share the cores
+    for name, run in (('tunix', run_tunix), ('trl', run_trl)):
+      if name in args.peer_list:
+        peers[name], info = run(tmp, args)
+        print(f'{name}: {info}')
   if 'ours' in args.peer_list:
     results['ours'] = run_ours(graphdef, params, args)
   if 'hostloop' in args.peer_list:
     results['hostloop'] = run_hostloop(graphdef, params, args)
-  if tunix is not None:
-    results['tunix'] = tunix
-    ours_logp = grpo_lib.completion_logprobs(
-        graphdef, params, jnp.concatenate([make_prompts(args), probe_completions(args)], axis=1),
-        jnp.ones((args.prompts, args.prompt_len + args.completion_len), bool), args.prompt_len)[0]
-    notes.append(f"same model: max |log p ours - log p tunix| on fixed completions = "
-                 f"{float(np.max(np.abs(np.asarray(ours_logp) - np.asarray(tunix['probe_logp'])))):.2e}")
+  ours_logp = np.asarray(grpo_lib.completion_logprobs(
+      graphdef, params, jnp.concatenate([make_prompts(args), probe_completions(args)], axis=1),
+      jnp.ones((args.prompts, args.prompt_len + args.completion_len), bool), args.prompt_len)[0])
+  for name, r in peers.items():
+    if r is not None:
+      results[name] = r
+      notes.append(f"same model: max |log p ours - log p {name}| on fixed completions = "
+                   f"{float(np.max(np.abs(ours_logp - np.asarray(r['probe_logp'])))):.2e}")
   print()
   print(format_table(results, args))
   for name, r in results.items():
