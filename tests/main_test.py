@@ -177,7 +177,7 @@ def test_environment_overrides_config_distributed(tmp_path):
   assert not (tmp_path / 'w').exists()  # nothing written before the job is joined
 
 
-@pytest.mark.slow  # ~8 s alone on 2 idle cores (SFT + eval compiles on 8 fake devices)
+@pytest.mark.slow  # end to end: SFT + eval compiles on 8 fake devices (29 s on the shared 2 cores)
 def test_lora_pipeline_trains_only_the_adapters(tmp_path):
   """A tiny SFT run (2 steps, 2 microbatches) with lora.rank=2: the base weights in the final
   checkpoint equal the initial ones bit for bit, every adapter moved; eval runs merged."""
