@@ -62,7 +62,7 @@ class LoraError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-  """LoRA settings (`config.lora`).
+  """LoRA settings (in an experiment config: `LoraSection`, which adds rank 0 = off).
 
   Attributes:
     rank: r, the inner dim of A·B.

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
