@@ -1,0 +1,123 @@
+"""Pipeline with the value phase and the AlphaZero loop: config errors, resume after an
+interruption to the uninterrupted result, label sources (`configs/alphazero.py:smoke`)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rlm_jax import configlib
+from rlm_jax import metrics as metrics_lib
+from rlm_jax.training import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, 'configs', 'alphazero.py') + ':smoke'
+
+
+def _cfg(*overrides):
+  return configlib.from_config(pipeline.ExperimentConfig, configlib.load_config(CONFIG, overrides), '')
+
+
+class _StopAfter:
+  """Stands in for the SIGTERM flag: asks the loop to stop at its n-th poll (one poll per step)."""
+
+  def __init__(self, n):
+    self.n, self.calls = n, 0
+
+  def __call__(self):
+    self.calls += 1
+    return self.calls >= self.n
+
+  def uninstall(self):
+    pass
+
+
+def _run(workdir, cfg, monkeypatch=None, stop_at=None):
+  if stop_at is not None:
+    monkeypatch.setattr(pipeline.ckpt_lib, 'install_preemption_handler', lambda: _StopAfter(stop_at))
+  out = pipeline.Experiment(cfg, str(workdir)).run()
+  if monkeypatch is not None:
+    monkeypatch.undo()
+  return out
+
+
+def _rows(workdir, key):
+  return [(r['step'], r[key]) for r in metrics_lib.read_metrics(workdir) if key in r]
+
+
+@pytest.mark.parametrize('override, culprit', [
+    ("eval.strategies=('greedy', 'prm_bem')", 'prm_bem'),
+    ("value.labels=rollouts", 'value.labels'),
+    ("rl.algo=alphazer", 'rl.algo'),
+    ('rl.alphazero.mcts.num_simulations=0', 'num_simulations'),
+])
+def test_bad_value_and_alphazero_config_is_one_line_naming_the_key(override, culprit):
+  with pytest.raises(configlib.ConfigError) as e:
+    _cfg(override)
+  assert culprit in str(e.value) and '\n' not in str(e.value)
+
+
+def test_value_guided_eval_needs_a_value_model(tmp_path):
+  cfg = _cfg('value.enabled=False', 'rl.algo=grpo')
+  with pytest.raises(ValueError, match=r"prm_best_of_n.*value.enabled=True"):
+    pipeline.Experiment(cfg, str(tmp_path))
+
+
+@pytest.mark.slow  # three in-process runs: ~40 s of CPU, mostly compiling
+def test_value_phase_resumes_after_interruption_to_the_same_result(tmp_path, monkeypatch):
+  cfg = _cfg('rl.algo=none', "eval.strategies=('greedy', 'prm_best_of_n')")
+  ref = _run(tmp_path / 'ref', cfg)
+  assert set(ref) == {'sft'} and 'prm_best_of_n/accuracy' in ref['sft']
+  ref_loss = _rows(tmp_path / 'ref', 'value/loss')
+  assert [s for s, _ in ref_loss] == [4, 5, 6, 7]  # after SFT's steps 0..2 and its eval slot 3
+
+  work = tmp_path / 'run'
+  # Polls 1-3 are the SFT steps; the 5th is value step 1: save it and stop.
+  assert _run(work, cfg, monkeypatch, stop_at=5) == {'preempted': True}
+  assert sorted(os.listdir(work / 'ckpt' / 'value')) == ['0', '1']  # keep=2, the last is step 1
+  assert not os.path.exists(work / 'results.json')
+  res = _run(work, cfg)
+  assert res == ref
+  assert _rows(work, 'value/loss') == ref_loss  # same trajectory, no duplicated rows
+  with open(work / 'results.json') as f:
+    assert json.load(f) == ref
+
+
+@pytest.mark.slow
+def test_alphazero_rounds_resume_with_the_checkpointed_buffer(tmp_path, monkeypatch):
+  cfg = _cfg('rl.iterations=3', "eval.strategies=('greedy', 'prm_beam')")
+  ref = _run(tmp_path / 'ref', cfg)
+  assert set(ref) == {'sft', 'rl'} and 'prm_beam/accuracy' in ref['rl']
+  sizes = _rows(tmp_path / 'ref', 'alphazero/buffer_size')
+  assert [v for _, v in sizes] == [4, 8, 8]  # 4 problems per round, 8 slots
+  work = tmp_path / 'run'
+  # 3 SFT + 4 value steps, then round 0 and round 1 (stop there).
+  assert _run(work, cfg, monkeypatch, stop_at=9) == {'preempted': True}
+  assert sorted(os.listdir(work / 'ckpt' / 'alphazero')) == ['0', '1']
+  assert _run(work, cfg) == ref
+  for key in ('alphazero/value_loss', 'alphazero/buffer_solved', 'alphazero/sft_loss'):
+    assert _rows(work, key) == _rows(tmp_path / 'ref', key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('source', ['solver', 'mc', 'mcts'])
+def test_label_sources_give_step_labels_in_unit_range(tmp_path, source):
+  cfg = _cfg(f'value.labels={source}', 'value.num_traces=6', 'value.label_batch=4')
+  exp = pipeline.Experiment(cfg, str(tmp_path))
+  graphdef, params = exp.init_params()
+  data = exp.value_data(graphdef, params)
+  rows = 12 if source == 'solver' else 6  # solver: a positive and a corrupted trace per task
+  assert data['tokens'].shape[0] == rows
+  m = data['target_mask'] > 0
+  assert np.all((data['targets'][m] >= 0) & (data['targets'][m] <= 1)) and np.all(data['targets'][~m] == 0)
+  assert np.all(data['mask'][m])
+  if source != 'solver':  # [left-padded prompt | completion]: labels only in the completion
+    assert not m[:, :cfg.task.prompt_len].any()
+  tok = exp.tok
+  closing = np.isin(data['tokens'], [tok.step_id, tok.eos_id]) & data['mask']
+  if source == 'mcts':  # one label per path step; a step cut at step_tokens has it on its last token
+    assert np.all((m.sum(1) >= 1) & (m.sum(1) <= cfg.rl.alphazero.mcts.max_depth))
+  else:  # on the tokens that close steps; a random policy's trace may close none
+    assert np.all(closing[m]) and (source == 'mc' or m.any(axis=1).all())
+  if source == 'solver':  # the positive traces are right at every step
+    assert np.all(data['targets'][0][m[0]] == 1.0)
