@@ -28,8 +28,11 @@ Peers (--peers, comma-separated):
             generation_kwargs min_new_tokens = T; a word-level tokenizer maps "17" <-> id 17.
             Subprocess with --trl-path on PYTHONPATH (trl is not in the project's environment).
 
-Measured after --warmup iterations (the first one compiles; its wall time is printed apart),
-median of --repeats iterations, each ended by waiting for the updated parameters:
+Timing runs in lock-step rounds: each round runs one iteration of every peer, one peer at a
+time, in an order that rotates every round (the subprocess peers block on stdin between their
+iterations), so all peers see the same machine load and never share the cores. The first
+round compiles (its wall time is printed apart); then the median over --repeats rounds after
+--warmup, each iteration ended by waiting for the updated parameters:
   iter s     wall seconds per iteration (CPU s: CPU seconds of the process, all threads);
   rollout    the sampling part; rollout tok/s = B·G·completion_len / rollout seconds;
   update     everything after sampling (rewards, advantages, old/ref log-probs, μ updates);
@@ -183,6 +186,89 @@ def summarize(first_s, iters, args) -> dict:
   return res
 
 
+# ----------------------------------------------------------------------------- lock-step rounds
+#
+# The parent runs one iteration of one peer at a time, round-robin over the peers (the order
+# rotates every round), so every peer is timed under the same machine load and no two peers
+# ever share the cores. Workers in other virtualenvs block on stdin between iterations.
+
+
+class PeerFailed(RuntimeError):
+  pass
+
+
+class Gate:
+  """Worker side: before each iteration say WAIT and block until the parent says go."""
+
+  def __init__(self):
+    self.waited_s = 0.0
+
+  def wait(self):
+    print('WAIT', flush=True)
+    t0 = time.perf_counter()
+    line = sys.stdin.readline()
+    self.waited_s += time.perf_counter() - t0
+    if line.strip() != 'go':
+      raise SystemExit('benchmarks/grpo.py worker: the parent closed stdin')
+
+  @staticmethod
+  def send(tag: str, obj):
+    print(f'{tag} ' + json.dumps(obj), flush=True)
+
+
+def _worker_argv(args) -> list[str]:
+  names = ('layers', 'd_model', 'heads', 'kv_heads', 'head_dim', 'd_ff', 'vocab', 'prompt_len', 'completion_len',
+           'prompts', 'group', 'mu', 'beta', 'warmup', 'repeats', 'torch_threads')
+  return [f'--{n.replace("_", "-")}={getattr(args, n)}' for n in names]
+
+
+class WorkerPeer:
+  """Parent side of a worker subprocess (`--worker=kind`), stepped one iteration at a time."""
+
+  def __init__(self, kind: str, python: str, workdir: str, args, pythonpath: str = ''):
+    self.kind, self.result = kind, None
+    cmd = [python, os.path.abspath(__file__), f'--worker={kind}', f'--workdir={workdir}'] + _worker_argv(args)
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
+    if pythonpath:
+      env['PYTHONPATH'] = pythonpath
+    self._err = tempfile.TemporaryFile('w+')  # a file, not a pipe: a chatty worker cannot block
+    self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
+                                  env=env)
+    self._read('WAIT')  # set up, and blocked before its first iteration
+
+  def _read(self, tag: str) -> str:
+    while True:
+      line = self._proc.stdout.readline()
+      if not line:
+        rc = self._proc.wait()
+        self._err.seek(0)
+        tail = (self._err.read().strip().splitlines() or ['no output'])[-1]
+        raise PeerFailed(f'{self.kind} worker failed (exit {rc}): {tail}')
+      if line.startswith(tag):
+        return line[len(tag):].strip()
+
+  def step(self, i: int, last: bool) -> dict:
+    del i
+    self._proc.stdin.write('go\n')
+    self._proc.stdin.flush()
+    it = json.loads(self._read('ITER '))
+    if last:
+      self.result = json.loads(self._read('RESULT '))
+    else:
+      self._read('WAIT')  # its work between iterations ends before the next peer starts
+    return it
+
+  def close(self):
+    if self._proc.poll() is None:
+      self._proc.stdin.close()  # its Gate exits
+      try:
+        self._proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        self._proc.kill()
+        self._proc.wait()
+    self._err.close()
+
+
 # ----------------------------------------------------------------------------- ours
 
 
@@ -228,125 +314,141 @@ def _param_delta(a, b) -> float:
   return float(jnp.sqrt(sum(jax.tree.leaves(sq))))
 
 
-def run_ours(graphdef, params, args) -> dict:
-  """Fused iteration (headline) and its rollout / update parts jitted apart."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+class _Ours:
+  """Shared set-up of the in-process peers: model, optimizer, prompts, reference copy, key."""
 
-  from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
-  from rlm_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
+  def __init__(self, graphdef, params, args):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  setup, tx = _setup(args), _optimizer()
-  prompt = jnp.asarray(make_prompts(args))
-  batch = {'prompt': prompt, 'prompt_mask': jnp.ones(prompt.shape, bool)}
-  ref = jax.tree.map(jnp.copy, params) if args.beta > 0 else None
-  key = jax.random.key(0)
+    from rlm_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
 
-  # Fused: the state is donated, so each call gets the previous call's output.
-  state = create_train_state(params, tx)
-  fused, first_s, metrics = [], None, None
-  for i in range(args.warmup + args.repeats):
-    (state, metrics), wall, cpu = _timed(lambda i=i, st=state: jax.block_until_ready(
-        grpo_lib.grpo_iteration_jit(graphdef, tx, setup, st, ref, batch, jax.random.fold_in(key, i))))
-    if i == 0:
-      first_s = wall
-    if i >= args.warmup:
-      fused.append(dict(wall=wall, cpu=cpu))
-  metrics = jax.device_get(metrics)
-  delta = _param_delta(state.params, params)
+    self.graphdef, self.params0, self.args = graphdef, params, args
+    self.setup, self.tx = _setup(args), _optimizer()
+    prompt = jnp.asarray(make_prompts(args))
+    self.batch = {'prompt': prompt, 'prompt_mask': jnp.ones(prompt.shape, bool)}
+    # The policy state is donated; the reference keeps its own copy of the initial weights.
+    self.ref = jax.tree.map(jnp.copy, params) if args.beta > 0 else None
+    self.key = jax.random.key(0)
+    self.state = create_train_state(params, self.tx)
 
-  # Split: rollout alone, then the rest of the same iteration on that rollout.
-  rollout_jit = jax.jit(grpo_lib.rollout, static_argnums=(0, 4))
-  update_jit = jax.jit(_update_after_rollout, static_argnums=(0, 1, 2), donate_argnums=(3,))
-  state = create_train_state(params, tx)
-  split = []
-  for i in range(args.warmup + args.repeats):
-    ro, t_roll, _ = _timed(lambda i=i, st=state: jax.block_until_ready(
-        rollout_jit(graphdef, st.params, batch, jax.random.fold_in(key, i), setup)))
-    (state, _), t_upd, _ = _timed(lambda st=state, ro=ro: jax.block_until_ready(
-        update_jit(graphdef, tx, setup, st, ref, batch, ro)))
-    if i >= args.warmup:
-      split.append(dict(rollout=t_roll, update=t_upd))
-  iters = [dict(f, **s) for f, s in zip(fused, split)]
-  res = summarize(first_s, iters, args)
-  res.update(loss=float(metrics['loss']), reward=float(metrics['reward']), finite=bool(metrics['finite']),
-             param_delta=delta, split_sum_s=res['rollout_s'] + res['update_s'])
-  return res
+
+class OursFused(_Ours):
+  """`grpo_iteration_jit`: the whole iteration as one compiled program (the headline)."""
+
+  def step(self, i: int, last: bool) -> dict:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
+
+    (self.state, metrics), wall, cpu = _timed(lambda: jax.block_until_ready(grpo_lib.grpo_iteration_jit(
+        self.graphdef, self.tx, self.setup, self.state, self.ref, self.batch, jax.random.fold_in(self.key, i))))
+    if last:
+      metrics = jax.device_get(metrics)
+      self.result = dict(loss=float(metrics['loss']), reward=float(metrics['reward']),
+                         finite=bool(metrics['finite']), param_delta=_param_delta(self.state.params, self.params0))
+    return dict(wall=wall, cpu=cpu)
+
+
+class OursSplit(_Ours):
+  """The fused iteration's two parts jitted apart: `rollout`, then the rest on its output."""
+
+  def __init__(self, graphdef, params, args):
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
+
+    super().__init__(graphdef, params, args)
+    self.rollout = jax.jit(grpo_lib.rollout, static_argnums=(0, 4))
+    self.update = jax.jit(_update_after_rollout, static_argnums=(0, 1, 2), donate_argnums=(3,))
+
+  def step(self, i: int, last: bool) -> dict:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    del last
+    ro, t_roll, _ = _timed(lambda: jax.block_until_ready(
+        self.rollout(self.graphdef, self.state.params, self.batch, jax.random.fold_in(self.key, i), self.setup)))
+    (self.state, _), t_upd, _ = _timed(lambda: jax.block_until_ready(
+        self.update(self.graphdef, self.tx, self.setup, self.state, self.ref, self.batch, ro)))
+    return dict(rollout=t_roll, update=t_upd)
 
 
 # ----------------------------------------------------------------------------- hostloop
 
 
-def run_hostloop(graphdef, params, args) -> dict:
+class HostLoop(_Ours):
   """Jitted sampling -> host rewards/advantages (NumPy) -> jitted log-probs and μ update steps."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
 
-  from rlm_jax.sampling.sampler import sample  # pylint: disable=g-import-not-at-top
-  from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
-  from rlm_jax.training import losses  # pylint: disable=g-import-not-at-top
-  from rlm_jax.training.state import apply_gradients, create_train_state  # pylint: disable=g-import-not-at-top
+  def __init__(self, graphdef, params, args):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import optax  # pylint: disable=g-import-not-at-top
 
-  setup, tx = _setup(args), _optimizer()
-  cfg, lp, g = setup.loss, args.prompt_len, args.group
-  prompt_N = jnp.asarray(np.repeat(make_prompts(args), g, axis=0))
-  prompt_mask_N = jnp.ones(prompt_N.shape, bool)
-  ref = jax.tree.map(jnp.copy, params) if args.beta > 0 else None
+    from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
+    from rlm_jax.training import losses  # pylint: disable=g-import-not-at-top
+    from rlm_jax.training.state import apply_gradients  # pylint: disable=g-import-not-at-top
 
-  @jax.jit
-  def logps(p, seq, seq_mask):
-    return grpo_lib.completion_logprobs(graphdef, p, seq, seq_mask, lp)[0]
+    super().__init__(graphdef, params, args)
+    cfg, lp, tx = self.setup.loss, args.prompt_len, self.tx
+    self.prompt_N = jnp.repeat(self.batch['prompt'], args.group, axis=0)
 
-  @jax.jit
-  def update_step(state, seq, seq_mask, adv_N, old, ref_logp):
-    mask = seq_mask[:, lp:]
+    @jax.jit
+    def logps(p, seq, seq_mask):
+      return grpo_lib.completion_logprobs(graphdef, p, seq, seq_mask, lp)[0]
 
-    def loss_fn(p):
-      logp = grpo_lib.completion_logprobs(graphdef, p, seq, seq_mask, lp)[0]
-      return losses.grpo_loss(logp, old, ref_logp, adv_N, mask, jnp.zeros(adv_N.shape, bool), cfg)
+    @jax.jit
+    def update_step(state, seq, seq_mask, adv_N, old, ref_logp):
+      mask = seq_mask[:, lp:]
 
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    return apply_gradients(state, grads, tx), dict(loss=loss, grad_norm=optax.global_norm(grads))
+      def loss_fn(p):
+        logp = grpo_lib.completion_logprobs(graphdef, p, seq, seq_mask, lp)[0]
+        return losses.grpo_loss(logp, old, ref_logp, adv_N, mask, jnp.zeros(adv_N.shape, bool), cfg)
 
-  def iteration(state, key):
+      (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      return apply_gradients(state, grads, tx), dict(loss=loss, grad_norm=optax.global_norm(grads))
+
+    self.logps, self.update_step = logps, update_step
+
+  def _iteration(self, key):
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    from rlm_jax.sampling.sampler import sample  # pylint: disable=g-import-not-at-top
+
+    cfg, g = self.setup.loss, self.args.group
     w0 = time.perf_counter()
-    out = sample(graphdef, state.params, prompt_N, prompt_mask_N, key, setup.sampling)
+    mask_N = jnp.ones(self.prompt_N.shape, bool)
+    out = sample(self.graphdef, self.state.params, self.prompt_N, mask_N, key, self.setup.sampling)
     tokens, lengths = jax.device_get((out.tokens_BxT, out.lengths_B))
     t_roll = time.perf_counter() - w0
     reward = even_majority_reward_np(tokens, lengths)
-    adv_N = group_advantages_np(reward.reshape(-1, g)).reshape(-1)
+    adv_N = jnp.asarray(group_advantages_np(reward.reshape(-1, g)).reshape(-1))
     completion_mask = np.arange(tokens.shape[1])[None] < lengths[:, None]
-    seq = jnp.concatenate([prompt_N, jnp.asarray(tokens)], axis=1)
-    seq_mask = jnp.concatenate([prompt_mask_N, jnp.asarray(completion_mask)], axis=1)
-    adv_N = jnp.asarray(adv_N)
-    old = logps(state.params, seq, seq_mask) if cfg.num_iterations > 1 else None
-    ref_logp = logps(ref, seq, seq_mask) if cfg.beta > 0 else None
+    seq = jnp.concatenate([self.prompt_N, jnp.asarray(tokens)], axis=1)
+    seq_mask = jnp.concatenate([mask_N, jnp.asarray(completion_mask)], axis=1)
+    old = self.logps(self.state.params, seq, seq_mask) if cfg.num_iterations > 1 else None
+    ref_logp = self.logps(self.ref, seq, seq_mask) if cfg.beta > 0 else None
     for _ in range(cfg.num_iterations):
-      state, aux = update_step(state, seq, seq_mask, adv_N, old, ref_logp)
-    jax.block_until_ready(state)
-    return (state, aux, float(reward.mean())), t_roll
+      self.state, aux = self.update_step(self.state, seq, seq_mask, adv_N, old, ref_logp)
+    jax.block_until_ready(self.state)
+    return aux, float(reward.mean()), t_roll
 
-  state = create_train_state(params, tx)
-  key = jax.random.key(0)
-  iters, first_s = [], None
-  for i in range(args.warmup + args.repeats):
-    ((state, aux, reward), t_roll), wall, cpu = _timed(lambda i=i, st=state: iteration(st, jax.random.fold_in(key, i)))
-    if i == 0:
-      first_s = wall
-    if i >= args.warmup:
-      iters.append(dict(wall=wall, cpu=cpu, rollout=t_roll, update=wall - t_roll))
-  res = summarize(first_s, iters, args)
-  res.update(loss=float(aux['loss']), reward=reward, finite=bool(np.isfinite(float(aux['loss']))),
-             param_delta=_param_delta(state.params, params))
-  return res
+  def step(self, i: int, last: bool) -> dict:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    (aux, reward, t_roll), wall, cpu = _timed(lambda: self._iteration(jax.random.fold_in(self.key, i)))
+    if last:
+      loss = float(aux['loss'])
+      self.result = dict(loss=loss, reward=reward, finite=bool(np.isfinite(loss)),
+                         param_delta=_param_delta(self.state.params, self.params0))
+    return dict(wall=wall, cpu=cpu, rollout=t_roll, update=wall - t_roll)
 
 
 # ----------------------------------------------------------------------------- tunix
 
 
 def tunix_worker(args):
-  """Runs inside the tunix virtualenv: prints one TUNIX_RESULT JSON line."""
+  """Runs inside the tunix virtualenv, one iteration per `go` from the parent (see Gate)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -359,7 +461,7 @@ def tunix_worker(args):
   from tunix.rl.grpo import grpo_learner  # pylint: disable=g-import-not-at-top
   from tunix.rl.rollout import base_rollout  # pylint: disable=g-import-not-at-top
 
-  b, g, lp, t, mu = args.prompts, args.group, args.prompt_len, args.completion_len, args.mu
+  g, lp, t, mu = args.group, args.prompt_len, args.completion_len, args.mu
   n_iters = args.warmup + args.repeats
   mcfg = tmodel.ModelConfig(
       num_layers=args.layers, vocab_size=args.vocab, embed_dim=args.d_model, hidden_dim=args.d_ff,
@@ -404,7 +506,7 @@ def tunix_worker(args):
                                           loss_agg_mode='sequence-mean-token-mean'))
 
   # Timing hooks on the learner's own call path (instance attributes; the methods are unchanged).
-  iters, rollouts, gen_lengths = [], [], []
+  gate, rollouts, gen_lengths = Gate(), [], []
   run_global_step, generate = learner._run_global_step, cluster.generate  # pylint: disable=protected-access
 
   def timed_generate(*a, **k):
@@ -417,59 +519,39 @@ def tunix_worker(args):
     def step():
       run_global_step(*a, **k)
       jax.block_until_ready(nnx.state(cluster.actor_trainer.model))
+
+    waited = gate.waited_s
     _, wall, cpu = _timed(step)
-    iters.append(dict(wall=wall, cpu=cpu))
+    wall -= gate.waited_s - waited  # the batch is fetched inside the step: minus the wait for `go`
+    Gate.send('ITER', dict(wall=wall, cpu=cpu, rollout=rollouts[-1], update=wall - rollouts[-1]))
 
   cluster.generate = timed_generate
   learner._run_global_step = timed_global_step  # pylint: disable=protected-access
 
-  prompts = make_prompts(args)
   # Prompts travel as text; the sampler adds BOS itself, so send the ids after it.
-  text = np.array([' '.join(map(str, row[1:])) for row in prompts])
-  learner.train({'prompts': text} for _ in range(n_iters))
-  if len(iters) != n_iters or len(rollouts) != n_iters:
-    raise RuntimeError(f'tunix ran {len(iters)} iterations and {len(rollouts)} rollouts, expected {n_iters}')
+  text = np.array([' '.join(map(str, row[1:])) for row in make_prompts(args)])
+
+  def batches():
+    for _ in range(n_iters):
+      gate.wait()
+      yield {'prompts': text}
+
+  learner.train(batches())
+  if len(rollouts) != n_iters:
+    raise RuntimeError(f'tunix ran {len(rollouts)} rollouts, expected {n_iters}')
   if set(gen_lengths) != {t}:
     raise RuntimeError(f'tunix completions have lengths {sorted(set(gen_lengths))}, expected all {t}')
-  for it, r in zip(iters, rollouts):
-    it.update(rollout=r, update=it['wall'] - r)
-  res = summarize(iters[0]['wall'], iters[args.warmup:], args)
-  res.update(param_delta=_param_delta(nnx.state(cluster.actor_trainer.model, nnx.Param), params0),
-             train_steps=int(cluster.actor_trainer.train_steps), probe_logp=np.asarray(probe_logp).tolist())
-  info = f'google-tunix {metadata.version("google-tunix")}, jax {jax.__version__}'
-  print('TUNIX_RESULT ' + json.dumps({'info': info, 'result': res}))
-
-
-def run_worker(kind: str, python: str, path: str, args, pythonpath: str = ''):
-  """(result or None, one line of info) from a peer worker subprocess (`--worker=kind`)."""
-  cmd = [python, os.path.abspath(__file__), f'--worker={kind}', f'--workdir={path}'] + [
-      a for a in sys.argv[1:] if not a.startswith(('--worker', '--workdir', '--tunix-python', '--peers'))
-  ]
-  env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
-  if pythonpath:
-    env['PYTHONPATH'] = pythonpath
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
-  tag = kind.upper() + '_RESULT '
-  for line in proc.stdout.splitlines():
-    if line.startswith(tag):
-      res = json.loads(line[len(tag):])
-      return res['result'], res['info']
-  tail = (proc.stderr.strip().splitlines() or ['no output'])[-1]
-  return None, f'not run: {kind} worker failed (exit {proc.returncode}): {tail}'
-
-
-def run_tunix(path, args):
-  if not os.path.exists(args.tunix_python):
-    return None, (f'not run: no python at {args.tunix_python} '
-                  '(python3 -m venv DIR && DIR/bin/pip install google-tunix==0.1.7)')
-  return run_worker('tunix', args.tunix_python, path, args)
+  Gate.send('RESULT', dict(
+      info=f'google-tunix {metadata.version("google-tunix")}, jax {jax.__version__}',
+      param_delta=_param_delta(nnx.state(cluster.actor_trainer.model, nnx.Param), params0),
+      train_steps=int(cluster.actor_trainer.train_steps), probe_logp=np.asarray(probe_logp).tolist()))
 
 
 # ----------------------------------------------------------------------------- trl
 
 
 def trl_worker(args):
-  """Runs with trl importable (torch CPU): prints one TRL_RESULT JSON line."""
+  """Runs with trl importable (torch CPU), one iteration per `go` from the parent (see Gate)."""
   from importlib import metadata  # pylint: disable=g-import-not-at-top
 
   import datasets  # pylint: disable=g-import-not-at-top
@@ -514,7 +596,7 @@ def trl_worker(args):
   trainer = trl.GRPOTrainer(model=model, reward_funcs=reward_fn, args=cfg, processing_class=ptok,
                             train_dataset=datasets.Dataset.from_dict({'prompt': prompts * n_iters}))
 
-  rollouts, gen_lengths, marks = [], [], []
+  gate, rollouts, gen_lengths = Gate(), [], []
   generate = trainer._generate_single_turn  # pylint: disable=protected-access
 
   def timed_generate(*a, **k):
@@ -523,40 +605,34 @@ def trl_worker(args):
     gen_lengths.extend(len(c) for c in out[0])
     return out
 
-  class StepClock(transformers.TrainerCallback):
+  class IterationClock(transformers.TrainerCallback):
+    """An iteration is μ optimizer steps; its rollout happens in the first."""
+
+    steps, start = 0, None
 
     def on_step_begin(self, *a, **k):
-      marks.append((time.perf_counter(), time.process_time()))
+      if self.steps % mu == 0:
+        gate.wait()
+        self.start = (time.perf_counter(), time.process_time())
 
     def on_step_end(self, *a, **k):
-      marks.append((time.perf_counter(), time.process_time()))
+      self.steps += 1
+      if self.steps % mu == 0:
+        wall, cpu = time.perf_counter() - self.start[0], time.process_time() - self.start[1]
+        Gate.send('ITER', dict(wall=wall, cpu=cpu, rollout=rollouts[-1], update=wall - rollouts[-1]))
 
   trainer._generate_single_turn = timed_generate  # pylint: disable=protected-access
-  trainer.add_callback(StepClock())
+  trainer.add_callback(IterationClock())
   trainer.train()
-  if len(rollouts) != n_iters or len(marks) != 2 * n_iters * mu:
-    raise RuntimeError(f'trl ran {len(rollouts)} rollouts and {len(marks) // 2} steps, expected {n_iters}, '
-                       f'{n_iters * mu}')
+  if len(rollouts) != n_iters:
+    raise RuntimeError(f'trl ran {len(rollouts)} rollouts, expected {n_iters}')
   if set(gen_lengths) != {t}:
     raise RuntimeError(f'trl completions have lengths {sorted(set(gen_lengths))}, expected all {t}')
-  iters = []
-  for i in range(n_iters):  # iteration i: from the start of step i·μ to the end of step i·μ + μ - 1
-    (w0, c0), (w1, c1) = marks[2 * i * mu], marks[2 * (i + 1) * mu - 1]
-    iters.append(dict(wall=w1 - w0, cpu=c1 - c0, rollout=rollouts[i], update=w1 - w0 - rollouts[i]))
-  res = summarize(iters[0]['wall'], iters[args.warmup:], args)
   sq = sum(float(torch.sum((p.detach() - params0[k]) ** 2)) for k, p in model.named_parameters())
-  res.update(param_delta=sq ** 0.5, train_steps=int(trainer.state.global_step), probe_logp=probe_logp.tolist())
-  info = (f'trl {metadata.version("trl")}, torch {torch.__version__} ({torch.get_num_threads()} threads), '
-          f'transformers {transformers.__version__}')
-  print('TRL_RESULT ' + json.dumps({'info': info, 'result': res}))
-
-
-def run_trl(path, args):
-  pythonpath = args.trl_path
-  if pythonpath and not os.path.isdir(os.path.join(pythonpath, 'trl')):
-    return None, (f'not run: no trl under --trl-path={pythonpath} (pip install --target DIR --no-deps '
-                  'trl==1.16.0 accelerate==1.15.0)')
-  return run_worker('trl', sys.executable, path, args, pythonpath)
+  Gate.send('RESULT', dict(
+      info=(f'trl {metadata.version("trl")}, torch {torch.__version__} ({torch.get_num_threads()} threads), '
+            f'transformers {transformers.__version__}'),
+      param_delta=sq ** 0.5, train_steps=int(trainer.state.global_step), probe_logp=probe_logp.tolist()))
 
 
 # ----------------------------------------------------------------------------- main
@@ -565,18 +641,59 @@ def run_trl(path, args):
 def format_table(results: dict, args) -> str:
   """One row per peer; ours/peer = our fused iteration / the peer's (wall; CPU seconds), target <= 0.7."""
   del args
-  cols = ('iter s', 'iter CPU s', 'rollout s', 'rollout tok/s', 'update s', 'update tok/s', 'first iter s',
+  head = ('peer', 'iter s', 'iter CPU s', 'rollout s', 'rollout tok/s', 'update s', 'update tok/s', 'first iter s',
           'ours/peer', 'ours/peer CPU')
-  width = max(len('peer'), *(len(n) for n in results))
-  lines = [' | '.join(('peer'.ljust(width),) + cols)]
   ours = results.get('ours')
+  rows = [head]
   for name, r in results.items():
     vs = ours is not None and name != 'ours'
-    row = (f"{r['iter_s']:.4g}", f"{r['cpu_s']:.4g}", f"{r['rollout_s']:.4g}", f"{r['rollout_tok_s']:.0f}",
-           f"{r['update_s']:.4g}", f"{r['update_tok_s']:.0f}", f"{r['first_s']:.1f}",
-           f"{ours['iter_s'] / r['iter_s']:.2f}" if vs else '-', f"{ours['cpu_s'] / r['cpu_s']:.2f}" if vs else '-')
-    lines.append(' | '.join((name.ljust(width),) + tuple(v.rjust(len(c)) for v, c in zip(row, cols))))
-  return '\n'.join(lines)
+    rows.append((name, f"{r['iter_s']:.4g}", f"{r['cpu_s']:.4g}", f"{r['rollout_s']:.4g}", f"{r['rollout_tok_s']:.0f}",
+                 f"{r['update_s']:.4g}", f"{r['update_tok_s']:.0f}", f"{r['first_s']:.1f}",
+                 f"{ours['iter_s'] / r['iter_s']:.2f}" if vs else '-', f"{ours['cpu_s'] / r['cpu_s']:.2f}" if vs else '-'))
+  widths = [max(len(row[j]) for row in rows) for j in range(len(head))]
+  return '\n'.join(' | '.join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])])
+                   for row in rows)
+
+
+def start_workers(workdir: str, args) -> tuple[dict, list[str]]:
+  """The subprocess peers, each set up and blocked before its first iteration."""
+  peers, lines = {}, []
+  if 'tunix' in args.peer_list:
+    if not os.path.exists(args.tunix_python):
+      lines.append(f'tunix: not run: no python at {args.tunix_python} '
+                   '(python3 -m venv DIR && DIR/bin/pip install google-tunix==0.1.7)')
+    else:
+      try:
+        peers['tunix'] = WorkerPeer('tunix', args.tunix_python, workdir, args)
+      except PeerFailed as e:
+        lines.append(f'tunix: not run: {e}')
+  if 'trl' in args.peer_list:
+    if args.trl_path and not os.path.isdir(os.path.join(args.trl_path, 'trl')):
+      lines.append(f'trl: not run: no trl under --trl-path={args.trl_path} '
+                   '(pip install --target DIR --no-deps trl==1.16.0 accelerate==1.15.0)')
+    else:
+      try:
+        peers['trl'] = WorkerPeer('trl', sys.executable, workdir, args, args.trl_path)
+      except PeerFailed as e:
+        lines.append(f'trl: not run: {e}')
+  return peers, lines
+
+
+def run_rounds(peers: dict, args) -> tuple[dict, list[str]]:
+  """warmup + repeats rounds; each runs one iteration of every peer, in a rotating order."""
+  n = args.warmup + args.repeats
+  iters, lines = {name: [] for name in peers}, []
+  names = list(peers)
+  for i in range(n):
+    for name in names[i % len(names):] + names[:i % len(names)]:
+      if name not in peers:
+        continue
+      try:
+        iters[name].append(peers[name].step(i, last=i == n - 1))
+      except PeerFailed as e:
+        lines.append(f'{name}: dropped in round {i}: {e}')
+        peers.pop(name).close()
+  return {name: iters[name] for name in peers}, lines
 
 
 def main(argv=None):
@@ -592,42 +709,54 @@ def main(argv=None):
 
   from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
 
-  results, notes = {}, []
   with tempfile.TemporaryDirectory() as tmp:
     cfg, graphdef, params = sampler_bench.build_and_export(args, tmp)
     print(f'model: {cfg.n_layers} layers, d={cfg.d_model}, heads {cfg.n_heads}/{cfg.n_kv_heads}, head_dim '
           f'{cfg.head_dim}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, fp32; B={args.prompts} prompts x G={args.group}, '
           f'prompt {args.prompt_len}, completion {args.completion_len} (no EOS), mu={args.mu}, beta={args.beta}; '
-          f'median of {args.repeats} after {args.warmup} warm-up')
+          f'median of {args.repeats} lock-step rounds after {args.warmup} warm-up')
     print(f'ours: jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device), '
           f'{os.cpu_count()} cpus; load average {os.getloadavg()[0]:.1f}')
-    peers = {}  # the subprocess peers first, so no two of them ever share the cores
-    for name, run in (('tunix', run_tunix), ('trl', run_trl)):
-      if name in args.peer_list:
-        peers[name], info = run(tmp, args)
-        print(f'{name}: {info}')
-  if 'ours' in args.peer_list:
-    results['ours'] = run_ours(graphdef, params, args)
-  if 'hostloop' in args.peer_list:
-    results['hostloop'] = run_hostloop(graphdef, params, args)
+    peers, notes = start_workers(tmp, args)
+    try:
+      if 'ours' in args.peer_list:
+        peers['ours'] = OursFused(graphdef, params, args)
+        peers['ours-split'] = OursSplit(graphdef, params, args)
+      if 'hostloop' in args.peer_list:
+        peers['hostloop'] = HostLoop(graphdef, params, args)
+      iters, dropped = run_rounds(peers, args)
+      notes += dropped
+    finally:
+      for p in peers.values():
+        if isinstance(p, WorkerPeer):
+          p.close()
+
+  results = {}
+  if 'ours' in iters and 'ours-split' in iters:
+    merged = [dict(f, **s) for f, s in zip(iters.pop('ours'), iters.pop('ours-split'))]
+    results['ours'] = dict(summarize(merged[0]['wall'], merged[args.warmup:], args), **peers['ours'].result)
+  for name in PEERS:
+    if name in iters:
+      its = iters[name]
+      results[name] = dict(summarize(its[0]['wall'], its[args.warmup:], args), **peers[name].result)
+  notes = [f"{name}: {r['info']}" for name, r in results.items() if 'info' in r] + notes
   ours_logp = np.asarray(grpo_lib.completion_logprobs(
       graphdef, params, jnp.concatenate([make_prompts(args), probe_completions(args)], axis=1),
       jnp.ones((args.prompts, args.prompt_len + args.completion_len), bool), args.prompt_len)[0])
-  for name, r in peers.items():
-    if r is not None:
-      results[name] = r
+  for name, r in results.items():
+    if 'probe_logp' in r:
       notes.append(f"same model: max |log p ours - log p {name}| on fixed completions = "
                    f"{float(np.max(np.abs(ours_logp - np.asarray(r['probe_logp'])))):.2e}")
-  print()
-  print(format_table(results, args))
   for name, r in results.items():
     extra = f", loss {r['loss']:.4f}, mean reward {r['reward']:.3f}" if 'loss' in r else ''
     extra += f", {r['train_steps']} update steps" if 'train_steps' in r else ''
     notes.append(f"{name}: |params after - before| = {r['param_delta']:.3e}{extra}")
   if 'ours' in results:
     o = results['ours']
-    notes.append(f"ours split pieces: rollout {o['rollout_s']:.3f} s + update {o['update_s']:.3f} s = "
-                 f"{o['split_sum_s']:.3f} s vs fused {o['iter_s']:.3f} s")
+    notes.append(f"ours split pieces: rollout {o['rollout_s']:.4g} s + update {o['update_s']:.4g} s = "
+                 f"{o['rollout_s'] + o['update_s']:.4g} s vs fused {o['iter_s']:.4g} s")
+  print()
+  print(format_table(results, args))
   print('\n'.join(notes))
   print(f'target: ours/peer <= 0.7; load average after: {os.getloadavg()[0]:.1f}')
   return results
