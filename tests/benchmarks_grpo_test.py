@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,9 @@ from rlm_jax.training import advantages
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'grpo.py')
 _spec = importlib.util.spec_from_file_location('benchmarks_grpo', _PATH)
 bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+_saved_path = list(sys.path)
+_spec.loader.exec_module(bench)  # puts benchmarks/ on sys.path to import its sampler.py
+sys.path[:] = _saved_path
 
 # Even-id counts 2, 3, 0 of 4 tokens, and 2 of the first 2 tokens (the rest is padding).
 TOKENS = np.array([[2, 4, 5, 7], [2, 4, 6, 7], [1, 3, 5, 7], [2, 4, 1, 1]], np.int32)
