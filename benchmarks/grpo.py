@@ -10,8 +10,8 @@ clip ε = 0.2, AdamW (lr 1e-5, b 0.9/0.95) after global-norm clipping at 1. The 
 
 Peers (--peers, comma-separated):
   ours      `grpo_iteration_jit`: rollout, reward, group advantages and the μ updates in one
-            compiled program (the headline). Split timing: the rollout jitted alone, and the rest
-            of the same `grpo_iteration` code jitted alone on a given rollout.
+            compiled program (the headline). Split timing: its two halves, `rollout_jit` and
+            `grpo_update_jit` (advantages and μ updates on a given rollout), called in turn.
   hostloop  our pieces in a host loop: jitted `sample`, then rewards and advantages in NumPy
             on host (device_get in between), old/ref log-probs jitted, then μ calls of a jitted
             update step. The structure of a typical host-driven learner, with our kernels.
@@ -65,7 +65,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from unittest import mock
 
 import numpy as np
 
@@ -292,20 +291,6 @@ def _optimizer():
   return make_optimizer(OptimConfig(learning_rate=LEARNING_RATE, b1=0.9, b2=0.95, grad_clip=1.0))
 
 
-def _update_after_rollout(graphdef, tx, setup, state, ref_params, batch, ro):
-  """`grpo_iteration` with its rollout replaced by a given one: exactly its update code.
-
-  Patching the module's `rollout` while this traces times the very code of the fused
-  iteration after sampling, instead of a copy of it that could drift.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
-
-  with mock.patch.object(grpo_lib, 'rollout', lambda *a, **k: ro):
-    return grpo_lib.grpo_iteration(graphdef, tx, setup, state, ref_params, batch, jax.random.key(0))
-
-
 def _param_delta(a, b) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -351,25 +336,18 @@ class OursFused(_Ours):
 
 
 class OursSplit(_Ours):
-  """The fused iteration's two parts jitted apart: `rollout`, then the rest on its output."""
-
-  def __init__(self, graphdef, params, args):
-    import jax  # pylint: disable=g-import-not-at-top
-
-    from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
-
-    super().__init__(graphdef, params, args)
-    self.rollout = jax.jit(grpo_lib.rollout, static_argnums=(0, 4))
-    self.update = jax.jit(_update_after_rollout, static_argnums=(0, 1, 2), donate_argnums=(3,))
+  """The fused iteration's two halves jitted apart: `rollout_jit`, then `grpo_update_jit` on its output."""
 
   def step(self, i: int, last: bool) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
 
+    from rlm_jax.training import grpo as grpo_lib  # pylint: disable=g-import-not-at-top
+
     del last
-    ro, t_roll, _ = _timed(lambda: jax.block_until_ready(
-        self.rollout(self.graphdef, self.state.params, self.batch, jax.random.fold_in(self.key, i), self.setup)))
-    (self.state, _), t_upd, _ = _timed(lambda: jax.block_until_ready(
-        self.update(self.graphdef, self.tx, self.setup, self.state, self.ref, self.batch, ro)))
+    ro, t_roll, _ = _timed(lambda: jax.block_until_ready(grpo_lib.rollout_jit(
+        self.graphdef, self.state.params, self.batch, jax.random.fold_in(self.key, i), self.setup)))
+    (self.state, _), t_upd, _ = _timed(lambda: jax.block_until_ready(grpo_lib.grpo_update_jit(
+        self.graphdef, self.tx, self.setup, self.state, self.ref, ro)))
     return dict(rollout=t_roll, update=t_upd)
 
 
