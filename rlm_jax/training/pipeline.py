@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Literal
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,10 @@ class TaskConfig:
   levels: tuple[int, ...] = (1, 2, 3)
   train_size: int = 3000
   seed: int = 0  # held-out tasks use seed + 1 and exclude training problems
+  # Phase-2 problems (prompts and answers only: RL needs no traces). 0: the SFT problems again.
+  # Otherwise about this many problems drawn with seed + 2, minus duplicates and any SFT or
+  # held-out problem, so RL sees problems whose solutions the policy has not memorised.
+  rl_size: int = 0
   prompt_len: int = 32
   completion_len: int = 48
   answer_len: int = 16
@@ -225,6 +229,23 @@ def build_data(tok: Tokenizer, cfg: TaskConfig, eval_size: int) -> tuple[Data, D
   return encode(train), encode(held)
 
 
+def build_rl_pool(tok: Tokenizer, cfg: TaskConfig, exclude: Sequence[Data]) -> Data:
+  """The phase-2 problem pool (`TaskConfig.rl_size`), disjoint from the splits in `exclude`."""
+  n = -(-cfg.rl_size // len(cfg.levels)) * len(cfg.levels)
+  seen = {t['problem'] for d in exclude for t in d.tasks}
+  pool, fresh = [], set()
+  for t in tasks_lib.generate_dataset(cfg.domain, n, cfg.seed + 2, levels=cfg.levels):
+    if t['problem'] not in seen and t['problem'] not in fresh:
+      fresh.add(t['problem'])
+      pool.append(t)
+  if not pool:
+    raise ValueError(f'task.rl_size={cfg.rl_size}: no problem left after removing SFT and held-out ones')
+  prompt, mask = encoding.encode_prompts(tok, pool, cfg.prompt_len)
+  answer, answer_len = encoding.encode_answers(tok, ['Answer: ' + tasks_lib.answer_text(t) for t in pool],
+                                               cfg.answer_len)
+  return Data(pool, prompt, mask, answer, answer_len, {})
+
+
 class Experiment:
   """Holds the static pieces of a run (model graph, data, optimizers); state stays a pytree."""
 
@@ -259,6 +280,8 @@ class Experiment:
       if dict(rollout_mesh.shape) != dict(self.mesh.shape) or rm.rules != self.rules:
         self.rollout_at = grpo_lib.Placement(rollout_mesh, rm.rules)
     self.train, self.held = build_data(self.tok, cfg.task, cfg.eval.size)
+    self.rl_pool = (build_rl_pool(self.tok, cfg.task, (self.train, self.held)) if cfg.task.rl_size
+                    else self.train)
     self.metrics = None
     self.results_path = epath.Path(workdir) / 'results.json'  # workdir may be gs://...
 
@@ -390,7 +413,7 @@ class Experiment:
     if ref is not None:
       ref = jax.tree.map(jnp.copy, ref)  # the policy state is donated; keep the reference alive
     state = create_train_state(params, tx, self.mesh, self.rules)
-    train = self.train
+    train = self.rl_pool
     key = jax.random.key(cfg.seed + 3)
 
     def batch_fn(i):
