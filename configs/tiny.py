@@ -21,7 +21,7 @@ def _main_config():
 def get_config() -> ml_collections.ConfigDict:
   c = _main_config().get_config()
   c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64)
-  c.task.update(levels=(1,), train_size=64, prompt_len=20, completion_len=24, answer_len=10)
+  c.task.update(levels=(1,), train_size=64, rl_size=120, prompt_len=20, completion_len=24, answer_len=10)
   c.sft.update(steps=6, batch_size=8)
   c.sft.optim.update(warmup_steps=1, decay_steps=5)
   c.rl.update(iterations=4, prompts_per_iteration=4, group_size=4)

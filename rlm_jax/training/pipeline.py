@@ -209,6 +209,11 @@ class Data:
   answer_len: np.ndarray
   sft: dict
 
+  def prompt_batch(self) -> dict[str, np.ndarray]:
+    """The arrays an RL batch is cut from (rows = tasks)."""
+    return {'prompt': self.prompt, 'prompt_mask': self.prompt_mask, 'answer': self.answer,
+            'answer_len': self.answer_len}
+
 
 def build_data(tok: Tokenizer, cfg: TaskConfig, eval_size: int) -> tuple[Data, Data]:
   per_level = lambda n: -(-n // len(cfg.levels)) * len(cfg.levels)
@@ -286,6 +291,32 @@ class Experiment:
     self.results_path = epath.Path(workdir) / 'results.json'  # workdir may be gs://...
 
   # --- pieces -----------------------------------------------------------------------------
+
+  def device_batch(self, arrays: dict[str, np.ndarray], idx: np.ndarray,
+                   per_process: bool | None = None) -> dict[str, jax.Array]:
+    """Rows `idx` of host arrays as one global batch.
+
+    With several processes each one reads only the rows its devices hold
+    (`distributed.batch_slice`) and the global arrays are assembled from those slices
+    (`distributed.host_local_to_global`), laid out along the 'batch' rules; `idx` is a function
+    of (seed, step), so every process computes the same one. A single process hands plain
+    arrays to the jitted step, which places them.
+
+    Args:
+      arrays: host arrays with tasks (or traces) along the leading dim.
+      idx: [B] global batch rows.
+      per_process: force (True) or skip (False) the multi-process path; None = when
+        jax.process_count() > 1.
+
+    Returns:
+      {name: jax.Array [B, ...]}.
+    """
+    if per_process is None:
+      per_process = jax.process_count() > 1
+    if not per_process:
+      return {k: jnp.asarray(v[idx]) for k, v in arrays.items()}
+    rows = idx[distributed.batch_slice(len(idx), self.mesh, self.rules)]
+    return distributed.host_local_to_global({k: v[rows] for k, v in arrays.items()}, self.mesh, self.rules)
 
   def init_params(self) -> tuple[nnx.GraphDef, nnx.State]:
     """The policy; with LoRA a `LoraTransformer` (the same base weights plus adapters)."""
@@ -419,8 +450,7 @@ class Experiment:
     def batch_fn(i):
       idx = np.random.default_rng((cfg.seed, 2, i)).choice(len(train.tasks), rl.prompts_per_iteration,
                                                             replace=False)
-      return {'prompt': jnp.asarray(train.prompt[idx]), 'prompt_mask': jnp.asarray(train.prompt_mask[idx]),
-              'answer': jnp.asarray(train.answer[idx]), 'answer_len': jnp.asarray(train.answer_len[idx])}
+      return self.device_batch(train.prompt_batch(), idx)
 
     step_fn = lambda st, b, i: step(st, b, jax.random.fold_in(key, i))
     state, done = self._run_phase(rl.algo, rl.iterations, self._phase1_end() + 1, state, step_fn, batch_fn, stop)
@@ -569,7 +599,7 @@ class Experiment:
 
         def sft_batch(step):
           idx = np.random.default_rng((cfg.seed, 1, step)).choice(n_train, cfg.sft.batch_size, replace=False)
-          return {k: jnp.asarray(v[idx]) for k, v in train.sft.items()}
+          return self.device_batch(train.sft, idx)
 
         sft_fn = lambda st, b, step: sft_step_jit(graphdef, tx, st, b, microbatches=cfg.sft.microbatches)
         state, done = self._run_phase('sft', cfg.sft.steps, 0, state, sft_fn, sft_batch, stop)

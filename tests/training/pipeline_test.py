@@ -37,3 +37,27 @@ def test_rl_pool_that_is_all_duplicates_is_a_one_line_error():
   with pytest.raises(ValueError, match='task.rl_size=3') as e:
     pipeline.build_rl_pool(tok, cfg, (train, held, pipeline.build_rl_pool(tok, cfg, (train, held))))
   assert '\n' not in str(e.value)
+
+
+def test_device_batch_per_process_path_equals_plain_rows(tmp_path):
+  """The multi-process path (each process reads its rows, arrays assembled on the mesh) gives
+  the same global batch as plain arrays, laid out along the batch axes."""
+  import jax
+  import numpy as np
+
+  from rlm_jax import configlib
+
+  cfg = configlib.from_config(pipeline.ExperimentConfig, configlib.load_config('configs/tiny.py'), '')
+  exp = pipeline.Experiment(cfg, str(tmp_path))
+  assert 0 < len(exp.rl_pool.tasks) <= 120 and exp.rl_pool is not exp.train
+  idx = np.array([5, 0, 63, 7, 12, 40, 33, 2])
+  for arrays in (exp.train.sft, exp.rl_pool.prompt_batch()):
+    plain = exp.device_batch(arrays, idx, per_process=False)
+    sharded = exp.device_batch(arrays, idx, per_process=True)
+    assert plain.keys() == sharded.keys() == arrays.keys()
+    for k in arrays:
+      np.testing.assert_array_equal(np.asarray(sharded[k]), arrays[k][idx])
+      np.testing.assert_array_equal(np.asarray(plain[k]), arrays[k][idx])
+      # mesh (1, 8, 1): rows split over the 8 'fsdp' devices, one row each.
+      assert sharded[k].sharding.shard_shape(sharded[k].shape)[0] == 1
+  assert jax.device_count() == 8
