@@ -479,13 +479,11 @@ class Experiment:
   def _label_chunks(self, idx: np.ndarray):
     """Fixed-shape device batches of training problems `idx` (the last chunk padded with its
     first row): yields (chunk index, number of real rows, batch)."""
-    n, size, train = len(idx), self.cfg.value.label_batch, self.train
+    n, size, arrays = len(idx), self.cfg.value.label_batch, self.train.prompt_batch()
     for c, lo in enumerate(range(0, n, size)):
       rows = idx[lo:lo + size]
       full = np.concatenate([rows, np.repeat(rows[:1], size - len(rows))])
-      arrays = (('prompt', train.prompt), ('prompt_mask', train.prompt_mask), ('answer', train.answer),
-                ('answer_len', train.answer_len))
-      yield c, len(rows), {name: jnp.asarray(x[full]) for name, x in arrays}
+      yield c, len(rows), self.device_batch(arrays, full)
 
   def value_data(self, graphdef, policy_params) -> dict[str, np.ndarray]:
     """Step-labelled rows for phase-1 value training (host numpy, `value.value_step` layout).
@@ -570,13 +568,12 @@ class Experiment:
     copy = lambda t: jax.tree.map(jnp.copy, t)  # the round donates its state
     state = az_lib.AZState(policy=create_train_state(copy(sft_params), ptx, self.mesh, self.rules),
                            value=create_train_state(copy(vparams), vtx, self.mesh, self.rules), buffer=buffer)
-    train, key = self.train, jax.random.key(cfg.seed + 5)
+    pool, key = self.rl_pool, jax.random.key(cfg.seed + 5)
 
-    def batch_fn(i):
-      idx = np.random.default_rng((cfg.seed, 2, i)).choice(len(train.tasks), rl.prompts_per_iteration,
+    def batch_fn(i):  # the problems GRPO would get in iteration i
+      idx = np.random.default_rng((cfg.seed, 2, i)).choice(len(pool.tasks), rl.prompts_per_iteration,
                                                             replace=False)
-      return {'prompt': jnp.asarray(train.prompt[idx]), 'prompt_mask': jnp.asarray(train.prompt_mask[idx]),
-              'answer': jnp.asarray(train.answer[idx]), 'answer_len': jnp.asarray(train.answer_len[idx])}
+      return self.device_batch(pool.prompt_batch(), idx)
 
     step_fn = lambda st, b, i: az_lib.alphazero_round_jit(graphdef, vgd, ptx, vtx, setup, st, b,
                                                           jax.random.fold_in(key, i))
