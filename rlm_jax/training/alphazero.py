@@ -7,7 +7,7 @@ One round is ONE compiled program (`alphazero_round_jit`):
      step must equal the canonical answer) for terminal ones.
   2. Restructure: each tree's training path (its best terminal: a solved path whenever the
      search found one, else the most-visited path) becomes one row, prompt + the path's steps,
-     with every step's q mapped to P(correct) = (q + 1) / 2 on the token that closes the step
+     with every step's q mapped to P(correct) = (q + 1) / 2 on the step's last token
      (`search_rows`, through `export.path_targets` and `labels.q_value_batch`).
   3. Replay: the P rows enter a fixed-size FIFO buffer of device arrays (`ReplayBuffer`).
   4. Policy distillation: `distill_steps` SFT steps on buffer rows whose path was solved.
@@ -118,7 +118,7 @@ class ReplayBuffer:
   """C rows of step-labelled paths (device arrays, fixed shape).
 
   Rows use the layout of `labels.q_value_batch`: [left-padded prompt (Lp) | steps packed
-  left | padding]; targets hold P(correct) on step-closing tokens, target_mask marks them.
+  left | padding]; targets hold P(correct) on each step's last token, target_mask marks them.
 
   Attributes:
     tokens_CxL, mask_CxL: the sequences and their real tokens.
