@@ -31,11 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.task = dict(domain='arithmetic', levels=(1, 2, 3), train_size=3000, rl_size=21000, seed=0,
                 prompt_len=24, completion_len=40, answer_len=12)
   c.sft = dict(
-      steps=600, batch_size=64, microbatches=1,
-      optim=dict(learning_rate=3e-3, warmup_steps=30, decay_steps=570, end_lr_factor=0.1,
+      steps=1200, batch_size=64, microbatches=1,
+      optim=dict(learning_rate=3e-3, warmup_steps=30, decay_steps=1170, end_lr_factor=0.1,
                  weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0))
   c.rl = dict(
-      algo='grpo', iterations=120, prompts_per_iteration=32, group_size=8,
+      algo='grpo', iterations=150, prompts_per_iteration=32, group_size=8,
       temperature=1.0, top_k=0, top_p=1.0,
       # Small steps: with a noisy policy gradient Adam moves every weight by ~lr per step, and
       # 2e-4 already undid SFT here within 20 iterations.
