@@ -4,6 +4,7 @@ gradient accumulation over microbatches (`accumulate_gradients`)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,9 @@ class OptimConfig:
       raise ValueError('warmup_steps and decay_steps must be >= 0')
 
 
+# Cached: jitted steps take the optimizer as a static argument, so the same config must give
+# the same object for a second run in one process (a notebook, a sweep) to reuse the compiled step.
+@functools.lru_cache(maxsize=64)
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   if cfg.decay_steps:
     lr = optax.warmup_cosine_decay_schedule(
