@@ -3,11 +3,10 @@
 Command (README quickstart):
   python -m rlm_jax.main --config=configs/main.py --workdir=runs/main
 
-Hardware: 2-core CPU. Wall time: 432 s (one run alone on the machine).
-Expected: held-out greedy accuracy ~0.18-0.26 after SFT and +1.5 points on average after GRPO
-over 3 seeds (README "Results") — a gain smaller than the seed-to-seed spread, so this config
-does not yet demonstrate RL beyond noise. Table printed at the end and stored in
-<workdir>/results.json.
+Hardware: 2-core CPU. Wall time: 413 s (seed 0 alone on the machine).
+Expected: held-out greedy accuracy 0.730-0.748 after SFT and 0.750-0.795 after GRPO over 3 seeds
+(mean +3.7 points, seed spread after SFT 1.8 points; README "Results"). Table printed at the
+end and stored in <workdir>/results.json.
 """
 import ml_collections
 
