@@ -50,4 +50,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint = dict(save_every=50, keep=2)
   c.lora = dict(rank=0, alpha=16.0, targets=lora.DEFAULT_TARGETS)  # rank 0: full fine-tuning
   c.distributed = dict(coordinator_address='', num_processes=1, process_id=0)  # env RLM_* wins
+  c.hf_checkpoint = ''  # a local HF Llama/Qwen2 folder to start from ('' = random init)
   return c

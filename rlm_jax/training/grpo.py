@@ -28,6 +28,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -204,6 +205,52 @@ def grpo_iteration(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup,
 grpo_iteration_jit = jax.jit(grpo_iteration, static_argnums=(0, 1, 2), donate_argnums=(3,))
 rollout_jit = jax.jit(rollout, static_argnums=(0, 4))
 grpo_update_jit = jax.jit(grpo_update, static_argnums=(0, 1, 2), donate_argnums=(3,))
+
+
+# ----------------------------------------------------------------------------------------
+# Rewards computed on host (text verifiers).
+
+
+def no_device_score(out: SampleOutput, batch: dict) -> jax.Array:
+  """`GRPOSetup.score_fn` for the host path: the rollout skips the on-device answer match."""
+  del batch
+  return jnp.zeros(out.lengths_B.shape, jnp.int32)
+
+
+HostScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def grpo_iteration_host_scored(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup,
+                               state: TrainState, ref_params, batch: dict, key: jax.Array,
+                               score_host: HostScorer):
+  """A GRPO iteration whose rewards come from a host verifier (e.g. GSM8K, LaTeX answers).
+
+  Two compiled programs instead of one: the rollout, then the update. In between, the
+  completions' token ids (and nothing else) are pulled to host once, `score_host` turns them
+  into verifier scores, and the scores go back as a [B·G] int array.
+
+  Args:
+    graphdef, tx, state, ref_params, batch, key: as for `grpo_iteration`.
+    setup: as for `grpo_iteration`; its `score_fn` is replaced by `no_device_score`.
+    score_host: (tokens [B·G, T], lengths [B·G]) numpy -> scores [B·G] in {-1, 0, 1, 2}
+      (`rlm_jax.tasks.verify` scale). Rows are prompt-major, G per prompt.
+
+  Returns:
+    (new_state, metrics) as `grpo_iteration`.
+  """
+  setup = dataclasses.replace(setup, score_fn=no_device_score)
+  ro = rollout_jit(graphdef, state.params, batch, key, setup)
+  if jax.process_count() > 1:  # every process scores the whole batch (the verifier is cheap)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    tokens, lengths = multihost_utils.process_allgather((ro['tokens'], ro['lengths']), tiled=True)
+  else:
+    tokens, lengths = jax.device_get((ro['tokens'], ro['lengths']))
+  score = np.asarray(score_host(np.asarray(tokens), np.asarray(lengths)), np.int32)
+  if score.shape != lengths.shape:
+    raise ValueError(f'score_host returned shape {score.shape}, expected {lengths.shape}')
+  score = jax.device_put(score, ro['score'].sharding)
+  ro = dict(ro, score=score, reward=score_to_reward(score, setup.reward))
+  return grpo_update_jit(graphdef, tx, setup, state, ref_params, ro)
 
 
 # ----------------------------------------------------------------------------------------

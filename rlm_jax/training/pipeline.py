@@ -26,6 +26,7 @@ from rlm_jax import sharding
 from rlm_jax import tasks as tasks_lib
 from rlm_jax.data import encoding
 from rlm_jax.data.tokenizer import Tokenizer, load_tokenizer
+from rlm_jax.models import hf as hf_lib
 from rlm_jax.models import lora as lora_lib
 from rlm_jax.models.transformer import ModelConfig, Transformer
 from rlm_jax.sampling.sampler import SamplingConfig, sample
@@ -165,6 +166,10 @@ class RLConfig:
   # mesh, one compiled program per iteration; else params are resharded to it for sampling).
   microbatches: int = 1
   rollout_mesh: sharding.MeshConfig | None = None
+  # GRPO only. 'device': the jittable final-step match (synthetic tasks; one compiled program
+  # per iteration). 'host': decode the completions and score them with `rlm_jax.tasks.verify`
+  # (text answers such as GSM8K or LaTeX; token ids pulled to host once per iteration).
+  reward_on: Literal['device', 'host'] = 'device'
 
   def __post_init__(self):
     rows = self.prompts_per_iteration * self.group_size
@@ -174,6 +179,9 @@ class RLConfig:
     if self.algo != 'grpo' and (self.microbatches > 1 or self.rollout_mesh is not None):
       raise ValueError(f"rl.microbatches / rl.rollout_mesh: only rl.algo='grpo' supports them, "
                        f"got rl.algo='{self.algo}'")
+    if self.reward_on == 'host' and (self.algo != 'grpo' or self.rollout_mesh is not None):
+      raise ValueError(f"rl.reward_on='host': only rl.algo='grpo' on the training mesh supports it, "
+                       f"got rl.algo='{self.algo}', rl.rollout_mesh={self.rollout_mesh}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +204,9 @@ class ExperimentConfig:
   value: ValueConfig = ValueConfig()
   lora: lora_lib.LoraSection = lora_lib.LoraSection()  # rank 0: full fine-tuning
   distributed: distributed.DistributedConfig = distributed.DistributedConfig()  # read by main
+  # A local HF Llama/Qwen2 folder (config.json + safetensors) to start the policy from instead
+  # of a random init; '' = from scratch. Pair it with tokenizer.kind='hf' on the same folder.
+  hf_checkpoint: str = ''
 
 
 @dataclasses.dataclass
@@ -251,6 +262,24 @@ def build_rl_pool(tok: Tokenizer, cfg: TaskConfig, exclude: Sequence[Data]) -> D
   return Data(pool, prompt, mask, answer, answer_len, {})
 
 
+def host_scorer(tok: Tokenizer, tasks: Sequence[dict], group_size: int):
+  """Scores rollout rows (prompt-major, `group_size` per task) with the task verifiers.
+
+  A row that did not end in EOS (cut at the length limit) scores -1, as on device.
+  """
+
+  def score(tokens_BxT: np.ndarray, lengths_B: np.ndarray) -> np.ndarray:
+    out = np.empty(len(lengths_B), np.int32)
+    for r, n in enumerate(lengths_B):
+      if n == 0 or tokens_BxT[r, n - 1] != tok.eos_id:
+        out[r] = -1
+      else:
+        out[r] = tasks_lib.verify(tasks[r // group_size], tok.decode(tokens_BxT[r, :n]))
+    return out
+
+  return score
+
+
 class Experiment:
   """Holds the static pieces of a run (model graph, data, optimizers); state stays a pytree."""
 
@@ -259,6 +288,9 @@ class Experiment:
     self.workdir = workdir
     self.tok = load_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path, cfg.tokenizer.step_delimiter)
     model_cfg = cfg.model
+    if cfg.hf_checkpoint:  # architecture from the checkpoint; precision and remat from cfg.model
+      model_cfg = hf_lib.config_from_hf(cfg.hf_checkpoint, dtype=cfg.model.dtype,
+                                        param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
     if model_cfg.vocab_size == 0:
       model_cfg = dataclasses.replace(model_cfg, vocab_size=self.tok.vocab_size)
     elif model_cfg.vocab_size < self.tok.vocab_size:
@@ -321,6 +353,13 @@ class Experiment:
   def init_params(self) -> tuple[nnx.GraphDef, nnx.State]:
     """The policy; with LoRA a `LoraTransformer` (the same base weights plus adapters)."""
     seed = self.cfg.seed
+    if self.cfg.hf_checkpoint:  # each tensor read once and placed on its shard
+      m = self.model_cfg
+      graphdef, params = hf_lib.load_hf(self.cfg.hf_checkpoint, dtype=m.dtype, param_dtype=m.param_dtype,
+                                        mesh=self.mesh, rules=self.rules, remat=m.remat)
+      if self.lora is not None:
+        return lora_lib.add_lora(graphdef, params, self.lora, seed=seed, mesh=self.mesh, rules=self.rules)
+      return graphdef, params
     if self.lora is not None:
       return sharding.init_sharded(lambda: lora_lib.init_lora(self.model_cfg, self.lora, seed),
                                    self.mesh, self.rules)
@@ -447,12 +486,16 @@ class Experiment:
     train = self.rl_pool
     key = jax.random.key(cfg.seed + 3)
 
-    def batch_fn(i):
-      idx = np.random.default_rng((cfg.seed, 2, i)).choice(len(train.tasks), rl.prompts_per_iteration,
-                                                            replace=False)
-      return self.device_batch(train.prompt_batch(), idx)
-
-    step_fn = lambda st, b, i: step(st, b, jax.random.fold_in(key, i))
+    indices = lambda i: np.random.default_rng((cfg.seed, 2, i)).choice(
+        len(train.tasks), rl.prompts_per_iteration, replace=False)
+    batch_fn = lambda i: self.device_batch(train.prompt_batch(), indices(i))
+    if rl.algo == 'grpo' and rl.reward_on == 'host':
+      def step_fn(st, b, i):
+        scorer = host_scorer(self.tok, [train.tasks[j] for j in indices(i)], rl.group_size)
+        return grpo_lib.grpo_iteration_host_scored(graphdef, tx, setup, st, ref, b, jax.random.fold_in(key, i),
+                                                   scorer)
+    else:
+      step_fn = lambda st, b, i: step(st, b, jax.random.fold_in(key, i))
     state, done = self._run_phase(rl.algo, rl.iterations, self._phase1_end() + 1, state, step_fn, batch_fn, stop)
     return state, graphdef, done
 

@@ -118,3 +118,27 @@ def test_microbatched_update_equals_the_full_batch_update(loss_kw):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), delta(acc),
                delta(full))
   assert max(np.abs(x).max() for x in jax.tree.leaves(delta(full))) > 1e-2
+
+
+def test_host_scored_iteration_equals_the_device_scored_one():
+  """Same key and params: scoring on host (token ids pulled once) gives the same update."""
+  gdef, params = nnx.split(tfm.init_model(CFG, seed=3))
+  tx = make_optimizer(OptimConfig(learning_rate=1e-2, grad_clip=0.0))
+  calls = []
+
+  def host_first_token(tokens_BxT, lengths_B):
+    calls.append(tokens_BxT.shape)
+    assert isinstance(tokens_BxT, np.ndarray) and isinstance(lengths_B, np.ndarray)
+    return np.where(tokens_BxT[:, 0] == GOOD, 2, 0)
+
+  dev, m_dev = grpo.grpo_iteration_jit(gdef, tx, _setup(), create_train_state(jax.tree.map(jnp.copy, params), tx),
+                                       None, _batch(), jax.random.key(4))
+  host, m_host = grpo.grpo_iteration_host_scored(gdef, tx, _setup(), create_train_state(params, tx), None,
+                                                 _batch(), jax.random.key(4), host_first_token)
+  assert calls == [(32, 3)]  # once per iteration, B·G rows
+  assert 0.0 < float(m_dev['accuracy']) < 1.0  # mixed rewards: the update is not a no-op
+  assert float(m_host['accuracy']) == float(m_dev['accuracy'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), dev.params, host.params)
+  with pytest.raises(ValueError, match=r'score_host returned shape \(3,\), expected \(32,\)'):
+    grpo.grpo_iteration_host_scored(gdef, tx, _setup(), host, None, _batch(), jax.random.key(5),
+                                    lambda t, n: np.zeros(3))

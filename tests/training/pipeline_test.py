@@ -61,3 +61,57 @@ def test_device_batch_per_process_path_equals_plain_rows(tmp_path):
       # mesh (1, 8, 1): rows split over the 8 'fsdp' devices, one row each.
       assert sharded[k].sharding.shard_shape(sharded[k].shape)[0] == 1
   assert jax.device_count() == 8
+
+
+def test_host_scorer_uses_the_task_verifier_and_marks_cut_rows_invalid():
+  import numpy as np
+
+  tok = CharTokenizer()
+  tasks = [{'type': 'Arithmetic', 'level': 1, 'problem': 'Compute 5+1.', 'solution': '6',
+            'unique_solution': True, 'steps': ['5+1=6', 'Answer: 6']}]
+  rows = ['5+1=6\n\nAnswer: 6', '5+1=7\n\nAnswer: 7', 'Answer: 6', '5+1=6']
+  ids = [tok.encode_steps(r.split('\n\n')) for r in rows]
+  ids[3] = ids[3][:-1]  # no EOS: cut at the length limit
+  width = max(map(len, ids)) + 2
+  tokens = np.zeros((4, width), np.int32)
+  for r, x in enumerate(ids):
+    tokens[r, : len(x)] = x
+  lengths = np.array([len(x) for x in ids])
+  scores = pipeline.host_scorer(tok, tasks, group_size=4)(tokens, lengths)
+  np.testing.assert_array_equal(scores, [2, 0, 2, -1])
+  with pytest.raises(ValueError, match="rl.reward_on='host': only rl.algo='grpo'"):
+    pipeline.RLConfig(algo='em', reward_on='host')
+
+
+@pytest.mark.parametrize('rank', [0, 2])
+def test_policy_starts_from_an_hf_checkpoint(tmp_path, rank):
+  """hf_checkpoint: the architecture and weights come from the folder (written here by our
+  numpy exporter), sharded over the mesh; with LoRA the adapters start as a no-op."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from rlm_jax import configlib
+  from rlm_jax.models import hf
+  from rlm_jax.models import transformer as tfm
+
+  tok = CharTokenizer()
+  src_cfg = tfm.ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                            head_dim=8, d_ff=48, tie_embeddings=False)
+  gdef, state = nnx.split(tfm.init_model(src_cfg, seed=11))
+  hf.export_hf(gdef, state, str(tmp_path / 'ckpt'))
+  base = configlib.load_config('configs/tiny.py', [f'hf_checkpoint={tmp_path / "ckpt"}', f'lora.rank={rank}'])
+  cfg = configlib.from_config(pipeline.ExperimentConfig, base, '')
+  exp = pipeline.Experiment(cfg, str(tmp_path / 'run'))
+  assert dataclasses.replace(exp.model_cfg, init_std=src_cfg.init_std) == src_cfg  # not configs/tiny.py's model
+  graphdef, params = exp.init_params()
+  graphdef, params = exp.plain_policy(graphdef, params)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(4, 90, (2, 7)))
+  got = nnx.merge(graphdef, params)(tokens).logits_BxLxV
+  want = nnx.merge(gdef, state)(tokens).logits_BxLxV
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  w = [x for x in jax.tree.leaves(params) if x.ndim == 2][0]
+  assert len(w.sharding.device_set) == 8  # placed on the (1, 8, 1) mesh
