@@ -219,3 +219,19 @@ def install_preemption_handler(
     the previous handlers.
   """
   return PreemptionFlag(tuple(signals))
+
+
+def prepare_workdir(path: str) -> str:
+  """Resolves `--workdir` (local -> absolute, URL kept) and creates it; returns it as a str.
+
+  Raises:
+    configlib.ConfigError: a URL scheme that etils.epath does not handle (one line).
+  """
+  from rlm_jax import configlib  # pylint: disable=g-import-not-at-top
+
+  try:
+    workdir = resolve_path(path)
+  except ValueError as e:
+    raise configlib.ConfigError(f'--workdir={e}') from e
+  workdir.mkdir(parents=True, exist_ok=True)
+  return os.fspath(workdir)

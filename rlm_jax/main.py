@@ -14,7 +14,6 @@ it field by field (a variable that is set and non-empty wins over the config; un
 leave the config value), so one config serves every host and the launcher fills in the rank.
 """
 
-import os
 import sys
 
 from absl import flags
@@ -25,21 +24,6 @@ from rlm_jax import configlib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, results).')
-
-
-def prepare_workdir(path: str) -> str:
-  """Resolves `--workdir` (local -> absolute, URL kept) and creates it; returns it as a str.
-
-  Raises:
-    configlib.ConfigError: a URL scheme that etils.epath does not handle (one line).
-  """
-  from rlm_jax import checkpoint  # heavy imports after the flags are checked
-  try:
-    workdir = checkpoint.resolve_path(path)
-  except ValueError as e:
-    raise configlib.ConfigError(f'--workdir={e}') from e
-  workdir.mkdir(parents=True, exist_ok=True)
-  return os.fspath(workdir)
 
 
 def main(argv):
@@ -59,7 +43,9 @@ def main(argv):
     distributed.initialize(cfg.distributed)
   except distributed.DistributedError as e:
     raise configlib.ConfigError(str(e)) from e
-  workdir = prepare_workdir(_WORKDIR.value)
+  from rlm_jax import checkpoint  # heavy imports after the flags are checked
+
+  workdir = checkpoint.prepare_workdir(_WORKDIR.value)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     from etils import epath  # pylint: disable=g-import-not-at-top

@@ -111,7 +111,7 @@ def _tiny_config(**sections):
 def test_prepare_workdir_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch):
   from etils.epath import testing as epath_testing
   from rlm_jax import configlib
-  from rlm_jax.main import prepare_workdir
+  from rlm_jax.checkpoint import prepare_workdir
 
   monkeypatch.chdir(tmp_path)
   assert prepare_workdir('runs/a') == str(tmp_path / 'runs' / 'a') and (tmp_path / 'runs' / 'a').is_dir()
