@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
                 num_iterations=1, mask_truncated_completions=False, max_completion_length=40,
                 dynamic_sampling=False, overlong_buffer=0, overlong_penalty_factor=1.0),
       reward=dict(correct=1.0, wrong=0.0, invalid=0.0),
-      microbatches=1, rollout_mesh=None)
+      microbatches=1, rollout_mesh=None, reward_on='device')
   c.eval = dict(every=0, size=400, batch_size=200, strategies=('greedy', 'self_consistency'),
                 num_samples=8, temperature=0.7)
   c.checkpoint = dict(save_every=50, keep=2)
