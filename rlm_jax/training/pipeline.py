@@ -226,40 +226,41 @@ class Data:
             'answer_len': self.answer_len}
 
 
+def _per_level(n: int, cfg: TaskConfig) -> int:
+  """`n` rounded up to a multiple of the number of levels (generate_dataset needs it)."""
+  return -(-n // len(cfg.levels)) * len(cfg.levels)
+
+
+def encode_split(tok: Tokenizer, ts: Sequence[dict], cfg: TaskConfig, traces: bool = True) -> Data:
+  """Prompts, canonical final steps and (with `traces`) SFT sequences of a list of tasks."""
+  prompt, mask = encoding.encode_prompts(tok, ts, cfg.prompt_len)
+  answer, answer_len = encoding.encode_answers(tok, ['Answer: ' + tasks_lib.answer_text(t) for t in ts],
+                                               cfg.answer_len)
+  sft = encoding.encode_sft(tok, ts, cfg.prompt_len + cfg.completion_len) if traces else {}
+  return Data(list(ts), prompt, mask, answer, answer_len, sft)
+
+
 def build_data(tok: Tokenizer, cfg: TaskConfig, eval_size: int) -> tuple[Data, Data]:
-  per_level = lambda n: -(-n // len(cfg.levels)) * len(cfg.levels)
-  train = tasks_lib.generate_dataset(cfg.domain, per_level(cfg.train_size), cfg.seed, levels=cfg.levels)
+  train = tasks_lib.generate_dataset(cfg.domain, _per_level(cfg.train_size, cfg), cfg.seed, levels=cfg.levels)
   seen = {t['problem'] for t in train}
-  held = [t for t in tasks_lib.generate_dataset(cfg.domain, per_level(4 * eval_size), cfg.seed + 1,
+  held = [t for t in tasks_lib.generate_dataset(cfg.domain, _per_level(4 * eval_size, cfg), cfg.seed + 1,
                                                 levels=cfg.levels) if t['problem'] not in seen]
   rng = np.random.default_rng(cfg.seed)
   held = [held[i] for i in sorted(rng.choice(len(held), min(eval_size, len(held)), replace=False))]
-
-  def encode(ts):
-    prompt, mask = encoding.encode_prompts(tok, ts, cfg.prompt_len)
-    answer, answer_len = encoding.encode_answers(tok, ['Answer: ' + tasks_lib.answer_text(t) for t in ts],
-                                                 cfg.answer_len)
-    sft = encoding.encode_sft(tok, ts, cfg.prompt_len + cfg.completion_len)
-    return Data(list(ts), prompt, mask, answer, answer_len, sft)
-
-  return encode(train), encode(held)
+  return encode_split(tok, train, cfg), encode_split(tok, held, cfg)
 
 
 def build_rl_pool(tok: Tokenizer, cfg: TaskConfig, exclude: Sequence[Data]) -> Data:
   """The phase-2 problem pool (`TaskConfig.rl_size`), disjoint from the splits in `exclude`."""
-  n = -(-cfg.rl_size // len(cfg.levels)) * len(cfg.levels)
   seen = {t['problem'] for d in exclude for t in d.tasks}
   pool, fresh = [], set()
-  for t in tasks_lib.generate_dataset(cfg.domain, n, cfg.seed + 2, levels=cfg.levels):
+  for t in tasks_lib.generate_dataset(cfg.domain, _per_level(cfg.rl_size, cfg), cfg.seed + 2, levels=cfg.levels):
     if t['problem'] not in seen and t['problem'] not in fresh:
       fresh.add(t['problem'])
       pool.append(t)
   if not pool:
     raise ValueError(f'task.rl_size={cfg.rl_size}: no problem left after removing SFT and held-out ones')
-  prompt, mask = encoding.encode_prompts(tok, pool, cfg.prompt_len)
-  answer, answer_len = encoding.encode_answers(tok, ['Answer: ' + tasks_lib.answer_text(t) for t in pool],
-                                               cfg.answer_len)
-  return Data(pool, prompt, mask, answer, answer_len, {})
+  return encode_split(tok, pool, cfg, traces=False)
 
 
 def host_scorer(tok: Tokenizer, tasks: Sequence[dict], group_size: int):
