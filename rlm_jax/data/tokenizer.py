@@ -4,6 +4,12 @@ Both expose the same attributes (`vocab_size`, `pad_id`, `bos_id`, `eos_id`, `st
 methods (`encode`, `decode`, `encode_steps`), so data, sampling and search code never asks
 which one it has. A reasoning *step* ends with the step-delimiter token `step_id`; the final
 step ends with EOS.
+
+With a BPE tokenizer the delimiter text ('\n\n') is one token alone but merges or splits
+inside text (`'x\n\nThe'` can be `x`, `\n`, `\n`, `The`). `encode_trace` therefore encodes a
+trace as one text and finds each step's end by character offsets: the end of a step is the
+token holding the last character of its delimiter (`rlm_jax.data.steps` finds the same ends in
+generated tokens).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ class Tokenizer(Protocol):
   def encode(self, text: str, *, bos: bool = False) -> list[int]: ...
 
   def decode(self, ids: Sequence[int], *, strip_special: bool = True) -> str: ...
+
+  def encode_trace(self, steps: Sequence[str], *, final: bool = True) -> tuple[list[int], list[int]]: ...
 
 
 class CharTokenizer:
@@ -68,6 +76,11 @@ class CharTokenizer:
   def encode_steps(self, steps: Sequence[str], *, final: bool = True) -> list[int]:
     return encode_steps(self, steps, final=final)
 
+  def encode_trace(self, steps: Sequence[str], *, final: bool = True) -> tuple[list[int], list[int]]:
+    """Steps each closed by the STEP token (the last by EOS with `final`), and those positions."""
+    ids = encode_steps(self, steps, final=final)
+    return ids, [i for i, t in enumerate(ids) if t in (self.step_id, self.eos_id)]
+
 
 class HFTokenizer:
   """A Hugging Face tokenizer loaded from a local folder (never from the hub).
@@ -94,6 +107,8 @@ class HFTokenizer:
     if len(step) != 1:
       raise ValueError(f'step delimiter {step_delimiter!r} is {len(step)} tokens in {path}; it must be one')
     self.step_id = step[0]
+    self.step_delimiter = step_delimiter
+    self.path = path
 
   def encode(self, text: str, *, bos: bool = False) -> list[int]:
     ids = self.hf.encode(text, add_special_tokens=False)
@@ -105,7 +120,52 @@ class HFTokenizer:
   def encode_steps(self, steps: Sequence[str], *, final: bool = True) -> list[int]:
     return encode_steps(self, steps, final=final)
 
+  def encode_trace(self, steps: Sequence[str], *, final: bool = True) -> tuple[list[int], list[int]]:
+    """A trace encoded as one text (steps joined by the delimiter), and where each step ends.
+
+    Args:
+      steps: step texts (without delimiters).
+      final: close the last step with EOS (else with a delimiter, as a partial trace).
+
+    Returns:
+      (ids, ends): token ids of `step_1 DELIM step_2 ... step_n` (+ EOS with `final`, + DELIM
+      without), and for each step the index in `ids` of its end token: the token holding the
+      last character of its delimiter, or the EOS. Merges across a delimiter (`'.\n\n'`) and
+      splits of it (`'\n'`, `'\n'`) are both handled; a delimiter inside a step's own text
+      is not a step end.
+    """
+    if not steps:
+      return [], []
+    d = self.step_delimiter
+    text = d.join(steps) + ('' if final else d)
+    # Character index of the last character of each step's delimiter.
+    last_chars, pos = [], 0
+    for i, step in enumerate(steps):
+      pos += len(step)
+      if i < len(steps) - 1 or not final:
+        last_chars.append(pos + len(d) - 1)
+        pos += len(d)
+    if not getattr(self.hf, 'is_fast', False):
+      raise ValueError(f'tokenizer in {self.path} is not a fast tokenizer; step offsets need tokenizer.json')
+    enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc['input_ids']), enc['offset_mapping']
+    ends, t = [], 0
+    for c in last_chars:
+      # First token whose span reaches past c. Trimmed offsets (whitespace-only tokens with an
+      # empty span) cannot hold c, so the scan moves on to the next token that does.
+      while t < len(ids) and offsets[t][1] <= c:
+        t += 1
+      if t == len(ids):
+        raise ValueError(f'tokenizer in {self.path}: no token covers character {c} of a trace')
+      ends.append(t)
+    if final:
+      ids.append(self.eos_id)
+      ends.append(len(ids) - 1)
+    return ids, ends
+
   def apply_chat_template(self, messages, **kwargs):
+    if not getattr(self.hf, 'chat_template', None):
+      raise ValueError(f'tokenizer.chat_template=True: the tokenizer in {self.path} has no chat template')
     return self.hf.apply_chat_template(messages, tokenize=False, **kwargs)
 
 

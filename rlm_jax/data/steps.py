@@ -1,0 +1,120 @@
+"""Where a reasoning step ends in generated tokens, decided from decoded text.
+
+A BPE tokenizer has a token for the delimiter text ('\\n\\n') alone, but inside text the
+delimiter merges with its neighbours ('.\\n\\n' in Qwen's vocabulary) or splits (SmolLM2 writes
+'x\\n\\nThe' as `x`, `\\n`, `\\n`, `The`). So a step end is a token whose text *contains* the
+delimiter (`step_table`), or a token that completes a delimiter begun by the previous one
+(`split_tables`: the previous token's text ends with a prefix of the delimiter, this one's
+starts with the rest). The character tokenizer has a STEP token and nothing else counts.
+
+The tables are host numpy arrays built once per tokenizer; `is_step_end` is the jittable test
+(per generated token, given the token before it) and `step_end_mask` applies it along whole
+sequences. Together they find the same ends as `HFTokenizer.encode_trace` does in SFT traces,
+except that a delimiter spread over three or more tokens is not seen (no vocabulary we use
+splits '\\n\\n' further than two '\\n').
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlm_jax.data.tokenizer import CharTokenizer, Tokenizer
+
+
+def _token_texts(tok: Tokenizer) -> list[str]:
+  """Decoded text of every id alone (special tokens: '')."""
+  hf = tok.hf  # only HF tokenizers get here
+  return hf.batch_decode([[i] for i in range(tok.vocab_size)], skip_special_tokens=True)
+
+
+def step_table(tok: Tokenizer) -> np.ndarray:
+  """`[V]` bool: True for the ids whose decoded text contains the step delimiter.
+
+  Args:
+    tok: a `CharTokenizer` (only its STEP token) or an `HFTokenizer` (its `step_delimiter`).
+
+  Returns:
+    bool array of length `tok.vocab_size`; special tokens (EOS, PAD, ...) are False.
+  """
+  table = np.zeros(tok.vocab_size, bool)
+  if isinstance(tok, CharTokenizer):
+    table[tok.step_id] = True
+    return table
+  d = tok.step_delimiter
+  for i, text in enumerate(_token_texts(tok)):
+    table[i] = d in text
+  return table
+
+
+def split_tables(tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """Tables for a delimiter split across two tokens.
+
+  Returns:
+    (ends_KxV, starts_KxV), K = len(delimiter) - 1 (0 rows for the character tokenizer):
+    `ends_KxV[k, i]` is True when token i's text ends with `delimiter[:k + 1]`,
+    `starts_KxV[k, i]` when it starts with `delimiter[k + 1:]`. Token t after token p closes
+    a delimiter when `ends_KxV[k, p] & starts_KxV[k, t]` for some k.
+  """
+  if isinstance(tok, CharTokenizer):
+    return np.zeros((0, tok.vocab_size), bool), np.zeros((0, tok.vocab_size), bool)
+  d = tok.step_delimiter
+  texts = _token_texts(tok)
+  k = len(d) - 1
+  ends = np.zeros((k, tok.vocab_size), bool)
+  starts = np.zeros((k, tok.vocab_size), bool)
+  for i, text in enumerate(texts):
+    if not text:
+      continue
+    for j in range(k):
+      ends[j, i] = text.endswith(d[:j + 1])
+      starts[j, i] = text.startswith(d[j + 1:])
+  return ends, starts
+
+
+def is_step_end(tables, prev_B: jnp.ndarray, tok_B: jnp.ndarray) -> jnp.ndarray:
+  """Whether each token `tok_B` ends a step, given the token before it (jittable).
+
+  Args:
+    tables: (table_V, ends_KxV, starts_KxV) from `step_table` and `split_tables` (numpy or
+      device arrays).
+    prev_B: the previous token of each row *within the current step*. Pass the PAD id (or
+      any special token) for a step's first token, so that a delimiter is never completed
+      by the prompt's last token or counted twice (`'\n'`, `'\n'`, `'\n'` has one end).
+    tok_B: the current token of each row.
+
+  Returns:
+    bool [B].
+  """
+  table_V, ends_KxV, starts_KxV = (jnp.asarray(x) for x in tables)
+  end_B = table_V[tok_B]
+  if ends_KxV.shape[0]:
+    end_B = end_B | jnp.any(ends_KxV[:, prev_B] & starts_KxV[:, tok_B], axis=0)
+  return end_B
+
+
+def step_end_mask(tables, tokens_BxT: jnp.ndarray, mask_BxT: jnp.ndarray, pad_id: int) -> jnp.ndarray:
+  """`is_step_end` along completions, each step starting fresh after the previous end.
+
+  Args:
+    tables: as in `is_step_end`.
+    tokens_BxT: completion tokens (the prompt excluded).
+    mask_BxT: real (non-padding) completion tokens.
+    pad_id: a special token id (text '') that stands for "no previous token".
+
+  Returns:
+    bool [B, T]: True on each token that closes a step delimiter (EOS is not included).
+  """
+  tokens_TxB = jnp.asarray(tokens_BxT).T
+  mask_TxB = jnp.asarray(mask_BxT, bool).T
+
+  def body(prev_B, x):
+    tok_B, m_B = x
+    end_B = is_step_end(tables, prev_B, tok_B) & m_B
+    # After an end (or at padding) the next token has no predecessor in its step.
+    return jnp.where(end_B | ~m_B, pad_id, tok_B), end_B
+
+  init_B = jnp.full(tokens_TxB.shape[1:], pad_id, tokens_TxB.dtype)
+  _, end_TxB = jax.lax.scan(body, init_B, (tokens_TxB, mask_TxB))
+  return end_TxB.T
