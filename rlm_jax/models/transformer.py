@@ -280,8 +280,22 @@ class Transformer(nnx.Module):
       *,
       cache: KVCache | None = None,
       cache_index: jax.Array | int = 0,
+      logits: Literal['all', 'last', 'none'] = 'all',
   ) -> ModelOutput:
+    """Runs the trunk and the heads.
+
+    Args:
+      tokens_BxL, positions_BxL, mask_BxL, cache, cache_index: see the class docstring.
+      logits: where the LM head runs: every position ('all', logits [B, L, V]), the last
+        position only ('last', [B, 1, V]: a prefill needs nothing else), or nowhere ('none':
+        the caller applies `lm_logits` to the hidden states it needs, e.g. in chunks).
+
+    Returns:
+      ModelOutput; `logits_BxLxV` is None without an LM head or with logits='none'.
+    """
     cfg = self.cfg
+    if logits not in ('all', 'last', 'none'):
+      raise ValueError(f"Transformer(logits={logits!r}): must be 'all', 'last' or 'none'")
     b, l = tokens_BxL.shape
     if mask_BxL is None:
       mask_BxL = jnp.ones((b, l), bool)
@@ -312,15 +326,25 @@ class Transformer(nnx.Module):
         new_v.append(new_kv[1])
     h_BxLxD = self.final_norm(x)
 
-    logits = values = None
-    if cfg.lm_head:
-      w_DxV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-      logits = (h_BxLxD @ w_DxV.astype(cfg.compute_dtype)).astype(jnp.float32)
-      logits = sharding.constrain(logits, ('batch', 'length', 'vocab'))
+    logits_out = values = None
+    if cfg.lm_head and logits != 'none':
+      logits_out = self.lm_logits(h_BxLxD[:, -1:] if logits == 'last' else h_BxLxD)
     if cfg.value_head != 'none':
       values = self.value_head(h_BxLxD)
     new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), valid_BxT)
-    return ModelOutput(logits, values, h_BxLxD, new_cache)
+    return ModelOutput(logits_out, values, h_BxLxD, new_cache)
+
+  def lm_head_DxV(self) -> jax.Array:
+    """The LM head's [D, V] weight in the compute dtype (the embedding's transpose if tied)."""
+    if not self.cfg.lm_head:
+      raise ValueError('model.lm_head=False: this model has no LM head')
+    w_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+    return w_DxV.astype(self.cfg.compute_dtype)
+
+  def lm_logits(self, h_BxLxD: jax.Array) -> jax.Array:
+    """float32 logits [B, L, V] of final-norm hidden states (`ModelOutput.hidden_BxLxD`)."""
+    logits_BxLxV = (h_BxLxD @ self.lm_head_DxV()).astype(jnp.float32)
+    return sharding.constrain(logits_BxLxV, ('batch', 'length', 'vocab'))
 
 
 def _call_block(block: Block, remat: str, *args):

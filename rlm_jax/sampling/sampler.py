@@ -116,7 +116,9 @@ def generate(
   prompt_len_B = prompt_mask_BxLp.sum(axis=1).astype(jnp.int32)
 
   cache = KVCache.zeros(model.cfg, b, lp + t_max)
-  out = model(prompt_BxLp, positions_from_mask(prompt_mask_BxLp), prompt_mask_BxLp, cache=cache, cache_index=0)
+  # The prefill needs the next-token logits of the last prompt slot only: no [B, Lp, V] head.
+  out = model(prompt_BxLp, positions_from_mask(prompt_mask_BxLp), prompt_mask_BxLp, cache=cache, cache_index=0,
+              logits='last')
   empty_B = prompt_len_B == 0
 
   class Carry(NamedTuple):

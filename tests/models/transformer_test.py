@@ -149,3 +149,17 @@ def test_every_param_has_logical_axes_of_right_rank():
   for path, var in nnx.to_flat_state(state):
     axes = var.get_metadata()['logical_axes']
     assert len(axes) == var[...].ndim, path
+
+
+def test_logits_last_and_none_match_the_full_head():
+  model = tfm.init_model(CFG)
+  x = _tokens(2, 7)
+  mask = jnp.arange(7)[None] >= jnp.array([[0], [3]])
+  full = model(x, mask_BxL=mask)
+  last = model(x, mask_BxL=mask, logits='last')
+  none = model(x, mask_BxL=mask, logits='none')
+  assert last.logits_BxLxV.shape == (2, 1, CFG.vocab_size) and none.logits_BxLxV is None
+  np.testing.assert_allclose(last.logits_BxLxV, full.logits_BxLxV[:, -1:], atol=1e-6)
+  np.testing.assert_allclose(model.lm_logits(none.hidden_BxLxD), full.logits_BxLxV, atol=1e-6)
+  with pytest.raises(ValueError, match="logits='some'"):
+    model(x, logits='some')
