@@ -4,7 +4,8 @@ Prompts come left-padded (`prompt_mask_BxLp` marks real tokens), so every row's 
 token sits in the last prompt slot and all rows decode in lock step. The cache lives inside
 the compiled program as loop carry, so XLA updates it in place; nothing returns to the host
 until the loop ends. A row stops on EOS, on the step delimiter (when `stop_at_step`), or after
-`max_new_tokens`; the loop exits early once every row has stopped.
+`max_new_tokens`; the loop exits early once every row has stopped. `num_samples` draws
+several completions per prompt from one prefill (shared prefix).
 
 `generate` is traceable (use it inside larger jitted programs: GRPO iterations, MCTS);
 `sample` is the same function jitted with the model graph and config static.
@@ -37,7 +38,7 @@ class SamplingConfig:
   max_new_tokens: int
   eos_id: int
   pad_id: int
-  step_id: int = -1  # step delimiter; only used when stop_at_step
+  step_id: int = -1  # step delimiter; only used when stop_at_step (and no step_table_V)
   stop_at_step: bool = False
   greedy: bool = False
   temperature: float = 1.0
@@ -53,13 +54,13 @@ class SamplingConfig:
       raise ValueError(f'sampling.top_p={self.top_p}: must be in (0, 1]')
     if self.top_k < 0:
       raise ValueError(f'sampling.top_k={self.top_k}: must be >= 0')
-    if self.stop_at_step and self.step_id < 0:
-      raise ValueError('sampling.stop_at_step=True needs a step_id')
 
 
 class SampleOutput(NamedTuple):
   tokens_BxT: jax.Array  # int32, pad after the stop
-  logprobs_BxT: jax.Array  # float32 log pi(token) under the untempered model; 0 on padding
+  # float32 log pi(token) under the untempered model (under logits / T with
+  # `tempered_logprobs=True`); 0 on padding
+  logprobs_BxT: jax.Array
   lengths_B: jax.Array  # tokens generated, the stop token included
   stop_reason_B: jax.Array  # StopReason codes
 
@@ -88,6 +89,15 @@ def choose_tokens(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) ->
   return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+def logprob_temperature(cfg: SamplingConfig) -> float:
+  """The temperature T of the distribution softmax(logits / T) that `cfg` samples from.
+
+  Greedy decoding has no temperature: 1. RL losses use this T for π_θ and π_old, so that the
+  policy they differentiate is the one the rollout sampled from (as TRL does).
+  """
+  return 1.0 if cfg.greedy else float(cfg.temperature)
+
+
 def generate(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -95,8 +105,17 @@ def generate(
     prompt_mask_BxLp: jax.Array,
     key: jax.Array,
     cfg: SamplingConfig,
+    *,
+    num_samples: int = 1,
+    step_table_V: jax.Array | None = None,
+    tempered_logprobs: bool = False,
 ) -> SampleOutput:
   """Samples up to `cfg.max_new_tokens` tokens for each left-padded prompt.
+
+  With `num_samples = N > 1` each prompt is prefilled once and its KV cache (and last
+  logits) broadcast to N rows, prompt-major: output row b·N + j is sample j of prompt b.
+  For the same key that gives exactly what N = 1 gives on `jnp.repeat(prompts, N, axis=0)`,
+  without N prefills.
 
   Args:
     graphdef, state: the policy, split with `nnx.split` (must have an LM head).
@@ -105,13 +124,25 @@ def generate(
     key: PRNG key; token t of the batch uses `fold_in(key, t)`, so results do not depend on
       how the loop is compiled. Unused when `cfg.greedy`.
     cfg: static sampling configuration.
+    num_samples: N completions per prompt (static).
+    step_table_V: optional bool [V]: True for every token whose text contains the step
+      delimiter (a BPE tokenizer merges it with its neighbours). With `cfg.stop_at_step` a
+      row then stops after any such token instead of after `cfg.step_id`.
+    tempered_logprobs: return log-probs of softmax(logits / T), T = `logprob_temperature(cfg)`
+      (what RL losses need as π_old) instead of those of the untempered model (static).
 
   Returns:
-    SampleOutput with T = cfg.max_new_tokens columns.
+    SampleOutput with B·N rows and T = cfg.max_new_tokens columns.
   """
+  if cfg.stop_at_step and cfg.step_id < 0 and step_table_V is None:
+    raise ValueError('sampling.stop_at_step=True needs a step_id or a step_table_V')
+  if not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f'generate(num_samples={num_samples!r}): must be an int >= 1')
   model = nnx.merge(graphdef, state)
   b, lp = prompt_BxLp.shape
   t_max = cfg.max_new_tokens
+  if step_table_V is not None and step_table_V.shape != (model.cfg.vocab_size,):
+    raise ValueError(f'step_table_V has shape {step_table_V.shape}, expected ({model.cfg.vocab_size},)')
   prompt_mask_BxLp = prompt_mask_BxLp.astype(bool)
   prompt_len_B = prompt_mask_BxLp.sum(axis=1).astype(jnp.int32)
 
@@ -119,7 +150,13 @@ def generate(
   # The prefill needs the next-token logits of the last prompt slot only: no [B, Lp, V] head.
   out = model(prompt_BxLp, positions_from_mask(prompt_mask_BxLp), prompt_mask_BxLp, cache=cache, cache_index=0,
               logits='last')
+  cache, logits_BxV = out.cache, out.logits_BxLxV[:, -1]
+  if num_samples > 1:  # one prefill per distinct prompt, then N rows per prompt
+    rep = lambda x: jnp.repeat(x, num_samples, axis=0)
+    cache, logits_BxV, prompt_len_B = jax.tree.map(rep, (cache, logits_BxV, prompt_len_B))
+    b = b * num_samples
   empty_B = prompt_len_B == 0
+  logp_t = logprob_temperature(cfg) if tempered_logprobs else 1.0
 
   class Carry(NamedTuple):
     i: jax.Array
@@ -137,11 +174,15 @@ def generate(
   def body(c: Carry):
     tok_B = choose_tokens(c.logits_BxV, jax.random.fold_in(key, c.i), cfg)
     tok_B = jnp.where(c.done_B, cfg.pad_id, tok_B)
-    logp_B = jnp.take_along_axis(jax.nn.log_softmax(c.logits_BxV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
+    scaled_BxV = c.logits_BxV / logp_t if logp_t != 1.0 else c.logits_BxV
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(scaled_BxV, axis=-1), tok_B[:, None], axis=-1)[:, 0]
     logp_B = jnp.where(c.done_B, 0.0, logp_B)
     live_B = ~c.done_B
     is_eos_B = live_B & (tok_B == cfg.eos_id)
-    is_step_B = live_B & (tok_B == cfg.step_id) & cfg.stop_at_step
+    if step_table_V is None:
+      is_step_B = live_B & (tok_B == cfg.step_id) & cfg.stop_at_step
+    else:
+      is_step_B = live_B & step_table_V.astype(bool)[tok_B] & cfg.stop_at_step
     reason_B = jnp.where(is_eos_B, StopReason.EOS, jnp.where(is_step_B, StopReason.STEP, c.reason_B))
     positions_Bx1 = (prompt_len_B + c.i)[:, None]
     step_out = model(
@@ -160,8 +201,8 @@ def generate(
 
   init = Carry(
       i=jnp.array(0, jnp.int32),
-      cache=out.cache,
-      logits_BxV=out.logits_BxLxV[:, -1],
+      cache=cache,
+      logits_BxV=logits_BxV,
       done_B=empty_B,
       tokens_BxT=jnp.full((b, t_max), cfg.pad_id, jnp.int32),
       logprobs_BxT=jnp.zeros((b, t_max), jnp.float32),
@@ -172,4 +213,4 @@ def generate(
   return SampleOutput(final.tokens_BxT, final.logprobs_BxT, final.lengths_B, final.reason_B)
 
 
-sample = jax.jit(generate, static_argnames=('graphdef', 'cfg'))
+sample = jax.jit(generate, static_argnames=('graphdef', 'cfg', 'num_samples', 'tempered_logprobs'))

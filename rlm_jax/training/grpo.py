@@ -79,10 +79,14 @@ def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int
 
 
 def rollout(graphdef, params, batch: dict, key: jax.Array, setup: GRPOSetup) -> dict:
-  """Samples G completions per prompt and scores them. Rows are prompt-major: [B·G]."""
+  """Samples G completions per prompt and scores them. Rows are prompt-major: [B·G].
+
+  Each prompt is prefilled once and its KV cache shared by its G samples (`num_samples`).
+  """
+  out = generate(graphdef, params, batch['prompt'], batch['prompt_mask'], key, setup.sampling,
+                 num_samples=setup.group_size)
   batch = jax.tree.map(lambda x: jnp.repeat(x, setup.group_size, axis=0), batch)
   prompt, prompt_mask = batch['prompt'], batch['prompt_mask']
-  out = generate(graphdef, params, prompt, prompt_mask, key, setup.sampling)
   if setup.score_fn is None:
     score = answer_match_score(out, batch, setup.step_id)
   else:

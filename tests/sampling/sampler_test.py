@@ -139,3 +139,59 @@ def test_no_recompile_for_same_shapes(model):
 def test_bad_sampling_config_names_field():
   with pytest.raises(ValueError, match='temperature'):
     smp.SamplingConfig(max_new_tokens=4, eos_id=2, pad_id=0, temperature=0.0)
+
+
+@pytest.mark.parametrize('greedy', [True, False])
+def test_shared_prefix_equals_repeated_prompts(model, greedy):
+  """num_samples=N (one prefill per prompt) gives exactly the tokens, log-probs, lengths and
+  stop reasons of the N = 1 path on prompts repeated N times, for the same key."""
+  gdef, state = model
+  cfg = smp.SamplingConfig(max_new_tokens=6, eos_id=EOS, pad_id=PAD, greedy=greedy, temperature=1.3,
+                           step_id=STEP, stop_at_step=True)
+  tokens, mask = _batch()
+  shared = smp.sample(gdef, state, tokens, mask, jax.random.key(2), cfg, num_samples=4)
+  repeated = smp.sample(gdef, state, jnp.repeat(tokens, 4, 0), jnp.repeat(mask, 4, 0), jax.random.key(2), cfg)
+  assert shared.tokens_BxT.shape == (12, 6)
+  for a, b in zip(shared, repeated):
+    np.testing.assert_array_equal(a, b)
+  if not greedy:  # the N samples of one prompt differ (rows are prompt-major)
+    assert len({tuple(r) for r in np.asarray(shared.tokens_BxT[:4]).tolist()}) > 1
+
+
+def test_step_table_stops_after_any_marked_token(model):
+  """A hand-made table marks two token ids as 'contains the delimiter': each row stops right
+  after the first of them in its free-running greedy continuation, with reason STEP."""
+  gdef, state = model
+  free = smp.sample(gdef, state, *_batch(), jax.random.key(0),
+                    smp.SamplingConfig(max_new_tokens=8, eos_id=-1, pad_id=PAD, greedy=True))
+  marked = {int(free.tokens_BxT[0, 1]), int(free.tokens_BxT[1, 3])}
+  table = jnp.zeros((CFG.vocab_size,), bool).at[jnp.asarray(sorted(marked))].set(True)
+  cfg = smp.SamplingConfig(max_new_tokens=8, eos_id=-1, pad_id=PAD, greedy=True, stop_at_step=True)
+  out = smp.sample(gdef, state, *_batch(), jax.random.key(0), cfg, step_table_V=table)
+  for i in range(3):
+    row = free.tokens_BxT[i].tolist()
+    hits = [t for t, tok in enumerate(row) if tok in marked]
+    n = hits[0] + 1 if hits else 8
+    assert int(out.lengths_B[i]) == n, (i, row, marked)
+    assert int(out.stop_reason_B[i]) == (smp.StopReason.STEP if hits else smp.StopReason.LENGTH)
+    assert out.tokens_BxT[i, :n].tolist() == row[:n]
+  assert int(out.lengths_B[0]) <= 2 and int(out.lengths_B[1]) <= 4
+  with pytest.raises(ValueError, match='step_id or a step_table_V'):
+    smp.sample(gdef, state, *_batch(), jax.random.key(0), cfg)
+  with pytest.raises(ValueError, match=r'step_table_V has shape \(5,\)'):
+    smp.sample(gdef, state, *_batch(), jax.random.key(0), cfg, step_table_V=jnp.zeros((5,), bool))
+
+
+def test_tempered_logprobs_are_those_of_logits_over_t(model):
+  gdef, state = model
+  cfg = smp.SamplingConfig(max_new_tokens=5, eos_id=-1, pad_id=PAD, temperature=0.5)
+  tokens, mask = _batch()
+  out = smp.sample(gdef, state, tokens, mask, jax.random.key(3), cfg, tempered_logprobs=True)
+  raw = smp.sample(gdef, state, tokens, mask, jax.random.key(3), cfg)
+  np.testing.assert_array_equal(out.tokens_BxT, raw.tokens_BxT)
+  full = jnp.concatenate([tokens, out.tokens_BxT], 1)
+  logits = nnx.merge(gdef, state)(full, mask_BxL=jnp.concatenate([mask, jnp.ones_like(out.tokens_BxT, bool)], 1)).logits_BxLxV
+  pick = lambda z: jnp.take_along_axis(jax.nn.log_softmax(z[:, 5:-1]), out.tokens_BxT[..., None], -1)[..., 0]
+  np.testing.assert_allclose(out.logprobs_BxT, pick(logits / 0.5), atol=1e-4)
+  np.testing.assert_allclose(raw.logprobs_BxT, pick(logits), atol=1e-4)
+  assert np.abs(np.asarray(out.logprobs_BxT - raw.logprobs_BxT)).max() > 1e-2
