@@ -21,21 +21,13 @@ Hardware: 2-core CPU shared with other jobs (load ~6): 8 min wall. Printed (seed
 Search solves 30-47% of each round's problems (with the verifier); 12 rounds of distillation
 leave held-out accuracy within the noise of 200 tasks (±0.03): a working loop, not yet a gain.
 """
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _main_config():
-  spec = importlib.util.spec_from_file_location('main_config', os.path.join(os.path.dirname(__file__), 'main.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from rlm_jax import configlib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  c = _main_config().get_config()  # the model of configs/main.py; every other value set here
+  c = configlib.import_config('main', __file__).get_config()  # the model of configs/main.py; every other value set here
   c.task.update(domain='arithmetic', levels=(1, 2, 3), train_size=3000, rl_size=3000, seed=0,
                 prompt_len=24, completion_len=40, answer_len=12)
   c.sft.update(steps=300, batch_size=64, microbatches=1)
@@ -54,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.optim.update(learning_rate=5e-5, warmup_steps=0, decay_steps=0)
   c.rl.alphazero = dict(
       mcts=dict(num_simulations=8, num_children=4, num_walkers=2, max_depth=5, selection='puct',
-                c1=1.25, c2=19652.0, uct_c=1.0, prior='logprob', prior_temperature=1.0, backup='td',
+                c1=1.25, c2=19652.0, uct_c=1.0, prior='logprob', prior_temperature=1.0, q_bounds='fixed', backup='td',
                 gamma=0.96, td_lambda=1.0, virtual_loss=1.0, merge_duplicates=True, num_rollouts=0,
                 rollout_weight=0.5, answer='best_terminal'),
       step_tokens=12, use_value_model=True, buffer_size=512,

@@ -15,6 +15,7 @@ from rlm_jax.models import lora
 
 
 def get_config() -> ml_collections.ConfigDict:
+  """Every key of every section is spelled here: the one source of experiment values."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.tokenizer = dict(kind='char', path='', step_delimiter='\n\n')
@@ -31,24 +32,51 @@ def get_config() -> ml_collections.ConfigDict:
                 prompt_len=24, completion_len=40, answer_len=12)
   c.sft = dict(
       steps=1200, batch_size=64, microbatches=1,
-      optim=dict(learning_rate=3e-3, warmup_steps=30, decay_steps=1170, end_lr_factor=0.1,
-                 weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0))
+      optim=_optim(learning_rate=3e-3, warmup_steps=30, decay_steps=1170, end_lr_factor=0.1, b2=0.98))
+  # Phase-1 value model / PRM (off here; configs/alphazero.py turns it on).
+  c.value = dict(
+      enabled=False, labels='solver', mode='mse', init='policy', value_hidden=0,
+      steps=200, batch_size=32, num_traces=512, label_batch=64, negatives_per_task=1, max_steps=8,
+      mc_rollouts=4, temperature=1.0, optim=_optim())
   c.rl = dict(
       algo='grpo', iterations=150, prompts_per_iteration=32, group_size=8,
       temperature=1.0, top_k=0, top_p=1.0,
       # Small steps: with a noisy policy gradient Adam moves every weight by ~lr per step, and
       # 2e-4 already undid SFT here within 20 iterations.
-      optim=dict(learning_rate=5e-5, warmup_steps=0, decay_steps=0, end_lr_factor=1.0,
-                 weight_decay=0.0, b1=0.9, b2=0.99, grad_clip=1.0),
-      grpo=dict(scale_rewards='group', loss_type='dapo', epsilon=0.2, epsilon_high=0.28, beta=0.0,
-                num_iterations=1, mask_truncated_completions=False, max_completion_length=40,
-                dynamic_sampling=False, overlong_buffer=0, overlong_penalty_factor=1.0),
+      optim=_optim(learning_rate=5e-5, end_lr_factor=1.0, b2=0.99),
       reward=dict(correct=1.0, wrong=0.0, invalid=0.0),
-      microbatches=1, rollout_mesh=None, reward_on='device')
-  c.eval = dict(every=0, size=400, batch_size=200, strategies=('greedy', 'self_consistency'),
-                num_samples=8, temperature=0.7)
+      microbatches=1, rollout_mesh=None, reward_on='device',
+      # One section per algorithm (`--config.rl.algo=NAME` picks one; training/algorithms.py).
+      # grpo's max_completion_length is task.completion_len.
+      grpo=dict(scale_rewards='group', loss_type='dapo', epsilon=0.2, epsilon_high=0.28, beta=0.0,
+                num_iterations=1, mask_truncated_completions=False,
+                dynamic_sampling=False, overlong_buffer=0, overlong_penalty_factor=1.0),
+      rloo=dict(loss_type='dapo', epsilon=0.2, epsilon_high=0.28, beta=0.0, num_iterations=1,
+                mask_truncated_completions=False, normalize_advantages=False),
+      ppo=dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,
+               kl_coef=0.05, num_ppo_epochs=4, whiten_rewards=False, num_minibatches=1,
+               whiten_advantages=True),
+      em=dict(weights='raw', normalize='sequence_sum', num_m_steps=1),
+      alphazero=dict(
+          mcts=dict(num_simulations=8, num_children=4, num_walkers=2, max_depth=6, selection='puct',
+                    c1=1.25, c2=19652.0, uct_c=1.0, prior='logprob', prior_temperature=1.0, q_bounds='fixed', backup='td',
+                    gamma=0.96, td_lambda=1.0, virtual_loss=1.0, merge_duplicates=True, num_rollouts=0,
+                    rollout_weight=0.5, answer='best_terminal'),
+          step_tokens=16, use_value_model=True, buffer_size=256, distill_steps=4, distill_batch=32,
+          value_steps=4, value_batch=32, value_optim=_optim(b2=0.98)))
+  c.eval = dict(size=400, batch_size=200, strategies=('greedy', 'self_consistency'),
+                num_samples=8, temperature=0.7, prm_scorer='prm_min', beam_width=4, beam_expansions=4,
+                step_tokens=16, max_depth=6)
   c.checkpoint = dict(save_every=50, keep=2)
-  c.lora = dict(rank=0, alpha=16.0, targets=lora.DEFAULT_TARGETS)  # rank 0: full fine-tuning
-  c.distributed = dict(coordinator_address='', num_processes=1, process_id=0)  # env RLM_* wins
+  c.lora = dict(rank=0, alpha=16.0, targets=lora.DEFAULT_TARGETS, dtype='float32')  # rank 0: full fine-tuning
+  # Multi-process jobs; the launcher's RLM_* environment variables win (rlm_jax/main.py).
+  c.distributed = dict(coordinator_address='', num_processes=1, process_id=0, local_device_ids=(),
+                       initialization_timeout=300)
   c.hf_checkpoint = ''  # a local HF Llama/Qwen2 folder to start from ('' = random init)
   return c
+
+
+def _optim(**overrides) -> dict:
+  """An optimizer section: AdamW with warmup and linear decay (`training.state.OptimConfig`)."""
+  return dict(dict(learning_rate=1e-3, warmup_steps=0, decay_steps=0, end_lr_factor=0.1, weight_decay=0.0,
+                   b1=0.9, b2=0.95, grad_clip=1.0), **overrides)

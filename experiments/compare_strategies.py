@@ -2,9 +2,8 @@
 
   # scripted toy task (no training needed; the PRM is informative but noisy):
   python experiments/compare_strategies.py --policy=toy --problems=256 --budget=8
-  # a trained policy (experiment config + run directory), synthetic domain of the config:
-  python experiments/compare_strategies.py --policy=checkpoint --config=configs/main.py \\
-      --checkpoint=runs/main --problems=200 --budget=8
+  # a trained run (its folder: config.json + checkpoints), synthetic domain of its config:
+  python experiments/compare_strategies.py --policy=checkpoint --workdir=runs/main --problems=200 --budget=8
   # the same pipeline with random weights (smoke test):
   python experiments/compare_strategies.py --policy=random --config=configs/tiny.py --problems=8
 
@@ -16,8 +15,9 @@ time on this machine (toy: after compilation; checkpoints: including it).
 
 At inference nothing sees the verifier: best-of-N ranks by PRM-min (toy) or the value head /
 the policy's own log-prob (checkpoints), MCTS and beam search score terminal steps with the
-value model. Accuracy is the verifier's verdict on the chosen answer. Without a value head a
-checkpointed policy runs beam search and MCTS blind (all values 0); the table says so.
+value model. Accuracy is the verifier's verdict on the chosen answer. A run folder's value
+model / PRM (phase `value`, or the alphazero phase's own) guides beam search, MCTS and
+best-of-N; a run without one runs beam search and MCTS blind (all values 0); the table says so.
 """
 
 from __future__ import annotations
@@ -120,24 +120,34 @@ def compare_toy(problems: int, budget: int, seed: int, batch: int = 64):
   return rows, title
 
 
-def compare_lm(cfg, checkpoint, random_init: bool, problems: int, budget: int, seed: int):
-  """A policy of the training pipeline on held-out problems of its config's domain."""
+def compare_lm(config, workdir, phase, problems: int, budget: int, seed: int):
+  """A run's policy (and value model) on held-out problems of its config's domain.
+
+  `workdir`: a run folder (`experiment.models.load_run`); None: `config`'s model with random
+  weights (smoke test).
+  """
   from flax import nnx
 
-  from rlm_jax import configlib
   from rlm_jax import solve
   from rlm_jax import tasks as tasks_lib
+  from rlm_jax.experiment import models as models_lib
   from rlm_jax.search import config as search_config
-  from rlm_jax.training import pipeline
 
-  tok, graphdef, params = solve.load_policy(cfg, checkpoint, random_init, cfg.seed)
-  task_cfg = configlib.from_config(pipeline.TaskConfig, cfg.task, 'task')
+  if workdir is None:
+    tok, cfg, (graphdef, params) = solve.random_models(config, config.seed)
+    value = None
+  else:
+    run = models_lib.load_run(workdir, phase)
+    tok, cfg, (graphdef, params), value = run.tok, run.cfg, run.policy, run.value
+  task_cfg = cfg.task
   tasks = tasks_lib.generate_dataset(task_cfg.domain, problems, task_cfg.seed + 1, levels=task_cfg.levels)
-  has_value = nnx.merge(graphdef, params).cfg.value_head != 'none'
+  head = nnx.merge(graphdef, params).cfg.value_head != 'none'  # PPO's actor-critic
+  has_value = value is not None or head
   step_tokens = max(8, task_cfg.completion_len // 4)
   scfg = search_config.get_config()
   scfg.batch_size = min(32, problems)
-  scfg.lm.update(step_tokens=step_tokens, completion_tokens=task_cfg.completion_len, value_from_policy=has_value)
+  scfg.lm.update(step_tokens=step_tokens, completion_tokens=task_cfg.completion_len,
+                 value_from_policy=head and value is None)
   scfg.seed = seed
   depth = max(2, task_cfg.completion_len // step_tokens + 1)
   configs = strategy_configs(budget, depth, step_tokens, task_cfg.completion_len,
@@ -150,12 +160,12 @@ def compare_lm(cfg, checkpoint, random_init: bool, problems: int, budget: int, s
       scfg[key].update({f.name: getattr(cfg_s, f.name) for f in dataclasses.fields(cfg_s)})
     setup = search_config.build(scfg)
     t0 = time.perf_counter()
-    records = solve.solve(cfg, setup, key, tasks, tok, graphdef, params)
+    records = solve.solve(task_cfg, setup, key, tasks, tok, graphdef, params, value=value)
     secs = time.perf_counter() - t0
     acc = np.mean([tasks_lib.verify(t, r['output']) == 2 for t, r in zip(tasks, records)])
     rows.append(Row(name, float(acc), float(np.mean([r['policy_tokens'] for r in records])),
                     float(np.mean([r['model_calls'] for r in records])), secs))
-  blind = '' if has_value else ' (no value head: beam and MCTS run blind)'
+  blind = '' if has_value else ' (no value model: beam and MCTS run blind)'
   title = f'{task_cfg.domain}, levels {task_cfg.levels}, {problems} problems, budget {budget}{blind}'
   return rows, title
 
@@ -163,8 +173,9 @@ def compare_lm(cfg, checkpoint, random_init: bool, problems: int, budget: int, s
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--policy', choices=('toy', 'random', 'checkpoint'), default='toy')
-  p.add_argument('--config', default=None, help='experiment config (random / checkpoint)')
-  p.add_argument('--checkpoint', default=None, help='run directory (checkpoint)')
+  p.add_argument('--config', default=None, help='experiment config (random)')
+  p.add_argument('--workdir', default=None, help='run folder (checkpoint)')
+  p.add_argument('--phase', default=None, help='policy phase of the run (default: its last)')
   p.add_argument('--problems', type=int, default=128)
   p.add_argument('--budget', type=int, default=8)
   p.add_argument('--seed', type=int, default=0)
@@ -172,13 +183,15 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.policy == 'toy':
     rows, title = compare_toy(args.problems, args.budget, args.seed)
-  else:
+  elif args.policy == 'random':
     if not args.config:
-      p.error(f'--policy={args.policy} needs --config')
+      p.error('--policy=random needs --config')
     from rlm_jax import configlib
-    cfg = configlib.load_config(args.config)
-    rows, title = compare_lm(cfg, args.checkpoint, args.policy == 'random', args.problems, args.budget,
-                             args.seed)
+    rows, title = compare_lm(configlib.load_config(args.config), None, None, args.problems, args.budget, args.seed)
+  else:
+    if not args.workdir:
+      p.error('--policy=checkpoint needs --workdir (a run folder)')
+    rows, title = compare_lm(None, args.workdir, args.phase, args.problems, args.budget, args.seed)
   table = _table(rows, title)
   print(table)
   if args.out:

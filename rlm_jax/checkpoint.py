@@ -29,6 +29,7 @@ Directories may be URLs (`gs://bucket/run/ckpt`): `resolve_path` keeps them as t
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -233,5 +234,67 @@ def prepare_workdir(path: str) -> str:
     workdir = resolve_path(path)
   except ValueError as e:
     raise configlib.ConfigError(f'--workdir={e}') from e
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if '://' not in os.fspath(workdir):  # a local folder must take files before the run starts
+      probe = workdir / '.write_test'
+      probe.write_text('')
+      probe.unlink()
+  except OSError as e:
+    raise configlib.ConfigError(f'--workdir={path}: cannot write there ({e.strerror or e})') from e
   return os.fspath(workdir)
+
+
+# Config keys that fix the shapes of what a run checkpoints: a run resumed with other values
+# cannot restore its checkpoints.
+SHAPE_KEYS = ('model', 'tokenizer', 'hf_checkpoint', 'lora', 'value.mode', 'value.value_hidden')
+
+
+def _lookup(d: Any, dotted: str) -> Any:
+  for k in dotted.split('.'):
+    if not isinstance(d, dict) or k not in d:
+      return None
+    d = d[k]
+  return d
+
+
+def _differences(old: Any, new: Any, where: str):
+  if isinstance(old, dict) and isinstance(new, dict):
+    for k in sorted(set(old) | set(new)):
+      yield from _differences(old.get(k), new.get(k), f'{where}.{k}')
+  elif json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
+    yield where, old, new
+
+
+def check_resumable(workdir: str, config) -> None:
+  """Refuses to reuse a run folder whose checkpoints were written with another model config.
+
+  Compares `config` (a ConfigDict) with `<workdir>/config.json` on SHAPE_KEYS when the
+  folder holds a checkpoint; nothing is written.
+
+  Raises:
+    configlib.ConfigError: one line naming the first key that differs.
+  """
+  from rlm_jax import configlib  # pylint: disable=g-import-not-at-top
+  root = resolve_path(workdir)
+  saved = root / 'config.json'
+  ckpt = root / 'ckpt'
+  if not saved.exists() or not ckpt.exists() or not any(ckpt.iterdir()):
+    return
+  try:
+    old = json.loads(saved.read_text())
+  except ValueError:
+    return
+  new = json.loads(config.to_json_best_effort())
+  for key in SHAPE_KEYS:
+    for where, was, now in _differences(_lookup(old, key), _lookup(new, key), f'config.{key}'):
+      raise configlib.ConfigError(f'{where}={now!r}: the checkpoints in {root}/ckpt were written with {was!r}; '
+                                  'use another --workdir (or the same config to resume)')
+
+
+def write_config(workdir: str, config) -> None:
+  """`<workdir>/config.json` (atomically: a kill leaves the old or the new file)."""
+  root = resolve_path(workdir)
+  tmp = root / 'config.json.tmp'
+  tmp.write_text(config.to_json_best_effort(indent=1))
+  tmp.replace(root / 'config.json')

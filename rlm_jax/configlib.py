@@ -79,7 +79,7 @@ def _bad(path: str, value: Any, what: str) -> ConfigError:
   return ConfigError(f"config.{path}={_short(value)}: {what}")
 
 
-def _convert(tp: Any, value: Any, path: str) -> Any:
+def _convert(tp: Any, value: Any, path: str, strict: bool = False) -> Any:
   """Checks `value` against annotation `tp`; returns it converted (lists -> tuples, ...)."""
   origin = typing.get_origin(tp)
   args = typing.get_args(tp)
@@ -102,7 +102,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
       if arg is type(None):
         continue
       try:
-        return _convert(arg, value, path)
+        return _convert(arg, value, path, strict)
       except ConfigError as e:
         errors.append(e)
     if len(errors) == 1:
@@ -151,7 +151,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
       return value
     if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
       raise _bad(path, value, f"must be a sub-config for {tp.__name__}")
-    return from_config(tp, value, path)
+    return from_config(tp, value, path, strict=strict)
   if isinstance(tp, type):
     if isinstance(value, tp):
       return value
@@ -160,19 +160,23 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
 
 
 def from_config(cls: type[T], cfg: ml_collections.ConfigDict | Mapping[str, Any],
-                where: str) -> T:
+                where: str, *, strict: bool = False) -> T:
   """Builds the (frozen) dataclass `cls` from the sub-config `cfg`.
 
   Fields annotated `Literal[...]`, `int`, `float` (an int is accepted), `bool`, `str`,
   `tuple[...]`, unions/`Optional`, `dict[...]` and nested dataclasses are checked; nested
   dataclasses recurse into the matching sub-config. A field with a dataclass default may be
-  left out of the config; every other field is required. Errors raised by `cls.__post_init__`
+  left out of the config unless `strict`; every other field is required. Fields whose metadata
+  has `derived=True` are never read from the config (the code fills them in, e.g. from
+  another section); a config key of that name is an error. Errors raised by `cls.__post_init__`
   (ValueError) are re-raised as ConfigError prefixed with `config.<where>`.
 
   Args:
     cls: a dataclass type.
     cfg: the sub-config (a ConfigDict or a plain mapping).
     where: dotted path of `cfg` inside the root config, used in messages ('' for the root).
+    strict: every field must be in the config, defaults or not (experiment configs: the
+      config file is the one source of their values).
 
   Returns:
     An instance of `cls`.
@@ -186,7 +190,8 @@ def from_config(cls: type[T], cfg: ml_collections.ConfigDict | Mapping[str, Any]
   if not isinstance(cfg, (Mapping, ml_collections.ConfigDict)):
     raise ConfigError(f"{where_text}={_short(cfg)}: must be a sub-config for {cls.__name__}")
   hints = typing.get_type_hints(cls)
-  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+  fields = {f.name: f for f in dataclasses.fields(cls)
+            if f.init and not f.metadata.get("derived", False)}
   allowed = ", ".join(sorted(fields))
   for key in cfg.keys():
     if key not in fields:
@@ -194,11 +199,11 @@ def from_config(cls: type[T], cfg: ml_collections.ConfigDict | Mapping[str, Any]
   kwargs = {}
   for name, field in fields.items():
     if name not in cfg:
-      if (field.default is dataclasses.MISSING
-          and field.default_factory is dataclasses.MISSING):
+      if strict or (field.default is dataclasses.MISSING
+                    and field.default_factory is dataclasses.MISSING):
         raise ConfigError(f"config.{_join(where, name)}: missing required key")
       continue
-    kwargs[name] = _convert(hints[name], cfg[name], _join(where, name))
+    kwargs[name] = _convert(hints[name], cfg[name], _join(where, name), strict)
   try:
     return cls(**kwargs)
   except ConfigError:
@@ -341,6 +346,16 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   cfg.lock()
   apply_overrides(cfg, overrides)
   return cfg
+
+
+def import_config(name: str, near: str):
+  """The config module `name` (e.g. 'main') from the folder of the file `near`.
+
+  Config files share code this way: `configs/tiny.py` starts from
+  `configlib.import_config('main', __file__).get_config()`. It works whatever the working
+  directory and however the file itself was loaded (absl's --config or `load_config`).
+  """
+  return _load_module(os.path.join(os.path.dirname(os.path.abspath(near)), f"{name}.py"))
 
 
 # ----------------------------------------------------------------------------------------

@@ -35,35 +35,36 @@ def main(argv):
     raise configlib.ConfigError('--workdir is required (a directory for checkpoints and metrics)')
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from rlm_jax import distributed  # heavy imports after the flags are checked
-  from rlm_jax.training import pipeline
+  from rlm_jax.experiment import config as config_lib
 
-  cfg = configlib.from_config(pipeline.ExperimentConfig, _CONFIG.value, '')
+  cfg = config_lib.parse(_CONFIG.value)
   # Before any other jax call; a no-op for a single process. Env (launchers) overrides config.
   try:
     distributed.initialize(cfg.distributed)
   except distributed.DistributedError as e:
     raise configlib.ConfigError(str(e)) from e
   from rlm_jax import checkpoint  # heavy imports after the flags are checked
+  from rlm_jax.experiment import loop, runner
 
   workdir = checkpoint.prepare_workdir(_WORKDIR.value)
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    from etils import epath  # pylint: disable=g-import-not-at-top
-    (epath.Path(workdir) / 'config.json').write_text(_CONFIG.value.to_json_best_effort(indent=1))
+  checkpoint.check_resumable(workdir, _CONFIG.value)  # before anything in workdir is written
   try:
-    experiment = pipeline.Experiment(cfg, workdir)
+    experiment = runner.Experiment(cfg, workdir)
   except (ValueError, FileNotFoundError) as e:  # bad values only visible once the run is built
     raise configlib.ConfigError(str(e)) from e
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    checkpoint.write_config(workdir, _CONFIG.value)
   try:
     results = experiment.run()
-  except pipeline.TrainingDiverged as e:
+  except loop.TrainingDiverged as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
   if results.get('preempted'):
     print(f'preempted: checkpoint saved in {workdir}/ckpt; rerun the same command to resume')
     return
   print('\nHeld-out accuracy (' + str(cfg.eval.size) + f' tasks, {cfg.task.domain}, levels {cfg.task.levels}):')
-  print(pipeline.format_results(results, cfg.eval.strategies, cfg.rl.algo))
+  print(loop.format_results(results, cfg.eval.strategies, cfg.rl.algo))
 
 
 if __name__ == '__main__':

@@ -103,8 +103,8 @@ def _tiny_config(**sections):
   from rlm_jax import configlib
   c = configlib.load_config(os.path.join(REPO, 'configs', 'tiny.py'))
   c.unlock()
-  for name, value in sections.items():
-    c[name] = value
+  for name, value in sections.items():  # keys merged into the config's own section
+    c[name].update(value)
   return c
 
 
@@ -127,9 +127,10 @@ def test_prepare_workdir_keeps_urls_and_makes_local_paths_absolute(tmp_path, mon
 
 def test_lora_and_distributed_sections_are_checked_at_start_up(tmp_path):
   from rlm_jax import configlib
-  from rlm_jax.training import pipeline
+  from rlm_jax.experiment import config as config_lib
+  from rlm_jax.experiment import runner
 
-  build = lambda **s: configlib.from_config(pipeline.ExperimentConfig, _tiny_config(**s), '')
+  build = lambda **s: config_lib.parse(_tiny_config(**s))
   cfg = build()
   assert cfg.lora.lora_config() is None and not cfg.distributed.is_multi_process  # defaults
   cfg = build(lora=dict(rank=4, alpha=8.0), distributed=dict(coordinator_address='auto'))
@@ -147,12 +148,12 @@ def test_lora_and_distributed_sections_are_checked_at_start_up(tmp_path):
     assert str(e.value) == message
   c = _tiny_config(lora=dict(rank=2))
   c.rl.algo = 'ppo'
-  with pytest.raises(ValueError, match=r"^lora.rank=2 with rl.algo='ppo': LoRA adapters are trained in "
-                     r"SFT, GRPO and EM only"):
-    pipeline.Experiment(configlib.from_config(pipeline.ExperimentConfig, c, ''), str(tmp_path))
+  with pytest.raises(configlib.ConfigError, match=r"^lora.rank=2: rl.algo='ppo' does not support it "
+                     r"\(algorithms that do: grpo, rloo, em\)$"):
+    config_lib.parse(c)
   c = _tiny_config(lora=dict(rank=2, targets=('attn.wz',)))
   with pytest.raises(ValueError, match=r"lora.targets: pattern 'attn.wz' matches no weight"):
-    pipeline.Experiment(configlib.from_config(pipeline.ExperimentConfig, c, ''), str(tmp_path))
+    runner.Experiment(config_lib.parse(c), str(tmp_path))
 
 
 def test_environment_overrides_config_distributed(tmp_path):
@@ -165,7 +166,7 @@ def test_environment_overrides_config_distributed(tmp_path):
                     'spec.loader.exec_module(tiny)\n'
                     'def get_config():\n'
                     '  c = tiny.get_config()\n'
-                    '  c.distributed = dict(coordinator_address="", num_processes=1, process_id=0)\n'
+                    '  c.distributed.update(coordinator_address="", num_processes=1, process_id=0)\n'
                     '  return c\n')
   res = subprocess.run([sys.executable, '-m', 'rlm_jax.main', f'--config={config}',
                         f'--workdir={tmp_path / "w"}'], cwd=REPO, capture_output=True, text=True,
@@ -185,7 +186,8 @@ def test_lora_pipeline_trains_only_the_adapters(tmp_path):
   import numpy as np
   from flax import nnx
   from rlm_jax import checkpoint, configlib
-  from rlm_jax.training import pipeline
+  from rlm_jax.experiment import config as config_lib
+  from rlm_jax.experiment import runner
   from rlm_jax.training.state import create_train_state
 
   c = _tiny_config(lora=dict(rank=2, alpha=4.0, targets=('attn.wq', 'mlp.w_up')))
@@ -193,12 +195,12 @@ def test_lora_pipeline_trains_only_the_adapters(tmp_path):
   c.sft.optim.update(warmup_steps=0, decay_steps=0)
   c.rl.algo = 'none'
   c.eval.update(strategies=('greedy',), size=4, batch_size=4)
-  cfg = configlib.from_config(pipeline.ExperimentConfig, c, '')
-  exp = pipeline.Experiment(cfg, str(tmp_path))
+  cfg = config_lib.parse(c)
+  exp = runner.Experiment(cfg, str(tmp_path))
   results = exp.run()
   assert set(results) == {'sft'} and 'greedy/accuracy' in results['sft']
-  graphdef, init = exp.init_params()
-  abstract = create_train_state(init, exp.optimizer(cfg.sft.optim, init), exp.mesh, exp.rules)
+  graphdef, init = exp.models.init_policy()
+  abstract = create_train_state(init, exp.models.optimizer(cfg.sft.optim, init), exp.mesh, exp.rules)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract)
   with checkpoint.Checkpointer(tmp_path / 'ckpt' / 'sft', save_every=1, keep=1) as ck:
     final, extra = ck.restore(abstract)

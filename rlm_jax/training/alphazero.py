@@ -418,3 +418,38 @@ def path_logprob(graphdef: nnx.GraphDef, params: Any, rows: dict, prompt_len: in
   logits_NxLxV = model(rows['tokens'], mask_BxL=rows['mask']).logits_BxLxV
   logp_NxL = losses.token_logprobs(logits_NxLxV[:, :-1], rows['tokens'][:, 1:])
   return jnp.sum(jnp.where(path_loss_mask(rows['mask'], prompt_len)[:, :-1], logp_NxL, 0.0), axis=1)
+
+
+# --- experiment phase ---------------------------------------------------------------------
+# How an experiment runs the AlphaZero loop as phase 2 (`training/phase.py`, `algorithms.py`).
+
+
+def build_phase(ctx, section: AlphaZeroConfig):
+  """Rounds over the phase-2 pool. The value model is phase 1's when there is one, else a new
+  one (`ModelBuilder.value_model`); the replay buffer is part of the checkpointed state."""
+  from rlm_jax.training import phase  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training.state import create_train_state, make_optimizer  # pylint: disable=g-import-not-at-top
+  rl, tok = ctx.rl, ctx.tok
+  graphdef, policy_params = ctx.policy
+  ptx, vtx = make_optimizer(rl.optim), make_optimizer(section.value_optim)
+  vgd, vparams = ctx.value if ctx.value is not None else ctx.models.value_model(policy_params)
+  setup = make_setup(section, lm.TokenIds.of(tok), ctx.task.prompt_len, ctx.task.completion_len, ctx.value_mode,
+                     rl.temperature, rl.top_k, rl.top_p)
+  buffer = empty_buffer(section.buffer_size, setup.row_len(), tok.pad_id)
+  buffer = jax.device_put(buffer, jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec()))
+  copy = lambda t: jax.tree.map(jnp.copy, t)  # the round donates its state
+  state = AZState(policy=create_train_state(copy(policy_params), ptx, ctx.mesh, ctx.rules),
+                  value=create_train_state(copy(vparams), vtx, ctx.mesh, ctx.rules), buffer=buffer)
+  step = lambda st, b, i: alphazero_round_jit(graphdef, vgd, ptx, vtx, setup, st, b,
+                                              phase.iteration_key(ctx.seed, 5, i))
+  return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),
+                     policy=lambda st: (graphdef, st.policy.params), value=lambda st: (vgd, st.value.params))
+
+
+def _algorithm():
+  from rlm_jax.training import phase  # pylint: disable=g-import-not-at-top
+  return phase.Algorithm(name='alphazero', config=AlphaZeroConfig, build=build_phase,
+                         policy_path=('policy', 'params'), value_path=('value', 'params'), trains_value=True)
+
+
+ALGORITHM = _algorithm()

@@ -5,7 +5,9 @@ them. M-step: `num_m_steps` optimizer steps (lax.scan) on the reward-weighted lo
 L = −mean_k w_k Σ_t log π_θ(y_kt | x, y_k<t), with w from `advantages.em_weights`: 'raw'
 (w = r; with {0, 1} rewards this is fine-tuning on the correct samples), 'centered'
 (r − group mean) or 'normalized' ((r − mean) / std, as GRPO). The samples stay fixed while
-θ moves (off-policy): no importance ratio, no clipping, no reference model.
+θ moves (off-policy): no importance ratio, no clipping, no reference model. The likelihood
+is that of the tempered policy softmax(logits / T) the E-step samples from (T =
+`sampling.temperature`), as in GRPO/PPO.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig
+from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, logprob_temperature
 from rlm_jax.training import advantages, losses
 from rlm_jax.training.grpo import completion_logprobs, rollout
 from rlm_jax.training.rewards import RewardConfig
@@ -85,8 +87,10 @@ def em_iteration(graphdef, tx: optax.GradientTransformation, setup: EMSetup, sta
   seq = jnp.concatenate([ro['prompt'], ro['tokens']], axis=1)
   seq_mask = jnp.concatenate([ro['prompt_mask'], mask], axis=1)
 
+  temp = logprob_temperature(setup.sampling)
+
   def loss_fn(params):
-    logp, _ = completion_logprobs(graphdef, params, seq, seq_mask, lp)
+    logp, _ = completion_logprobs(graphdef, params, seq, seq_mask, lp, temp)
     return losses.em_pg_loss(logp, w_B, mask, setup.normalize)
 
   def m_step(st: TrainState, _):
@@ -118,3 +122,38 @@ def em_iteration(graphdef, tx: optax.GradientTransformation, setup: EMSetup, sta
 
 
 em_iteration_jit = jax.jit(em_iteration, static_argnums=(0, 1, 2), donate_argnums=(3,))
+
+
+# --- experiment phase ---------------------------------------------------------------------
+# How an experiment runs EM-PG as phase 2 (`training/phase.py`, `training/algorithms.py`).
+
+
+@dataclasses.dataclass(frozen=True)
+class EMConfig:
+  """`config.rl.em` (see `EMSetup` for the meaning of each knob)."""
+
+  weights: Literal['raw', 'centered', 'normalized'] = 'raw'
+  normalize: Literal['sequence_sum', 'token_mean'] = 'sequence_sum'
+  num_m_steps: int = 1
+
+
+def build_phase(ctx, section: EMConfig):
+  from rlm_jax.training import phase  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
+  rl = ctx.rl
+  graphdef, params = ctx.policy
+  tx = ctx.models.optimizer(rl.optim, params)
+  setup = EMSetup(group_size=rl.group_size, sampling=ctx.sampling, reward=rl.reward, step_id=ctx.tok.step_id,
+                  weights=section.weights, normalize=section.normalize, num_m_steps=section.num_m_steps)
+  state = create_train_state(params, tx, ctx.mesh, ctx.rules)
+  step = lambda st, b, i: em_iteration_jit(graphdef, tx, setup, st, b, phase.iteration_key(ctx.seed, 3, i))
+  return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),
+                     policy=lambda st: (graphdef, st.params))
+
+
+def _algorithm():
+  from rlm_jax.training import phase  # pylint: disable=g-import-not-at-top
+  return phase.Algorithm(name='em', config=EMConfig, build=build_phase, capabilities=frozenset({'lora'}))
+
+
+ALGORITHM = _algorithm()

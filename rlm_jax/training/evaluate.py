@@ -35,7 +35,6 @@ class EvalConfig:
   """Held-out evaluation. `strategies` from STRATEGIES; the value-guided ones are skipped
   where no value model exists (e.g. after SFT when only phase 2 trains one)."""
 
-  every: int = 0  # evaluate every N steps of a phase (0: only at phase ends)
   size: int = 200  # held-out tasks
   batch_size: int = 100  # prompts per sampler call (fixed shape: the last chunk is padded)
   strategies: tuple[str, ...] = ('greedy', 'self_consistency')

@@ -15,9 +15,12 @@ Scale knobs:
     and the rollout is resharded back to the training batch layout for the update program.
     With one mesh, `grpo_iteration_jit` stays the single compiled program.
 
-Log-probs in the loss are those of the untempered policy (the same quantity the sampler
-returns), so with μ = 1 the ratio is exactly 1 and the update is the plain policy gradient of
-the clipped objective. Dynamic sampling keeps shapes fixed: groups whose rewards are all equal
+Temperature. The rollout samples from softmax(logits / T) (T = `sampling.temperature`), so
+the loss differentiates the log-probs of that same tempered policy, and π_old is the
+sampler's log-probs of it (as TRL divides logits by T): with μ = 1 the ratio is exactly 1 and
+the update is the policy gradient of the policy that produced the samples. Untempered
+log-probs would give the gradient of another policy whenever T ≠ 1. For μ > 1, π_old comes
+from the sampler (no extra forward pass) unless `recompute_old_logp`. Dynamic sampling keeps shapes fixed: groups whose rewards are all equal
 are masked out of the loss (their advantages are 0 anyway) instead of being resampled.
 """
 
@@ -36,7 +39,8 @@ from jax.sharding import PartitionSpec as P
 
 from rlm_jax import sharding
 from rlm_jax.models.transformer import positions_from_mask
-from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, StopReason, generate
+from rlm_jax.sampling.sampler import (SampleOutput, SamplingConfig, StopReason, generate,
+                                      logprob_temperature)
 from rlm_jax.training import advantages, losses
 from rlm_jax.training.rewards import RewardConfig, final_step_score, score_to_reward
 from rlm_jax.training.state import (TrainState, accumulate_gradients, all_finite, apply_gradients,
@@ -58,10 +62,16 @@ class GRPOSetup:
   # Gradient accumulation: each update runs over `microbatches` slices of the B·G rows
   # (B·G must be divisible by it); 1 = the whole rollout at once.
   microbatches: int = 1
+  # μ > 1: recompute π_old with a forward pass over the rollout instead of taking the
+  # sampler's log-probs (equal up to float error; set it when the sampler's numerics differ
+  # from the update's, e.g. a rollout mesh with other precision).
+  recompute_old_logp: bool = False
 
   def __post_init__(self):
     if not isinstance(self.microbatches, int) or self.microbatches < 1:
       raise ValueError(f'GRPOSetup.microbatches must be an int >= 1, got {self.microbatches!r}')
+    if not isinstance(self.recompute_old_logp, bool):
+      raise ValueError(f'GRPOSetup.recompute_old_logp must be True or False, got {self.recompute_old_logp!r}')
 
 
 def answer_match_score(out: SampleOutput, batch: dict, step_id: int) -> jax.Array:
@@ -69,11 +79,25 @@ def answer_match_score(out: SampleOutput, batch: dict, step_id: int) -> jax.Arra
                           batch['answer_len'], step_id)
 
 
-def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int):
-  """log π(completion tokens) and entropies for sequences laid out as [prompt | completion]."""
+def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int,
+                        temperature: float = 1.0):
+  """log π(completion tokens) and entropies for sequences laid out as [prompt | completion].
+
+  Args:
+    graphdef, params: the policy.
+    seq_BxL, seq_mask_BxL: [prompt | completion] tokens and their mask.
+    prompt_len: Lp, the prompt width (static).
+    temperature: T of the policy softmax(logits / T) (static); the rollout's
+      `logprob_temperature(sampling)`.
+
+  Returns:
+    (logp_BxT, entropy_BxT) float32, T = L - prompt_len columns.
+  """
   model = nnx.merge(graphdef, params)
   logits = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL).logits_BxLxV
   logits_BxTxV = logits[:, prompt_len - 1 : -1]
+  if temperature != 1.0:
+    logits_BxTxV = logits_BxTxV / temperature
   targets_BxT = seq_BxL[:, prompt_len:]
   return losses.token_logprobs(logits_BxTxV, targets_BxT), losses.token_entropy(logits_BxTxV)
 
@@ -84,7 +108,7 @@ def rollout(graphdef, params, batch: dict, key: jax.Array, setup: GRPOSetup) -> 
   Each prompt is prefilled once and its KV cache shared by its G samples (`num_samples`).
   """
   out = generate(graphdef, params, batch['prompt'], batch['prompt_mask'], key, setup.sampling,
-                 num_samples=setup.group_size)
+                 num_samples=setup.group_size, tempered_logprobs=True)
   batch = jax.tree.map(lambda x: jnp.repeat(x, setup.group_size, axis=0), batch)
   prompt, prompt_mask = batch['prompt'], batch['prompt_mask']
   if setup.score_fn is None:
@@ -136,11 +160,14 @@ def grpo_update(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup, st
       'seq_mask': jnp.concatenate([ro['prompt_mask'], ro['completion_mask']], axis=1),
       'adv': adv, 'mask': mask, 'truncated': ro['truncated'],
   }
-  logp_fn = lambda p, r: completion_logprobs(graphdef, p, r['seq'], r['seq_mask'], lp)
+  temp = logprob_temperature(setup.sampling)
+  logp_fn = lambda p, r: completion_logprobs(graphdef, p, r['seq'], r['seq_mask'], lp, temp)
   frozen_logp = lambda p: jax.lax.stop_gradient(
       map_microbatches(lambda r: logp_fn(p, r)[0], rows, k))
-  if cfg.num_iterations > 1:
+  if cfg.num_iterations > 1 and setup.recompute_old_logp:
     rows['old_logp'] = frozen_logp(state.params)
+  elif cfg.num_iterations > 1:  # the sampler's log-probs of the same tempered policy
+    rows['old_logp'] = jnp.where(ro['completion_mask'], ro['sample_logprobs'], 0.0)
   if cfg.beta > 0:
     rows['ref_logp'] = frozen_logp(ref_params)
 
@@ -332,3 +359,48 @@ def grpo_iteration_on_meshes(graphdef, tx: optax.GradientTransformation, setup: 
   ro = rollout_on_mesh(graphdef, state.params, batch, key, setup, rollout_at, train_at)
   with sharding.use_mesh_rules(train_at.mesh, train_at.rules):
     return grpo_update_jit(graphdef, tx, setup, state, ref_params, ro)
+
+
+# --- experiment phase ---------------------------------------------------------------------
+# How an experiment runs GRPO as phase 2 (`training/phase.py`, `training/algorithms.py`).
+
+
+def build_phase(ctx, section: losses.GRPOConfig, advantage_fn=None):
+  """The GRPO phase: state, compiled step and batches from a `phase.PhaseContext`.
+
+  `advantage_fn` replaces the group-normalised advantages (`GRPOSetup.advantage_fn`; RLOO
+  builds its phase this way).
+  """
+  from rlm_jax.training import phase  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
+  rl = ctx.rl
+  graphdef, params = ctx.policy
+  tx = ctx.models.optimizer(rl.optim, params)
+  extra = {} if advantage_fn is None else {'advantage_fn': advantage_fn}
+  setup = GRPOSetup(group_size=rl.group_size, loss=section, sampling=ctx.sampling, reward=rl.reward,
+                    step_id=ctx.tok.step_id, microbatches=rl.microbatches, **extra)
+  # The policy state is donated; the reference keeps its own copy.
+  ref = jax.tree.map(jnp.copy, params) if section.beta > 0 else None
+  state = create_train_state(params, tx, ctx.mesh, ctx.rules)
+  key = lambda i: phase.iteration_key(ctx.seed, 3, i)
+  if rl.reward_on == 'host':
+    def step(st, b, i):
+      scorer = ctx.host_scorer([ctx.pool.tasks[j] for j in ctx.prompts(i)], rl.group_size)
+      return grpo_iteration_host_scored(graphdef, tx, setup, st, ref, b, key(i), scorer)
+  elif ctx.rollout_at is None:  # one compiled program per iteration
+    step = lambda st, b, i: grpo_iteration_jit(graphdef, tx, setup, st, ref, b, key(i))
+  else:
+    train_at = Placement(ctx.mesh, ctx.rules)
+    step = lambda st, b, i: grpo_iteration_on_meshes(graphdef, tx, setup, st, ref, b, key(i), ctx.rollout_at,
+                                                     train_at)
+  return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),
+                     policy=lambda st: (graphdef, st.params))
+
+
+def _algorithm():
+  from rlm_jax.training import phase  # pylint: disable=g-import-not-at-top
+  return phase.Algorithm(name='grpo', config=losses.GRPOConfig, build=build_phase,
+                         capabilities=frozenset(phase.CAPABILITIES))
+
+
+ALGORITHM = _algorithm()

@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from rlm_jax.models.transformer import positions_from_mask
-from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig
+from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, logprob_temperature
 from rlm_jax.training import advantages, losses
 from rlm_jax.training.grpo import rollout
 from rlm_jax.training.rewards import RewardConfig
@@ -116,8 +116,10 @@ def _check_model(model, setup: PPOSetup, ref_params):
     raise ValueError(f'PPOConfig.kl_coef={setup.loss.kl_coef} needs ref_params, got None')
 
 
-def forward(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int):
+def forward(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int, temperature: float = 1.0):
   """log π, entropy and V(s_t) for the completion tokens of [prompt | completion] rows.
+
+  π is the tempered policy softmax(logits / temperature) the rollout samples from.
 
   Returns:
     (logp_BxT, entropy_BxT, values_BxT) float32, T = seq length − prompt_len.
@@ -125,6 +127,8 @@ def forward(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int):
   model = nnx.merge(graphdef, params)
   out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL)
   logits_BxTxV = out.logits_BxLxV[:, prompt_len - 1:-1]
+  if temperature != 1.0:
+    logits_BxTxV = logits_BxTxV / temperature
   targets_BxT = seq_BxL[:, prompt_len:]
   values_BxT = out.values_BxL[:, prompt_len - 1:-1].astype(jnp.float32)
   return (losses.token_logprobs(logits_BxTxV, targets_BxT), losses.token_entropy(logits_BxTxV),
@@ -165,10 +169,11 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
   seq_mask = jnp.concatenate([ro['prompt_mask'], mask_BxT], axis=1)
 
   sg = jax.lax.stop_gradient
-  old_logp_BxT, _, old_v_BxT = sg(forward(graphdef, state.params, seq, seq_mask, lp))
+  temp = logprob_temperature(setup.sampling)
+  old_logp_BxT, _, old_v_BxT = sg(forward(graphdef, state.params, seq, seq_mask, lp, temp))
   kl_BxT = jnp.zeros_like(old_logp_BxT)
   if cfg.kl_coef > 0:
-    ref_logp_BxT = sg(forward(graphdef, ref_params, seq, seq_mask, lp)[0])
+    ref_logp_BxT = sg(forward(graphdef, ref_params, seq, seq_mask, lp, temp)[0])
     kl_BxT = jnp.where(mask_BxT, old_logp_BxT - ref_logp_BxT, 0.0)
   t = mask_BxT.shape[1]
   last_BxT = jnp.arange(t)[None] == (ro['lengths'] - 1)[:, None]
@@ -183,7 +188,7 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
           'old_v': old_v_BxT, 'adv': adv_BxT, 'returns': returns_BxT}
 
   def loss_fn(params, mb):
-    logp, entropy, values = forward(graphdef, params, mb['seq'], mb['seq_mask'], lp)
+    logp, entropy, values = forward(graphdef, params, mb['seq'], mb['seq_mask'], lp, temp)
     return losses.ppo_loss(logp, mb['old_logp'], mb['adv'], values, mb['old_v'], mb['returns'],
                            mb['mask'], entropy, cfg)
 
@@ -227,3 +232,40 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
 
 
 ppo_iteration_jit = jax.jit(ppo_iteration, static_argnums=(0, 1, 2), donate_argnums=(3,))
+
+
+# --- experiment phase ---------------------------------------------------------------------
+# How an experiment runs PPO as phase 2 (`training/phase.py`, `training/algorithms.py`).
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOSection(losses.PPOConfig):
+  """`config.rl.ppo`: the loss knobs of `losses.PPOConfig` plus the batching of `PPOSetup`."""
+
+  num_minibatches: int = 1
+  whiten_advantages: bool = True
+
+
+def build_phase(ctx, section: PPOSection):
+  """The actor-critic (the SFT policy plus a fresh 'sigmoid' value head) and its PPO step."""
+  from rlm_jax.training import phase  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training.state import create_train_state  # pylint: disable=g-import-not-at-top
+  rl = ctx.rl
+  graphdef, params = ctx.models.actor_critic(ctx.policy[1], head=ALGORITHM.policy_head)
+  tx = ctx.models.optimizer(rl.optim, params)
+  ref = jax.tree.map(jnp.copy, params) if section.kl_coef > 0 else None
+  setup = PPOSetup(loss=section, sampling=ctx.sampling, reward=rl.reward, step_id=ctx.tok.step_id,
+                   group_size=rl.group_size, num_minibatches=section.num_minibatches,
+                   whiten_advantages=section.whiten_advantages)
+  state = create_train_state(params, tx, ctx.mesh, ctx.rules)
+  step = lambda st, b, i: ppo_iteration_jit(graphdef, tx, setup, st, ref, b, phase.iteration_key(ctx.seed, 3, i))
+  return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),
+                     policy=lambda st: (graphdef, st.params))
+
+
+def _algorithm():
+  from rlm_jax.training import phase  # pylint: disable=g-import-not-at-top
+  return phase.Algorithm(name='ppo', config=PPOSection, build=build_phase, policy_head='sigmoid')
+
+
+ALGORITHM = _algorithm()

@@ -1,22 +1,24 @@
-"""Data splits of the pipeline: SFT problems, held-out problems and the phase-2 pool."""
+"""The experiment runner and its data splits: SFT problems, held-out problems, the phase-2 pool."""
 
 import pytest
 
 from rlm_jax.data.tokenizer import CharTokenizer
-from rlm_jax.training import pipeline
+from rlm_jax.experiment import config as config_lib
+from rlm_jax.experiment import data as data_lib
+from rlm_jax.experiment import runner
 
 
 def _splits(rl_size):
-  cfg = pipeline.TaskConfig(domain='arithmetic', levels=(1, 2, 3), train_size=300, rl_size=rl_size,
-                            prompt_len=24, completion_len=40, answer_len=12)
+  cfg = config_lib.TaskConfig(domain='arithmetic', levels=(1, 2, 3), train_size=300, rl_size=rl_size, seed=0,
+                              prompt_len=24, completion_len=40, answer_len=12)
   tok = CharTokenizer()
-  train, held = pipeline.build_data(tok, cfg, eval_size=60)
+  train, held = data_lib.build_data(tok, cfg, eval_size=60)
   return tok, cfg, train, held
 
 
 def test_rl_pool_is_disjoint_deduplicated_and_reproducible():
   tok, cfg, train, held = _splits(rl_size=900)
-  pool = pipeline.build_rl_pool(tok, cfg, (train, held))
+  pool = data_lib.build_rl_pool(tok, cfg, (train, held))
   problems = [t['problem'] for t in pool.tasks]
   assert len(set(problems)) == len(problems)
   assert not set(problems) & {t['problem'] for t in train.tasks + held.tasks}
@@ -28,14 +30,14 @@ def test_rl_pool_is_disjoint_deduplicated_and_reproducible():
   # The encoded answer is the canonical final step of each problem.
   first = tok.decode(pool.answer[0, : pool.answer_len[0]])
   assert first == 'Answer: ' + pool.tasks[0]['solution']
-  again = pipeline.build_rl_pool(tok, cfg, (train, held))
+  again = data_lib.build_rl_pool(tok, cfg, (train, held))
   assert [t['problem'] for t in again.tasks] == problems
 
 
 def test_rl_pool_that_is_all_duplicates_is_a_one_line_error():
   tok, cfg, train, held = _splits(rl_size=3)
   with pytest.raises(ValueError, match='task.rl_size=3') as e:
-    pipeline.build_rl_pool(tok, cfg, (train, held, pipeline.build_rl_pool(tok, cfg, (train, held))))
+    data_lib.build_rl_pool(tok, cfg, (train, held, data_lib.build_rl_pool(tok, cfg, (train, held))))
   assert '\n' not in str(e.value)
 
 
@@ -47,8 +49,8 @@ def test_device_batch_per_process_path_equals_plain_rows(tmp_path):
 
   from rlm_jax import configlib
 
-  cfg = configlib.from_config(pipeline.ExperimentConfig, configlib.load_config('configs/tiny.py'), '')
-  exp = pipeline.Experiment(cfg, str(tmp_path))
+  cfg = config_lib.parse(configlib.load_config('configs/tiny.py'))
+  exp = runner.Experiment(cfg, str(tmp_path))
   assert 0 < len(exp.rl_pool.tasks) <= 120 and exp.rl_pool is not exp.train
   idx = np.array([5, 0, 63, 7, 12, 40, 33, 2])
   for arrays in (exp.train.sft, exp.rl_pool.prompt_batch()):
@@ -77,10 +79,11 @@ def test_host_scorer_uses_the_task_verifier_and_marks_cut_rows_invalid():
   for r, x in enumerate(ids):
     tokens[r, : len(x)] = x
   lengths = np.array([len(x) for x in ids])
-  scores = pipeline.host_scorer(tok, tasks, group_size=4)(tokens, lengths)
+  scores = data_lib.host_scorer(tok, tasks, group_size=4)(tokens, lengths)
   np.testing.assert_array_equal(scores, [2, 0, 2, -1])
-  with pytest.raises(ValueError, match="rl.reward_on='host': only rl.algo='grpo'"):
-    pipeline.RLConfig(algo='em', reward_on='host')
+  from rlm_jax import configlib
+  with pytest.raises(configlib.ConfigError, match="rl.reward_on='host': rl.algo='em' does not support it"):
+    config_lib.parse(configlib.load_config('configs/tiny.py', ['rl.algo=em', 'rl.reward_on=host']))
 
 
 @pytest.mark.parametrize('rank', [0, 2])
@@ -104,11 +107,11 @@ def test_policy_starts_from_an_hf_checkpoint(tmp_path, rank):
   gdef, state = nnx.split(tfm.init_model(src_cfg, seed=11))
   hf.export_hf(gdef, state, str(tmp_path / 'ckpt'))
   base = configlib.load_config('configs/tiny.py', [f'hf_checkpoint={tmp_path / "ckpt"}', f'lora.rank={rank}'])
-  cfg = configlib.from_config(pipeline.ExperimentConfig, base, '')
-  exp = pipeline.Experiment(cfg, str(tmp_path / 'run'))
-  assert dataclasses.replace(exp.model_cfg, init_std=src_cfg.init_std) == src_cfg  # not configs/tiny.py's model
-  graphdef, params = exp.init_params()
-  graphdef, params = exp.plain_policy(graphdef, params)
+  cfg = config_lib.parse(base)
+  exp = runner.Experiment(cfg, str(tmp_path / 'run'))
+  assert dataclasses.replace(exp.models.model_cfg, init_std=src_cfg.init_std) == src_cfg  # not configs/tiny.py's model
+  graphdef, params = exp.models.init_policy()
+  graphdef, params = exp.models.plain_policy(graphdef, params)
   tokens = jnp.asarray(np.random.default_rng(0).integers(4, 90, (2, 7)))
   got = nnx.merge(graphdef, params)(tokens).logits_BxLxV
   want = nnx.merge(gdef, state)(tokens).logits_BxLxV

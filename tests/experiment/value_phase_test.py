@@ -8,14 +8,16 @@ import pytest
 
 from rlm_jax import configlib
 from rlm_jax import metrics as metrics_lib
-from rlm_jax.training import pipeline
+from rlm_jax.experiment import config as config_lib
+from rlm_jax.experiment import runner
+from rlm_jax.experiment import value_phase
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, 'configs', 'alphazero.py') + ':smoke'
 
 
 def _cfg(*overrides):
-  return configlib.from_config(pipeline.ExperimentConfig, configlib.load_config(CONFIG, overrides), '')
+  return config_lib.parse(configlib.load_config(CONFIG, overrides))
 
 
 class _StopAfter:
@@ -34,8 +36,8 @@ class _StopAfter:
 
 def _run(workdir, cfg, monkeypatch=None, stop_at=None):
   if stop_at is not None:
-    monkeypatch.setattr(pipeline.ckpt_lib, 'install_preemption_handler', lambda: _StopAfter(stop_at))
-  out = pipeline.Experiment(cfg, str(workdir)).run()
+    monkeypatch.setattr(runner.ckpt_lib, 'install_preemption_handler', lambda: _StopAfter(stop_at))
+  out = runner.Experiment(cfg, str(workdir)).run()
   if monkeypatch is not None:
     monkeypatch.undo()
   return out
@@ -57,10 +59,9 @@ def test_bad_value_and_alphazero_config_is_one_line_naming_the_key(override, cul
   assert culprit in str(e.value) and '\n' not in str(e.value)
 
 
-def test_value_guided_eval_needs_a_value_model(tmp_path):
-  cfg = _cfg('value.enabled=False', 'rl.algo=grpo')
-  with pytest.raises(ValueError, match=r"prm_best_of_n.*value.enabled=True"):
-    pipeline.Experiment(cfg, str(tmp_path))
+def test_value_guided_eval_needs_a_value_model():
+  with pytest.raises(configlib.ConfigError, match=r"prm_best_of_n.*value.enabled=True"):
+    _cfg('value.enabled=False', 'rl.algo=grpo')
 
 
 @pytest.mark.slow  # three in-process runs: ~40 s of CPU, mostly compiling
@@ -103,9 +104,9 @@ def test_alphazero_rounds_resume_with_the_checkpointed_buffer(tmp_path, monkeypa
 @pytest.mark.parametrize('source', ['solver', 'mc', 'mcts'])
 def test_label_sources_give_step_labels_in_unit_range(tmp_path, source):
   cfg = _cfg(f'value.labels={source}', 'value.num_traces=6', 'value.label_batch=4')
-  exp = pipeline.Experiment(cfg, str(tmp_path))
-  graphdef, params = exp.init_params()
-  data = exp.value_data(graphdef, params)
+  exp = runner.Experiment(cfg, str(tmp_path))
+  graphdef, params = exp.models.init_policy()
+  data = value_phase.value_data(exp, graphdef, params)
   rows = 12 if source == 'solver' else 6  # solver: a positive and a corrupted trace per task
   assert data['tokens'].shape[0] == rows
   m = data['target_mask'] > 0
@@ -116,7 +117,7 @@ def test_label_sources_give_step_labels_in_unit_range(tmp_path, source):
   tok = exp.tok
   closing = np.isin(data['tokens'], [tok.step_id, tok.eos_id]) & data['mask']
   if source == 'mcts':  # one label per path step; a step cut at step_tokens has it on its last token
-    assert np.all((m.sum(1) >= 1) & (m.sum(1) <= cfg.rl.alphazero.mcts.max_depth))
+    assert np.all((m.sum(1) >= 1) & (m.sum(1) <= cfg.rl.sections[-1][1].mcts.max_depth))
   else:  # on the tokens that close steps; a random policy's trace may close none
     assert np.all(closing[m]) and (source == 'mc' or m.any(axis=1).all())
   if source == 'solver':  # the positive traces are right at every step

@@ -1,0 +1,273 @@
+"""The experiment config schema: one frozen dataclass per section of `configs/*.py`.
+
+The config file is the one source of an experiment's values: `parse` reads it strictly, so
+every key of every section must be spelled there (a missing key is an error, never a silent
+dataclass default). The library dataclasses keep their defaults for direct use (tests,
+notebooks); an experiment does not see them.
+
+`config.rl` holds the knobs every phase-2 algorithm shares; each algorithm's own knobs sit in
+`config.rl.<algo>`, typed by the algorithm's registry entry (`training.algorithms`). All the
+sections present are checked (a typo in another algorithm's section fails too); the chosen
+one must be present and ends up in `cfg.rl.section`.
+
+Cross-section rules (the ones no single section can check) are in `check`; data-dependent
+ones (pool sizes, lengths) run when the data is built, before any training step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import ml_collections
+
+from rlm_jax import configlib
+from rlm_jax import distributed
+from rlm_jax import sharding
+from rlm_jax.models import lora as lora_lib
+from rlm_jax.models.transformer import ModelConfig
+from rlm_jax.training import algorithms
+from rlm_jax.training import evaluate as eval_lib
+from rlm_jax.training.rewards import RewardConfig
+from rlm_jax.training.state import OptimConfig
+
+ConfigError = configlib.ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+  kind: Literal['char', 'hf']
+  path: str  # the HF tokenizer folder (kind='hf'); '' with hf_checkpoint = that folder
+  step_delimiter: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+  """Problems. Held-out tasks use seed + 1 and exclude training problems.
+
+  rl_size: phase-2 problems (prompts and answers only: RL needs no traces). 0: the SFT
+    problems again. Otherwise about this many problems drawn with seed + 2, minus duplicates
+    and any SFT or held-out problem, so RL sees problems whose solutions the policy has not
+    memorised.
+  """
+
+  domain: str
+  levels: tuple[int, ...]
+  train_size: int
+  seed: int
+  rl_size: int
+  prompt_len: int
+  completion_len: int
+  answer_len: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  steps: int
+  batch_size: int
+  optim: OptimConfig
+  # Gradient accumulation: each step runs batch_size / microbatches rows at a time (same
+  # update as one full batch; `training.sft`).
+  microbatches: int
+
+  def __post_init__(self):
+    if self.microbatches < 1 or self.batch_size % self.microbatches:
+      raise ValueError(f'sft.microbatches={self.microbatches}: must be >= 1 and divide '
+                       f'sft.batch_size={self.batch_size}')
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueConfig:
+  """Phase-1 value / PRM training (its own checkpointed phase `value`, after policy SFT).
+
+  The value model is the policy's architecture with the value head of `mode` ('mse': a
+  'sigmoid' head, targets 2p − 1; 'bce': a 'logit' head, targets p), started from the SFT
+  policy's weights (`init='policy'`) or at random. An algorithm that trains a value model
+  (rl.algo='alphazero') keeps training the same model (built from this section even when
+  `enabled` is False).
+
+  Step labels (`training.labels`), for `num_traces` training problems:
+    solver  solver traces (all steps correct) and `negatives_per_task` corrupted ones;
+    mc      one trace per problem sampled from the SFT policy, each step labelled by the
+            fraction of `mc_rollouts` completions from it that end correct (O-PRM);
+    mcts    MCTS with the SFT policy and the verifier (the search knobs of rl.alphazero), the
+            best path's per-step q-values.
+  The label set is rebuilt deterministically from (seed, SFT checkpoint) when the phase
+  (re)starts; `label_batch` problems go through one compiled labelling call.
+  """
+
+  enabled: bool
+  labels: Literal['solver', 'mc', 'mcts']
+  mode: Literal['mse', 'bce']
+  init: Literal['policy', 'random']
+  value_hidden: int  # value-head MLP width (0: d_model)
+  steps: int
+  batch_size: int
+  num_traces: int
+  label_batch: int
+  negatives_per_task: int
+  max_steps: int  # steps labelled per trace
+  mc_rollouts: int
+  temperature: float  # sampling of mc traces and rollouts
+  optim: OptimConfig
+
+  def __post_init__(self):
+    for name in ('batch_size', 'num_traces', 'label_batch', 'max_steps', 'mc_rollouts'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'value.{name}={getattr(self, name)}: must be >= 1')
+    if self.steps < 0 or self.negatives_per_task < 0:
+      raise ValueError('value.steps and value.negatives_per_task must be >= 0')
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """Phase 2: the knobs every algorithm shares (its own are in `rl.<algo>`, see `section`).
+
+  `group_size` is G (completions per prompt). `iterations` are rounds and
+  `prompts_per_iteration` problems searched per round for search-based algorithms.
+  `microbatches` (gradient accumulation over the prompts_per_iteration * group_size rows),
+  `rollout_mesh` (sample on another mesh; None: the training mesh) and `reward_on='host'`
+  (decode the completions and score them with the task verifiers, for text answers such as
+  GSM8K; 'device': the jittable final-step match, one compiled program per iteration) are
+  capabilities: an algorithm that does not declare one refuses the setting at start-up.
+  """
+
+  algo: str  # a name of training.algorithms.ALGORITHMS, or 'none' (SFT only)
+  iterations: int
+  prompts_per_iteration: int
+  group_size: int
+  temperature: float
+  top_k: int
+  top_p: float
+  optim: OptimConfig
+  reward: RewardConfig
+  microbatches: int
+  rollout_mesh: sharding.MeshConfig | None
+  reward_on: Literal['device', 'host']
+  # The typed `rl.<name>` sections present in the config, as (name, section) pairs (filled by
+  # `parse`; a tuple so the config stays hashable).
+  sections: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), metadata={'derived': True})
+
+  def __post_init__(self):
+    names = ('none',) + tuple(algorithms.ALGORITHMS)
+    if self.algo not in names:
+      raise ValueError(f"rl.algo='{self.algo}': must be one of {', '.join(repr(n) for n in names)}")
+    rows = self.prompts_per_iteration * self.group_size
+    if self.microbatches < 1 or rows % self.microbatches:
+      raise ValueError(f'rl.microbatches={self.microbatches}: must be >= 1 and divide '
+                       f'prompts_per_iteration * group_size = {rows}')
+    for name in ('iterations',):
+      if getattr(self, name) < 0:
+        raise ValueError(f'rl.{name}={getattr(self, name)}: must be >= 0')
+    for name in ('prompts_per_iteration', 'group_size'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'rl.{name}={getattr(self, name)}: must be >= 1')
+
+  @property
+  def section(self):
+    """The typed `rl.<algo>` section of the chosen algorithm (None for 'none')."""
+    return dict(self.sections).get(self.algo)
+
+  @property
+  def algorithm(self):
+    """The registry entry of `algo` (None for 'none')."""
+    return algorithms.ALGORITHMS.get(self.algo)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  save_every: int
+  keep: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  seed: int
+  tokenizer: TokenizerConfig
+  model: ModelConfig  # vocab_size 0 = take it from the tokenizer
+  mesh: sharding.MeshConfig
+  task: TaskConfig
+  sft: SFTConfig
+  value: ValueConfig
+  rl: RLConfig
+  eval: eval_lib.EvalConfig
+  checkpoint: CheckpointConfig
+  lora: lora_lib.LoraSection  # rank 0: full fine-tuning
+  distributed: distributed.DistributedConfig  # read by main
+  # A local HF Llama/Qwen2 folder (config.json + safetensors) to start the policy from instead
+  # of a random init; '' = from scratch. Use tokenizer.kind='hf' with it (path '' = this folder).
+  hf_checkpoint: str
+
+
+# Values the code derives from another section; a config that sets them differently is refused.
+_DERIVED = {('grpo', 'max_completion_length'): ('task', 'completion_len')}
+
+
+def parse(config: ml_collections.ConfigDict | dict) -> ExperimentConfig:
+  """The typed experiment config of a config file's ConfigDict (strict: every key spelled).
+
+  Raises:
+    ConfigError: one line naming the key (unknown, missing, bad value, cross-section rule).
+  """
+  d = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  if not isinstance(d.get('rl'), dict):
+    raise ConfigError('config.rl: missing required key')
+  rl = dict(d['rl'])
+  raw_sections = {name: rl.pop(name) for name in list(rl) if name in algorithms.ALGORITHMS}
+  d['rl'] = rl
+  cfg = configlib.from_config(ExperimentConfig, d, '', strict=True)
+  sections = {}
+  for name, raw in raw_sections.items():
+    raw = dict(raw) if isinstance(raw, dict) else raw
+    for (algo, key), (src, src_key) in _DERIVED.items():
+      if algo == name and isinstance(raw, dict):
+        derived = getattr(getattr(cfg, src), src_key)
+        if key in raw and raw[key] != derived:
+          raise ConfigError(f'config.rl.{name}.{key}={raw[key]}: it is {src}.{src_key} ({derived}); '
+                            'remove the key')
+        raw[key] = derived
+    sections[name] = configlib.from_config(algorithms.ALGORITHMS[name].config, raw, f'rl.{name}', strict=True)
+  if cfg.rl.algo != 'none' and cfg.rl.algo not in sections:
+    raise ConfigError(f"config.rl.{cfg.rl.algo}: missing required key (the section of rl.algo='{cfg.rl.algo}')")
+  cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, sections=tuple(sections.items())))
+  check(cfg)
+  return cfg
+
+
+def check(cfg: ExperimentConfig) -> None:
+  """Rules across sections. Raises ConfigError naming the keys."""
+  algo = cfg.rl.algorithm
+  if algo is not None:
+    wants = {'lora': cfg.lora.rank > 0, 'microbatches': cfg.rl.microbatches > 1,
+             'rollout_mesh': cfg.rl.rollout_mesh is not None, 'host_reward': cfg.rl.reward_on == 'host'}
+    keys = {'lora': f'lora.rank={cfg.lora.rank}', 'microbatches': f'rl.microbatches={cfg.rl.microbatches}',
+            'rollout_mesh': 'rl.rollout_mesh', 'host_reward': "rl.reward_on='host'"}
+    for cap, wanted in wants.items():
+      if wanted and cap not in algo.capabilities:
+        able = [n for n, a in algorithms.ALGORITHMS.items() if cap in a.capabilities]
+        raise ConfigError(f"{keys[cap]}: rl.algo='{algo.name}' does not support it "
+                          f"(algorithms that do: {', '.join(able) or 'none'})")
+    if cfg.rl.reward_on == 'host' and cfg.rl.rollout_mesh is not None:
+      raise ConfigError("rl.reward_on='host' needs the rollout on the training mesh: set rl.rollout_mesh=None")
+  needs_value = [s for s in cfg.eval.strategies if s in eval_lib.VALUE_STRATEGIES]
+  if needs_value and not has_value_model(cfg):
+    trainers = [n for n, a in algorithms.ALGORITHMS.items() if a.trains_value]
+    raise ConfigError(f'eval.strategies {needs_value} need a value model: set value.enabled=True '
+                      f'(phase-1 value training) or rl.algo to one of {trainers}')
+  if cfg.value.enabled and cfg.value.labels == 'mcts' and 'alphazero' not in dict(cfg.rl.sections):
+    raise ConfigError("value.labels='mcts': the search knobs come from config.rl.alphazero, which is missing")
+  if cfg.tokenizer.kind == 'hf' and not (cfg.tokenizer.path or cfg.hf_checkpoint):
+    raise ConfigError("tokenizer.kind='hf': set tokenizer.path (or hf_checkpoint, whose folder it then uses)")
+  if cfg.sft.steps > 0 and cfg.sft.batch_size > cfg.task.train_size:
+    raise ConfigError(f'sft.batch_size={cfg.sft.batch_size}: more than task.train_size={cfg.task.train_size} '
+                      'problems (each batch draws distinct problems)')
+
+
+def has_value_model(cfg: ExperimentConfig) -> bool:
+  """Whether the run ends with a value model / PRM (phase 1, or a phase-2 algorithm's own)."""
+  algo = cfg.rl.algorithm
+  return cfg.value.enabled or (algo is not None and algo.trains_value and cfg.rl.iterations > 0)
+
+
+def tokenizer_path(cfg: ExperimentConfig) -> str:
+  return cfg.tokenizer.path or cfg.hf_checkpoint

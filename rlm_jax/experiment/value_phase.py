@@ -1,0 +1,102 @@
+"""Phase 1b: the value model / PRM, trained on step labels of the training problems.
+
+Labels (`config.value.labels`, `training.labels`): the solver's traces (and corrupted ones),
+Monte Carlo rollouts from the SFT policy, or MCTS q-values. The label set is a function of
+(seed, SFT policy), rebuilt when the phase (re)starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlm_jax.sampling.sampler import SamplingConfig, sample
+from rlm_jax.search import lm as search_lm
+from rlm_jax.training import alphazero as az_lib
+from rlm_jax.training import labels as labels_lib
+from rlm_jax.training import value as value_lib
+
+KEYS = ('tokens', 'mask', 'targets', 'target_mask')
+
+
+def label_chunks(exp, idx: np.ndarray):
+  """Fixed-shape device batches of training problems `idx` (the last chunk padded with its
+  first row): yields (chunk index, number of real rows, batch)."""
+  n, size, arrays = len(idx), exp.cfg.value.label_batch, exp.train.prompt_batch()
+  for c, lo in enumerate(range(0, n, size)):
+    rows = idx[lo:lo + size]
+    full = np.concatenate([rows, np.repeat(rows[:1], size - len(rows))])
+    yield c, len(rows), exp.device_batch(arrays, full)
+
+
+def value_data(exp, graphdef, policy_params) -> dict[str, np.ndarray]:
+  """Step-labelled rows for value training (host numpy, `value.value_step` layout).
+
+  Deterministic in (seed, policy): the label source of `value.labels` over `value.num_traces`
+  training problems (see `experiment.config.ValueConfig`). `exp` is the `Experiment`.
+  """
+  cfg, v, tok = exp.cfg, exp.cfg.value, exp.tok
+  n = min(v.num_traces, len(exp.train.tasks))
+  idx = np.sort(np.random.default_rng((cfg.seed, 6)).choice(len(exp.train.tasks), n, replace=False))
+  if v.labels == 'solver':
+    records = labels_lib.solver_labels([exp.train.tasks[i] for i in idx], cfg.seed, v.negatives_per_task)
+    enc = labels_lib.encode_step_labels(tok, records, cfg.task.prompt_len + cfg.task.completion_len, v.max_steps)
+    rows = value_lib.prm_batch(enc['tokens'], enc['mask'], enc['completion_start'], enc['step_labels'],
+                               enc['step_valid'], tok.step_id, tok.eos_id)
+    return {k: np.asarray(jax.device_get(rows[k])) for k in KEYS}
+  key = jax.random.key(cfg.seed + 17)
+  parts = []
+  if v.labels == 'mc':
+    scfg = SamplingConfig(max_new_tokens=cfg.task.completion_len, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                          step_id=tok.step_id, temperature=v.temperature)
+    setup = labels_lib.MCLabelSetup(num_rollouts=v.mc_rollouts, max_steps=v.max_steps, sampling=scfg,
+                                    step_id=tok.step_id)
+    for c, real, batch in label_chunks(exp, idx):
+      k_trace, k_roll = jax.random.split(jax.random.fold_in(key, c))
+      out = sample(graphdef, policy_params, batch['prompt'], batch['prompt_mask'], k_trace, scfg)
+      t = out.tokens_BxT.shape[1]
+      batch = dict(batch, completion=out.tokens_BxT,
+                   completion_mask=jnp.arange(t)[None] < out.lengths_B[:, None])
+      lab = labels_lib.mc_rollout_labels_jit(graphdef, policy_params, setup, batch, k_roll)
+      rows = labels_lib.trace_prm_batch(batch, lab['labels'], lab['valid'], tok.step_id, tok.eos_id)
+      parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in KEYS})
+  else:  # mcts: the search of the AlphaZero loop, without a value model (none exists yet)
+    rl = cfg.rl
+    az = dict(cfg.rl.sections)['alphazero']
+    setup = az_lib.make_setup(dataclasses.replace(az, use_value_model=False),
+                              search_lm.TokenIds.of(tok), cfg.task.prompt_len, cfg.task.completion_len, v.mode,
+                              rl.temperature, rl.top_k, rl.top_p)
+    for c, real, batch in label_chunks(exp, idx):
+      rows = az_lib.search_rows_jit(graphdef, None, setup, policy_params, None, batch,
+                                    jax.random.fold_in(key, c))
+      parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in KEYS})
+  return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+
+
+def run_value(exp, graphdef, sft_params, stop):
+  """Phase-1 value / PRM training. Returns ((value graphdef, params), finished)."""
+  from rlm_jax.training.state import create_train_state, make_optimizer  # pylint: disable=g-import-not-at-top
+  cfg, v = exp.cfg, exp.cfg.value
+  vgd, vparams = exp.models.value_model(sft_params)
+  tx = make_optimizer(v.optim)
+  state = create_train_state(vparams, tx, exp.mesh, exp.rules)
+  offset = cfg.sft.steps + 1
+  data = {}
+
+  def batch_fn(step):
+    if not data:  # built only when the phase has steps left to run
+      data.update(value_data(exp, graphdef, sft_params))
+      m = data['target_mask'] > 0
+      mean = float(data['targets'][m].mean()) if m.any() else 0.0
+      exp.metrics.write(offset + step, {'value/label_rows': len(m), 'value/labels': int(m.sum()),
+                                        'value/label_mean': mean})
+    n = len(data['tokens'])
+    idx = np.random.default_rng((cfg.seed, 4, step)).choice(n, v.batch_size, replace=n < v.batch_size)
+    return {k: jnp.asarray(x[idx]) for k, x in data.items()}
+
+  step_fn = lambda st, b, i: value_lib.value_step_jit(vgd, tx, st, b, v.mode)
+  state, done = exp.run_phase('value', v.steps, offset, state, step_fn, batch_fn, stop)
+  return (vgd, state.params), done
