@@ -43,14 +43,13 @@ from typing import Any, TypeVar
 
 import ml_collections
 
+from rlm_jax import errors
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-  """A bad config key or value. `str(err)` is always one line."""
-
-  def __init__(self, message: str):
-    super().__init__(" ".join(str(message).split()))
+class ConfigError(errors.Error):
+  """A bad config key or value. `str(err)` is one line."""
 
 
 def _join(where: str, key: str) -> str:

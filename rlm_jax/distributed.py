@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 
+from rlm_jax import errors
 from rlm_jax import sharding as sharding_lib
 
 AUTO = "auto"
@@ -45,11 +46,8 @@ ENV_PROCESS_ID = "RLM_PROCESS_ID"
 ENV_LOCAL_DEVICE_IDS = "RLM_LOCAL_DEVICE_IDS"
 
 
-class DistributedError(ValueError):
+class DistributedError(errors.Error):
   """Bad multi-process settings. `str(err)` is one line."""
-
-  def __init__(self, message: str):
-    super().__init__(" ".join(str(message).split()))
 
 
 @dataclasses.dataclass(frozen=True)

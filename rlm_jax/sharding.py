@@ -39,6 +39,8 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rlm_jax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 Rule = tuple[str, str | tuple[str, ...] | None]
@@ -63,11 +65,8 @@ DEFAULT_RULES: Rules = (
 )
 
 
-class ShardingError(ValueError):
+class ShardingError(errors.Error):
   """Bad mesh/rules/annotations. `str(err)` is one line."""
-
-  def __init__(self, message: str):
-    super().__init__(" ".join(str(message).split()))
 
 
 @dataclasses.dataclass(frozen=True)

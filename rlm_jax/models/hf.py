@@ -29,6 +29,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from rlm_jax import errors
 from rlm_jax.models.transformer import ModelConfig, Transformer
 
 _ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'Qwen2ForCausalLM': 'qwen2'}
@@ -38,7 +39,7 @@ _SINGLE = 'model.safetensors'
 _IGNORED_SUFFIXES = ('rotary_emb.inv_freq',)
 
 
-class HFFormatError(ValueError):
+class HFFormatError(errors.Error):
   """A checkpoint or config that this module cannot map; the message names the culprit."""
 
 

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rlm_jax import errors
 from rlm_jax.models.transformer import ModelOutput
 from rlm_jax.models.transformer import Transformer
 
@@ -53,11 +54,8 @@ ADAPTERS = 'adapters'  # attribute of LoraTransformer holding the adapter params
 TRAIN, FROZEN = 'lora', 'frozen'  # labels for optax.multi_transform
 
 
-class LoraError(ValueError):
+class LoraError(errors.Error):
   """Bad LoRA settings. `str(err)` is one line."""
-
-  def __init__(self, message: str):
-    super().__init__(' '.join(str(message).split()))
 
 
 @dataclasses.dataclass(frozen=True)
