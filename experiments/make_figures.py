@@ -34,12 +34,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   workdir = analysis.check_workdir(args.workdir)
-  files = [os.path.join(workdir, analysis.ANALYSIS_DIR, f)
-           for f in (analysis.SCALING_FILE, analysis.TREES_FILE, analysis.OUTPUTS_FILE)]
-  if args.recollect or not all(map(os.path.exists, files)):
+  if args.recollect or not all(map(os.path.exists, analysis.analysis_paths(workdir).values())):
     t0 = time.perf_counter()
     budgets = analysis.parse_budgets(args.budgets) if args.budgets else analysis.DEFAULT_BUDGETS
-    analysis.collect(workdir, budgets=budgets, num_problems=args.num_problems)
+    analysis.write_analysis(workdir, *analysis.collect(workdir, budgets=budgets, num_problems=args.num_problems))
     print(f'search strategies: {time.perf_counter() - t0:.0f}s')
   executed = os.path.join(workdir, 'notebooks')
   os.makedirs(executed, exist_ok=True)

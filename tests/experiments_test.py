@@ -1,10 +1,12 @@
 """experiments/tpu.py: exact --dry-run command lines, and the remote run/stop scripts executed
-locally (bash, a fake python) to prove that overrides with spaces and quotes arrive intact."""
+locally (bash, a fake python) to prove that overrides with spaces and quotes arrive intact;
+experiments/make_figures.py on a run whose analysis is already collected."""
 import importlib.util
 import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 
 import pytest
@@ -206,3 +208,59 @@ def test_slurm_template_sets_the_distributed_variables_per_task(tmp_path):
       f"{tmp_path}|gpu-node-07:16242|2|1|-m|rlm_jax.main|--config=configs/main.py|"
       f"--workdir=/shared/run 1|--config.x=a 'b'|",
   ]
+
+
+# ------------------------------------------------------------------------------------------
+# experiments/make_figures.py
+
+
+def _load_make_figures():
+  path = os.path.join(_REPO, 'experiments', 'make_figures.py')
+  spec = importlib.util.spec_from_file_location('make_figures', path)
+  module = importlib.util.module_from_spec(spec)
+  saved = list(sys.path)
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path[:] = saved  # the script puts the checkout first on sys.path
+  return module
+
+
+def test_make_figures_reuses_the_analysis_and_prints_the_tables(tmp_path, monkeypatch, capsys):
+  """With `<workdir>/analysis/` complete it does not search again: it runs every notebook
+  (stubbed: each writes a PNG), copies the PNGs to --out and prints the README's tables."""
+  from rlm_jax import analysis
+  from rlm_jax import metrics as metrics_lib
+
+  make_figures = _load_make_figures()
+  workdir = tmp_path / 'run'
+  with metrics_lib.MetricWriter(workdir, enabled=True, tensorboard=False) as w:
+    w.write(0, {'sft/loss': 1.0})
+  (workdir / 'results.json').write_text(
+      '{"sft": {"greedy/accuracy": 0.5, "greedy/accuracy_level1": 0.75}, "rl": {"greedy/accuracy": 0.625}}')
+  rows = [{'phase': 'grpo', 'strategy': 'greedy', 'budget': 1, 'guide': 'policy', 'accuracy': 0.5,
+           'policy_tokens': 20.0, 'num_problems': 100},
+          {'phase': 'grpo', 'strategy': 'mcts', 'budget': 8, 'guide': 'verifier', 'accuracy': 0.9,
+           'policy_tokens': 300.0, 'num_problems': 100}]
+  analysis.write_analysis(workdir, rows, [], [{'strategy': 'greedy', 'budget': 1, 'level': 1, 'problem': 'p',
+                                              'expected': '1', 'output': 'Answer: 1', 'score': 2}])
+  ran = []
+
+  def fake_notebook(path, wd, save_to):
+    ran.append(os.path.basename(path))
+    with open(os.path.join(analysis.figures_dir(wd), ran[-1].replace('.ipynb', '.png')), 'wb') as f:
+      f.write(b'\x89PNG')
+
+  monkeypatch.setattr(analysis, 'run_notebook', fake_notebook)
+  monkeypatch.setattr(analysis, 'collect', lambda *a, **k: pytest.fail('searched again'))
+  out_dir = tmp_path / 'figures_out'
+  assert make_figures.main([f'--workdir={workdir}', f'--out={out_dir}']) == 0
+  out = capsys.readouterr().out
+  notebooks = ['01_training_curves.ipynb', '02_mcts_tree.ipynb', '03_test_time_scaling.ipynb',
+               '04_verifier_errors.ipynb']
+  assert ran == notebooks
+  assert sorted(os.listdir(out_dir)) == [n.replace('.ipynb', '.png') for n in notebooks]
+  assert ('| phase | strategy | all | 1 |\n|---|---|---|---|\n| sft | greedy | 0.500 | 0.750 |\n'
+          '| rl | greedy | 0.625 | nan |') in out
+  # tokens_x: mcts spends 300 / 20 = 15 times greedy's tokens; se = sqrt(.9 * .1 / 100) = .03.
+  assert '| grpo | mcts (verifier) | 8 | 0.900 | 0.030 | 300.000 | 15.000 |' in out
