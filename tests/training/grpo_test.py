@@ -1,4 +1,6 @@
 """GRPO iteration: one compiled program, learns a bandit, no-ops on constant rewards."""
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -103,8 +105,9 @@ def test_microbatched_update_equals_the_full_batch_update(loss_kw):
   tx = optax.sgd(1.0)
   loss = losses.GRPOConfig(max_completion_length=5, **loss_kw)
   sampling = SamplingConfig(max_new_tokens=5, eos_id=2, pad_id=0)
+  # The fixed rollout has no sampler log-probs: π_old is recomputed (microbatched).
   setup = lambda k: grpo.GRPOSetup(group_size=4, loss=loss, sampling=sampling, reward=RewardConfig(),
-                                   step_id=3, microbatches=k)
+                                   step_id=3, microbatches=k, recompute_old_logp=True)
   copy = lambda: create_train_state(jax.tree.map(jnp.copy, params), tx)
   full, m1 = grpo.grpo_update_jit(gdef, tx, setup(1), copy(), ref, _rollout())
   step = jax.jit(chex.assert_max_traces(grpo.grpo_update, n=1), static_argnums=(0, 1, 2),
@@ -142,3 +145,69 @@ def test_host_scored_iteration_equals_the_device_scored_one():
   with pytest.raises(ValueError, match=r'score_host returned shape \(3,\), expected \(32,\)'):
     grpo.grpo_iteration_host_scored(gdef, tx, _setup(), host, None, _batch(), jax.random.key(5),
                                     lambda t, n: np.zeros(3))
+
+
+def _tempered_setup(**loss_kw):
+  loss = losses.GRPOConfig(max_completion_length=4, **loss_kw)
+  sampling = SamplingConfig(max_new_tokens=4, eos_id=2, pad_id=0, temperature=0.5)
+  return grpo.GRPOSetup(group_size=4, loss=loss, sampling=sampling, reward=RewardConfig(), step_id=3,
+                        score_fn=_first_token_score)
+
+
+def _tempered_objective(gdef, ro, adv, temperature):
+  """-Σ_tokens A·log softmax(logits / T)[y] / n_tokens by a plain full forward (dapo, μ = 1)."""
+  seq = jnp.concatenate([ro['prompt'], ro['tokens']], 1)
+  seq_mask = jnp.concatenate([ro['prompt_mask'], ro['completion_mask']], 1)
+  mask = ro['completion_mask'].astype(jnp.float32)
+
+  def loss(p):
+    logits = nnx.merge(gdef, p)(seq, mask_BxL=seq_mask).logits_BxLxV[:, 1:-1] / temperature
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), ro['tokens'][..., None], -1)[..., 0]
+    return -jnp.sum(adv[:, None] * logp * mask) / mask.sum()
+
+  return loss
+
+
+def test_loss_differentiates_the_tempered_policy_that_sampled():
+  """T = 0.5, μ = 1, SGD lr 1: the ratio is exactly 1 and Δθ = -∇ of the tempered policy's
+  surrogate, -Σ A·log softmax(logits / T)[y] / n (autodiff of a plain forward here). The
+  untempered log-probs give another gradient (checked to differ)."""
+  import optax
+
+  gdef, params = nnx.split(tfm.init_model(CFG, seed=5))
+  setup = _tempered_setup(loss_type='dapo')
+  ro = grpo.rollout_jit(gdef, params, _batch(), jax.random.key(6), setup)
+  adv = losses.advantages.group_advantages(ro['reward'].reshape(4, 4)).reshape(16)
+  assert float(jnp.abs(adv).sum()) > 0  # mixed rewards
+  tx = optax.sgd(1.0)
+  state, m = grpo.grpo_update_jit(gdef, tx, setup, create_train_state(jax.tree.map(jnp.copy, params), tx), None, ro)
+  assert float(m['ratio_mean']) == 1.0
+  grad = jax.grad(_tempered_objective(gdef, ro, adv, 0.5))(params)
+  got = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, params)
+  jax.tree.map(lambda d, g: np.testing.assert_allclose(d, -np.asarray(g), rtol=1e-4, atol=1e-6), got, grad)
+  untempered = jax.grad(_tempered_objective(gdef, ro, adv, 1.0))(params)
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(untempered))) > 1e-3
+
+
+def test_old_logprobs_from_the_sampler_equal_the_recomputed_ones():
+  """μ = 2 at T = 0.5: the sampler's tempered log-probs agree with a forward pass over the
+  rollout to 1e-5, and the update that reuses them equals the one that recomputes π_old."""
+  import optax
+
+  gdef, params = nnx.split(tfm.init_model(CFG, seed=7))
+  setup = _tempered_setup(loss_type='dapo', num_iterations=2)
+  ro = grpo.rollout_jit(gdef, params, _batch(), jax.random.key(8), setup)
+  seq = jnp.concatenate([ro['prompt'], ro['tokens']], 1)
+  seq_mask = jnp.concatenate([ro['prompt_mask'], ro['completion_mask']], 1)
+  logp, _ = grpo.completion_logprobs(gdef, params, seq, seq_mask, 2, 0.5)
+  cm = np.asarray(ro['completion_mask'])
+  assert cm.sum() > 16
+  np.testing.assert_allclose(np.asarray(ro['sample_logprobs'])[cm], np.asarray(logp)[cm], atol=1e-5)
+  tx = optax.sgd(1.0)
+  run = lambda st: grpo.grpo_update_jit(gdef, tx, st, create_train_state(jax.tree.map(jnp.copy, params), tx), None, ro)
+  reused, m1 = run(setup)
+  recomputed, m2 = run(dataclasses.replace(setup, recompute_old_logp=True))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), reused.params, recomputed.params)
+  np.testing.assert_allclose(float(m1['loss']), float(m2['loss']), atol=1e-6)
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(reused.params), jax.tree.leaves(params))) > 1e-3
+
