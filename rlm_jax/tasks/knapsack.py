@@ -16,14 +16,54 @@ the best value with the target, then `Answer: True|False`.
 """
 from __future__ import annotations
 
-from rlm_jax.tasks.common import level_of, make_rng
-# Verification is the same for every True/False domain.
-from rlm_jax.tasks.boolean import answer_text, parse_task, score, verify  # noqa: F401  (re-exported)
+import re
+
+from rlm_jax.tasks import extract
+from rlm_jax.tasks.boolean import answer_text, parse_task  # noqa: F401  (re-exported)
+from rlm_jax.tasks.common import level_of, make_rng, tail
 
 NAME = "Knapsack"
 
 _ITEMS = ("pen", "map", "book", "flask", "snack", "rope", "brush", "towel", "knife", "mask",
           "soap", "torch", "coin", "key", "lock", "lens", "card", "cable", "tape", "cap")
+
+
+# Feasibility words models use instead of True/False ("Answer: not possible"). The negative
+# forms come first in the alternation so that "impossible" is never read as "possible".
+_FEASIBLE_RE = re.compile(
+    r"\b(impossible|infeasible|not\s{1,3}(?:possible|feasible)|no\s{1,3}such\s{1,3}(?:set|subset|selection)"
+    r"|cannot|can't|can\s{1,3}not|possible|feasible|there\s{1,3}is\s{1,3}(?:such\s{1,3})?a\s{1,3}set)\b",
+    re.IGNORECASE)
+# Without an answer marker, only the end of the output is read for those words.
+_FEASIBLE_TAIL = 300
+
+
+def _feasible(output: str) -> bool | None:
+  text = tail(output)
+  seg = extract.answer_segment(text)
+  matches = list(_FEASIBLE_RE.finditer(seg if seg is not None else text[-_FEASIBLE_TAIL:]))
+  if not matches:
+    return None
+  word = " ".join(matches[-1].group(1).lower().split())
+  return not (word.startswith(("im", "in", "not", "no ", "can")))
+
+
+def verify(task: dict, output: str) -> int:
+  return score(parse_task(task), output)
+
+
+def score(label: bool, output: str) -> int:
+  """2 if the final answer matches `label`, 0 if not, -1 if none.
+
+  True/False and yes/no as every boolean domain (`extract.final_bool`); then feasibility
+  words: "possible", "there is a set" (True), "impossible", "not possible", "cannot" (False).
+  """
+  got = extract.final_bool(output)
+  if got is None:
+    got = _feasible(output)
+  if got is None:
+    return -1
+  return 2 if got == label else 0
 
 
 def best_set(weights, values, limit) -> tuple[int, list[int]]:

@@ -251,14 +251,42 @@ def parse_assignment(text: str, literal_fallback: bool = False) -> dict[int, boo
   return assign
 
 
-def _assignment_of(output: str) -> dict[int, bool]:
+# A bracketed group without nested brackets (linear to match: one bounded negated class).
+_GROUP_RE = re.compile(r"[\[(]([^\[\]()]{1,400})[\])]")
+_VECTOR_VALUES = {"1": True, "0": False, "t": True, "f": False, "true": True, "false": False}
+
+
+def parse_vector(text: str, n: int) -> dict[int, bool]:
+  """x1..xk from a value vector: `[1, 0, 1]`, `(T, F, T)`, `True False True` (1 <= k <= n).
+
+  The whole `text` (brackets optional) must be the vector; anything else gives {}.
+  """
+  body = text.strip().rstrip(".").strip()
+  if len(body) >= 2 and body[0] in "[(" and body[-1] in "])":
+    body = body[1:-1]
+  parts = [p for p in re.split(r"[,;\s]+", body.lower()) if p]
+  if not 1 <= len(parts) <= n or any(p not in _VECTOR_VALUES for p in parts):
+    return {}
+  return {i + 1: _VECTOR_VALUES[p] for i, p in enumerate(parts)}
+
+
+def _last_vector(text: str, n: int) -> dict[int, bool]:
+  groups = _GROUP_RE.findall(text)
+  for body in reversed(groups[-extract.MAX_MARKERS:]):
+    found = parse_vector(body, n)
+    if found:
+      return found
+  return {}
+
+
+def _assignment_of(output: str, n: int) -> dict[int, bool]:
   text = tail(output)
   seg = extract.answer_segment(text)
   if seg is not None:
-    found = parse_assignment(seg, literal_fallback=True)
+    found = parse_assignment(seg, literal_fallback=True) or parse_vector(seg, n) or _last_vector(seg, n)
     if found:
       return found
-  return parse_assignment(text)
+  return parse_assignment(text) or _last_vector(text, n)
 
 
 def parse_task(task: dict) -> tuple[Clause, ...]:
@@ -272,10 +300,10 @@ def verify(task: dict, output: str) -> int:
 
 def score(clauses: tuple[Clause, ...], output: str) -> int:
   """Scores an assignment against the formula's clauses; see the module docstring."""
-  assign = _assignment_of(output)
+  n = num_vars(clauses)
+  assign = _assignment_of(output, n)
   if not assign:
     return -1
-  n = num_vars(clauses)
   if any(v < 1 or v > n for v in assign):
     return -1
   all_sat = True

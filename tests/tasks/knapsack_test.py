@@ -69,3 +69,15 @@ def test_x1_style_labels(solution):
 def test_bad_label_raises():
   with pytest.raises(ValueError, match="solution"):
     knapsack.verify({"type": "Knapsack", "solution": "maybe"}, "True")
+
+
+@pytest.mark.parametrize("output,got", [
+    ("Answer: possible", True), ("Answer: impossible", False), ("Answer: it is not possible.", False),
+    ("No such set exists.", False), ("Yes, there is a set: pen and map.", True), ("Answer: Yes.", True),
+    ("We cannot reach the target.", False), ("I am not sure.", None),
+    ("It is possible to take the pen... Answer: infeasible", False),
+])
+def test_yes_no_variants(output, got):
+  for label in (True, False):
+    task = {"type": "Knapsack", "solution": label}
+    assert knapsack.verify(task, output) == (-1 if got is None else 2 if got == label else 0)

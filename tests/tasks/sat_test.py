@@ -89,3 +89,24 @@ def test_generation_grows_and_is_satisfiable(level):
     assert 1 + 3.3 * (level - 1) / 10 - 0.5 <= ratio <= 1 + 3.3 * level / 10 + 0.5
     assert sat.verify(task, task["steps"][-1]) == 2
     assert task["steps"][-1] == "Answer: " + sat.answer_text(task)
+
+
+@pytest.mark.parametrize("output,score", [
+    ("Answer: [1, 0, 1]", 2), ("Answer: (T, F, T)", 2), ("Answer: True, False, True", 2),
+    ("so the values are (1, 0, 1).", 2), ("Answer: [0, 0, 0]", 0), ("Answer: [1, 0, 1, 1]", -1),
+    ("Answer: [1, 0]", 1), ("Answer: [1, maybe, 1]", -1), ("Answer: x1=1, x2=0, x3=1", 2),
+])
+def test_vector_and_tuple_notations(output, score):
+  # (x1 | x2) & (~x1 | x3) & (~x2 | ~x3): x = (1, 0, 1) solves it; (0, 0, 0) breaks clause 1;
+  # (1, 0) leaves x3 open with clause 2 unsatisfied yet: constraints not violated, not solved.
+  task = {"type": "SAT", "solution": "(x1 | x2) & (~x1 | x3) & (~x2 | ~x3)"}
+  assert sat.verify(task, output) == score
+
+
+def test_vector_scan_is_bounded():
+  import time
+  task = {"type": "SAT", "solution": "(x1 | x2) & (~x1 | x3)"}
+  t0 = time.perf_counter()
+  for out in ["(" * 100_000, "[1, " * 50_000, "(" + "1 " * 100_000 + ")", "Answer: " + "(0," * 30_000]:
+    assert sat.verify(task, out) in (-1, 0, 1, 2)
+  assert time.perf_counter() - t0 < 2.0
