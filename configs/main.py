@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   """Every key of every section is spelled here: the one source of experiment values."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.tokenizer = dict(kind='char', path='', step_delimiter='\n\n')
+  c.tokenizer = dict(kind='char', path='', step_delimiter='\n\n', chat_template=False, system_prompt='',
+                     instruction='')
   c.model = dict(
       vocab_size=0,  # 0: from the tokenizer
       d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384,
@@ -29,7 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
   # SFT on 3000 solver traces; GRPO on other problems (prompts + answers only), so the RL
   # signal is about generalising rather than about traces the policy has memorised.
   c.task = dict(domain='arithmetic', levels=(1, 2, 3), train_size=3000, rl_size=21000, seed=0,
-                prompt_len=24, completion_len=40, answer_len=12)
+                prompt_len=24, completion_len=40, answer_len=12,
+                # Datasets instead of the generator ('' = generated; see experiment/config.py).
+                train_file='', eval_file='', rl_file='', length_policy='drop', question_key='question',
+                answer_key='answer')
   c.sft = dict(
       steps=1200, batch_size=64, microbatches=1,
       optim=_optim(learning_rate=3e-3, warmup_steps=30, decay_steps=1170, end_lr_factor=0.1, b2=0.98))

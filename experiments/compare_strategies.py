@@ -160,7 +160,8 @@ def compare_lm(config, workdir, phase, problems: int, budget: int, seed: int):
       scfg[key].update({f.name: getattr(cfg_s, f.name) for f in dataclasses.fields(cfg_s)})
     setup = search_config.build(scfg)
     t0 = time.perf_counter()
-    records = solve.solve(task_cfg, setup, key, tasks, tok, graphdef, params, value=value)
+    records = solve.solve(task_cfg, setup, key, tasks, tok, graphdef, params, value=value,
+                          prompt_format=cfg.tokenizer.prompt_format())
     secs = time.perf_counter() - t0
     acc = np.mean([tasks_lib.verify(t, r['output']) == 2 for t, r in zip(tasks, records)])
     rows.append(Row(name, float(acc), float(np.mean([r['policy_tokens'] for r in records])),

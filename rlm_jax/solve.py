@@ -60,7 +60,7 @@ def random_models(config, seed: int):
 
 
 def solve(task, setup, strategy: str, tasks: list[dict], tok, graphdef, params, *, value=None,
-          trees_path=None):
+          prompt_format=None, trees_path=None):
   """Runs `strategy` over `tasks` in fixed-shape batches. Returns one record per task.
 
   Args:
@@ -70,6 +70,8 @@ def solve(task, setup, strategy: str, tasks: list[dict], tok, graphdef, params, 
     tasks: task dicts.
     tok, graphdef, params: tokenizer and plain policy.
     value: (graphdef, params) of a value model / PRM, or None (search runs blind: q = 0).
+    prompt_format: the run's `data.encoding.PromptFormat` (`cfg.tokenizer.prompt_format()`);
+      None = the default format.
     trees_path: optional JSONL of search trees (mcts, beam).
   """
   import functools
@@ -93,7 +95,7 @@ def solve(task, setup, strategy: str, tasks: list[dict], tok, graphdef, params, 
   for start in range(0, len(tasks), bs):
     chunk = tasks[start:start + bs]
     padded = chunk + [chunk[0]] * (bs - len(chunk))  # one compiled shape
-    prompt, mask = encoding.encode_prompts(tok, padded, task.prompt_len)
+    prompt, mask = encoding.encode_prompts(tok, padded, task.prompt_len, prompt_format or encoding.DEFAULT_FORMAT)
     reward = None
     if reward_fn is not None:
       reward = lm.answer_table(tok, ['Answer: ' + tasks_lib.answer_text(t) for t in padded], task.answer_len)
@@ -145,9 +147,11 @@ def main(argv):
     from rlm_jax.experiment import models as models_lib
     run = models_lib.load_run(_WORKDIR.value, _PHASE.value)
     tok, cfg, (graphdef, params), value = run.tok, run.cfg, run.policy, run.value
-  check_prompt_lengths(tok, tasks, cfg.task.prompt_len, _TASKS.value)
+  fmt = cfg.tokenizer.prompt_format()
+  check_prompt_lengths(tok, tasks, cfg.task.prompt_len, _TASKS.value, fmt)
   t0 = time.perf_counter()
-  records = solve(cfg.task, setup, strategy, tasks, tok, graphdef, params, value=value, trees_path=_TREES.value)
+  records = solve(cfg.task, setup, strategy, tasks, tok, graphdef, params, value=value, prompt_format=fmt,
+                  trees_path=_TREES.value)
   with open(_OUT.value, 'w') as f:
     for r in records:
       f.write(json.dumps(r) + '\n')
@@ -157,11 +161,11 @@ def main(argv):
         f'{time.perf_counter() - t0:.1f}s -> {_OUT.value}')
 
 
-def check_prompt_lengths(tok, tasks, prompt_len: int, where: str) -> None:
+def check_prompt_lengths(tok, tasks, prompt_len: int, where: str, fmt=None) -> None:
   """One line naming the first task whose prompt does not fit the run's task.prompt_len."""
   from rlm_jax.data import encoding
   for i, t in enumerate(tasks):
-    n = len(encoding.prompt_ids(tok, t))
+    n = len(encoding.prompt_ids(tok, t, fmt or encoding.DEFAULT_FORMAT))
     if n > prompt_len:
       raise configlib.ConfigError(f'{where}: task {i} has a {n}-token prompt, more than the run\'s '
                                   f'task.prompt_len={prompt_len}')

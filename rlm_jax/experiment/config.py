@@ -36,19 +36,45 @@ ConfigError = configlib.ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerConfig:
+  """The tokenizer and how a problem becomes a prompt (`data.encoding.PromptFormat`), the same
+  for SFT, RL, evaluation, solve and search.
+
+  chat_template: apply the HF tokenizer's chat template to [system?, user] (instruct models).
+  system_prompt: a system message ('' = none).
+  instruction: text after the problem in the user turn (e.g. the answer format to use).
+  """
+
   kind: Literal['char', 'hf']
   path: str  # the HF tokenizer folder (kind='hf'); '' with hf_checkpoint = that folder
   step_delimiter: str
+  chat_template: bool
+  system_prompt: str
+  instruction: str
+
+  def prompt_format(self):
+    from rlm_jax.data import encoding  # pylint: disable=g-import-not-at-top
+    return encoding.PromptFormat(chat_template=self.chat_template, system_prompt=self.system_prompt,
+                                 instruction=self.instruction)
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-  """Problems. Held-out tasks use seed + 1 and exclude training problems.
+  """Problems: a built-in generator (`domain`, `levels`) or files (`*_file`).
 
+  train_file / eval_file / rl_file: a dataset per split ('' = the generator): JSONL of task
+    dicts or GSM8K / prompt-answer records, x1 .json/.json.bz2, parquet/csv, a `datasets`
+    folder, `tfds:NAME[:SPLIT]` or `builtin:FILE` (`data.datasets.load_split`). Evaluation and
+    RL problems that also occur in the training split are removed. `task.domain='gsm8k'`
+    without files trains on the shipped train sample and evaluates on the test sample.
+  train_size: SFT problems (generator: about this many; file: at most this many, drawn with
+    `seed`; 0 = all of the file).
   rl_size: phase-2 problems (prompts and answers only: RL needs no traces). 0: the SFT
-    problems again. Otherwise about this many problems drawn with seed + 2, minus duplicates
-    and any SFT or held-out problem, so RL sees problems whose solutions the policy has not
-    memorised.
+    problems again. Otherwise about this many generated with seed + 2 (or at most this many
+    of rl_file), minus duplicates and any SFT or held-out problem, so RL sees problems whose
+    solutions the policy has not memorised.
+  length_policy: a file's problem that does not fit prompt_len / completion_len / answer_len
+    is 'drop'ped (the count is printed) or an 'error' naming the key.
+  question_key / answer_key: the prompt and answer columns of plain records.
   """
 
   domain: str
@@ -59,6 +85,12 @@ class TaskConfig:
   prompt_len: int
   completion_len: int
   answer_len: int
+  train_file: str
+  eval_file: str
+  rl_file: str
+  length_policy: Literal['drop', 'error']
+  question_key: str
+  answer_key: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +290,9 @@ def check(cfg: ExperimentConfig) -> None:
     raise ConfigError("value.labels='mcts': the search knobs come from config.rl.alphazero, which is missing")
   if cfg.tokenizer.kind == 'hf' and not (cfg.tokenizer.path or cfg.hf_checkpoint):
     raise ConfigError("tokenizer.kind='hf': set tokenizer.path (or hf_checkpoint, whose folder it then uses)")
-  if cfg.sft.steps > 0 and cfg.sft.batch_size > cfg.task.train_size:
+  if cfg.tokenizer.chat_template and cfg.tokenizer.kind != 'hf':
+    raise ConfigError("tokenizer.chat_template=True needs tokenizer.kind='hf' (the character tokenizer has no template)")
+  if cfg.sft.steps > 0 and cfg.task.train_size and cfg.sft.batch_size > cfg.task.train_size:
     raise ConfigError(f'sft.batch_size={cfg.sft.batch_size}: more than task.train_size={cfg.task.train_size} '
                       'problems (each batch draws distinct problems)')
 

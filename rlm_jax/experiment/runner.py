@@ -50,9 +50,13 @@ class Experiment:
       rollout_mesh = sharding.make_mesh(rm)
       if dict(rollout_mesh.shape) != dict(self.mesh.shape) or rm.rules != self.rules:
         self.rollout_at = grpo_lib.Placement(rollout_mesh, rm.rules)
-    self.train, self.held = data_lib.build_data(self.tok, cfg.task, cfg.eval.size)
-    self.rl_pool = (data_lib.build_rl_pool(self.tok, cfg.task, (self.train, self.held)) if cfg.task.rl_size
-                    else self.train)
+    self.prompt_format = cfg.tokenizer.prompt_format()
+    self.train, self.held = data_lib.build_data(self.tok, cfg.task, cfg.eval.size, self.prompt_format,
+                                                traces=cfg.sft.steps > 0)
+    if cfg.task.rl_size or cfg.task.rl_file:
+      self.rl_pool = data_lib.build_rl_pool(self.tok, cfg.task, (self.train, self.held), self.prompt_format)
+    else:
+      self.rl_pool = self.train
     if cfg.rl.algo != 'none' and cfg.rl.iterations > 0 and cfg.rl.prompts_per_iteration > len(self.rl_pool.tasks):
       raise ConfigError(f'rl.prompts_per_iteration={cfg.rl.prompts_per_iteration}: more than the '
                         f'{len(self.rl_pool.tasks)} problems of the phase-2 pool (task.rl_size={cfg.task.rl_size})')

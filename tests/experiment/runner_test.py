@@ -8,9 +8,15 @@ from rlm_jax.experiment import data as data_lib
 from rlm_jax.experiment import runner
 
 
+def _task(**kw):
+  base = dict(domain='arithmetic', levels=(1, 2, 3), train_size=300, rl_size=0, seed=0, prompt_len=24,
+              completion_len=40, answer_len=12, train_file='', eval_file='', rl_file='', length_policy='drop',
+              question_key='question', answer_key='answer')
+  return config_lib.TaskConfig(**dict(base, **kw))
+
+
 def _splits(rl_size):
-  cfg = config_lib.TaskConfig(domain='arithmetic', levels=(1, 2, 3), train_size=300, rl_size=rl_size, seed=0,
-                              prompt_len=24, completion_len=40, answer_len=12)
+  cfg = _task(rl_size=rl_size)
   tok = CharTokenizer()
   train, held = data_lib.build_data(tok, cfg, eval_size=60)
   return tok, cfg, train, held
@@ -39,6 +45,42 @@ def test_rl_pool_that_is_all_duplicates_is_a_one_line_error():
   with pytest.raises(ValueError, match='task.rl_size=3') as e:
     data_lib.build_rl_pool(tok, cfg, (train, held, data_lib.build_rl_pool(tok, cfg, (train, held))))
   assert '\n' not in str(e.value)
+
+
+def test_gsm8k_trains_on_train_and_evaluates_on_test_by_default():
+  tok = CharTokenizer()
+  cfg = _task(domain="gsm8k", train_size=0, prompt_len=800, completion_len=800, answer_len=16)
+  train, held = data_lib.build_data(tok, cfg, eval_size=20)
+  from rlm_jax.data import datasets
+  want_train = {t['problem'] for t in datasets.load_split('builtin:gsm8k_train_sample.jsonl')}
+  want_test = {t['problem'] for t in datasets.load_split('builtin:gsm8k_sample.jsonl')}
+  got_train, got_held = {t['problem'] for t in train.tasks}, {t['problem'] for t in held.tasks}
+  assert len(got_train) == 50 and got_train <= want_train  # every train record fits 800 chars
+  assert len(got_held) == 20 and got_held <= want_test and not got_held & want_train
+
+
+def test_file_splits_drop_what_does_not_fit_or_name_the_key(tmp_path, capsys):
+  import json
+  from rlm_jax import configlib
+  rows = [{'question': 'What is 2+3?', 'answer': 'Add them: 2+3=5.\n#### 5'},
+          {'question': 'x' * 80 + '?', 'answer': 'Long.\n#### 1'},
+          {'question': 'What is 4+4?', 'answer': 'Add: 4+4=8.\n#### 8'}]
+  path = tmp_path / 'train.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  held = tmp_path / 'test.jsonl'
+  held.write_text(json.dumps(rows[2]) + '\n' + json.dumps({'question': 'What is 1+1?', 'answer': '#### 2'}) + '\n')
+  tok = CharTokenizer()
+  cfg = _task(train_file=str(path), eval_file=str(held), train_size=0, prompt_len=40, completion_len=60)
+  train, test = data_lib.build_data(tok, cfg, eval_size=10)
+  assert [t['problem'] for t in train.tasks] == ['What is 2+3?', 'What is 4+4?']
+  assert [t['problem'] for t in test.tasks] == ['What is 1+1?']  # the training problem is removed
+  assert f'task.train_file={path}: 2 problems (1 dropped by task.length_policy' in capsys.readouterr().err
+  with pytest.raises(configlib.ConfigError) as e:
+    data_lib.build_data(tok, _task(train_file=str(path), eval_file=str(held), train_size=0, prompt_len=40,
+                                   completion_len=60, length_policy='error'), eval_size=10)
+  assert str(e.value) == f'task.prompt_len=40: problem 2 of {path} needs 83 tokens'
+  with pytest.raises(configlib.ConfigError, match=r'task.train_file=.*nothing.jsonl: .*no such file'):
+    data_lib.build_data(tok, _task(train_file=str(tmp_path / 'nothing.jsonl')), eval_size=10)
 
 
 def test_device_batch_per_process_path_equals_plain_rows(tmp_path):
