@@ -1,10 +1,11 @@
 """Step-level beam search guided by the value model / PRM, on the same tree arrays as MCTS.
 
 Search starts from one beam, the question. Every level expands each live beam with
-`expansions` candidate steps (B*W*E rows, ONE policy call and ONE value call), then keeps the best beam_width among the new candidates and
-the beams that already finished (Prune). A beam is finished when its last step was terminal or
-it reached max_depth. The loop stops early once no beam is live. The answer is the best
-finished beam that is terminal, else the best beam.
+`expansions` candidate steps (B*W*E rows, ONE policy call and ONE value call). A candidate is
+finished when its step was terminal or it reached max_depth. Prune keeps the best beam_width
+live candidates as the next beams, and, apart from them, the best beam_width finished ones
+(terminal first, then the score), so a finished answer is never dropped for a live beam that
+later ends worse. The loop stops once no beam is live. The answer is the best finished beam.
 """
 
 from __future__ import annotations
@@ -71,11 +72,20 @@ def _scores(tree: tree_lib.Tree, node_BxC, config: BeamConfig):
   return jnp.min(jnp.where(path >= 0, vals, jnp.inf), axis=1).reshape(b, c)
 
 
+def _answer_rank(tree: tree_lib.Tree, node_BxC, config: BeamConfig):
+  """Ranking key of finished beams: terminal ones first, then the score; -inf for empty slots."""
+  bb = jnp.arange(node_BxC.shape[0])[:, None]
+  term = tree.terminal_BxN[bb, jnp.maximum(node_BxC, 0)]
+  rank = _scores(tree, node_BxC, config) + jnp.where(term, 1e6, 0.0)
+  return jnp.where(node_BxC >= 0, rank, -jnp.inf)
+
+
 def beam_search(params: Params, key: jax.Array, prompt_BxLp, prompt_mask_BxLp, *, model: SearchModel,
                 config: BeamConfig, problem_B: Optional[jax.Array] = None) -> SearchResult:
   """Runs step-level beam search for B problems; traceable.
 
-  Args/Returns as `mcts.mcts_search`; score_B is the chosen beam's score, `extra['leaf_B']` its node.
+  Args/Returns as `mcts.mcts_search`; score_B is the chosen beam's score, `extra['leaf_B']` its
+  node and `extra['beams_BxW']` the finished beams kept (-1: empty slot).
   """
   b = prompt_BxLp.shape[0]
   wb, e, d = config.beam_width, config.expansions, config.max_depth
@@ -93,20 +103,16 @@ def beam_search(params: Params, key: jax.Array, prompt_BxLp, prompt_mask_BxLp, *
   bb = jnp.arange(b)[:, None]
   # Level 0: one beam, the question. A beam is its root-to-node path (node per depth).
   paths = jnp.full((b, wb, d + 1), tree_lib.NO_NODE, jnp.int32).at[:, 0, 0].set(0)
-
-  def live_of(tree, paths):
-    beams, depth = _leaves(paths)
-    node = jnp.maximum(beams, 0)
-    return (beams >= 0) & ~tree.terminal_BxN[bb, node] & (depth < d)
+  done = jnp.full((b, wb), tree_lib.NO_NODE, jnp.int32)
 
   def cond(c):
-    i, tree, paths, _ = c
-    return (i < d) & jnp.any(live_of(tree, paths))
+    i, _, paths, _, _ = c
+    return (i < d) & jnp.any(paths[:, :, 0] >= 0)
 
   def body(c):
-    i, tree, paths, counters = c
+    i, tree, paths, done, counters = c
     beams, depth = _leaves(paths)
-    live = live_of(tree, paths)
+    live = beams >= 0  # beams hold live paths only: finished ones moved to `done`
     tree, kids, spent = expansion.expand_and_evaluate(
         params, jax.random.fold_in(key, i), tree, paths, live, model=model, opts=opts)
     # Visits count evaluations below a node, as in MCTS trees (exported trees read the same).
@@ -114,32 +120,34 @@ def beam_search(params: Params, key: jax.Array, prompt_BxLp, prompt_mask_BxLp, *
     idx = jnp.where((paths >= 0) & (n_new[..., None] > 0), paths, tree.num_slots).reshape(b, -1)
     add = jnp.broadcast_to(n_new[..., None], paths.shape).reshape(b, -1)
     tree = tree.replace(visits_BxN=tree.visits_BxN.at[bb, idx].add(add, mode='drop'))
-    # Candidates: every new child (its parent's path + itself) and the finished beams.
+    # Every new child is its parent's path + itself.
+    kid_BxC = kids.reshape(b, wb * e)
+    kid_depth = jnp.repeat(depth, e, axis=1) + 1
     kid_paths = jnp.repeat(paths, e, axis=1)
-    at_depth = jnp.arange(d + 1) == (jnp.repeat(depth, e, axis=1) + 1)[..., None]
-    kid_paths = jnp.where(at_depth, kids.reshape(b, wb * e)[..., None], kid_paths)
-    done = (beams >= 0) & ~live
-    cand_paths = jnp.concatenate([kid_paths, jnp.where(done[..., None], paths, tree_lib.NO_NODE)], axis=1)
-    cand = jnp.concatenate([kids.reshape(b, wb * e), jnp.where(done, beams, tree_lib.NO_NODE)], axis=1)
-    idx, kept = operators.prune(_scores(tree, cand, config), cand >= 0, wb)
-    paths = jnp.take_along_axis(cand_paths, idx[..., None], axis=1)
+    at_depth = jnp.arange(d + 1) == kid_depth[..., None]
+    kid_paths = jnp.where(at_depth, kid_BxC[..., None], kid_paths)
+    finished = (kid_BxC >= 0) & (tree.terminal_BxN[bb, jnp.maximum(kid_BxC, 0)] | (kid_depth >= d))
+    going = (kid_BxC >= 0) & ~finished
+    # Prune: live children compete for the beams; finished ones for the answer slots, so a
+    # finished answer is never pushed out by a live beam that may end worse.
+    idx, kept = operators.prune(_scores(tree, kid_BxC, config), going, wb)
+    paths = jnp.take_along_axis(kid_paths, idx[..., None], axis=1)
     paths = jnp.where(kept[..., None], paths, tree_lib.NO_NODE)
-    return i + 1, tree, paths, counters + spent
+    pool = jnp.concatenate([done, jnp.where(finished, kid_BxC, tree_lib.NO_NODE)], axis=1)
+    idx, kept = operators.prune(_answer_rank(tree, pool, config), pool >= 0, wb)
+    done = jnp.where(kept, jnp.take_along_axis(pool, idx, axis=1), tree_lib.NO_NODE)
+    return i + 1, tree, paths, done, counters + spent
 
-  _, tree, paths, counters = jax.lax.while_loop(cond, body, (jnp.array(0), tree, paths, counters))
+  _, tree, paths, done, counters = jax.lax.while_loop(
+      cond, body, (jnp.array(0), tree, paths, done, counters))
   beams, _ = _leaves(paths)
-
-  scores = _scores(tree, beams, config)
-  node = jnp.maximum(beams, 0)
-  term = (beams >= 0) & tree.terminal_BxN[bb, node]
-  # Terminal beams first, then the score.
-  rank = jnp.where(beams >= 0, scores, -jnp.inf) + jnp.where(term, 1e6, 0.0)
-  pick = jnp.argmax(rank, axis=1)
-  leaf_B = jnp.take_along_axis(node, pick[:, None], axis=1)[:, 0]
+  # Live beams are left only if no child ever finished (e.g. every candidate was cut).
+  cand = jnp.concatenate([done, beams], axis=1)
+  pick = jnp.argmax(_answer_rank(tree, cand, config), axis=1)
+  leaf_B = jnp.maximum(jnp.take_along_axis(cand, pick[:, None], axis=1)[:, 0], 0)
   bi = jnp.arange(b)
   tokens, _, lengths = tree_lib.solutions(tree, bi, leaf_B, d, model.pad_id)
   return SearchResult(
-      tokens_BxL=tokens, lengths_B=lengths,
-      score_B=jnp.take_along_axis(scores, pick[:, None], axis=1)[:, 0],
+      tokens_BxL=tokens, lengths_B=lengths, score_B=_scores(tree, leaf_B[:, None], config)[:, 0],
       terminal_B=tree.terminal_BxN[bi, leaf_B], policy_tokens_B=counters.policy_tokens_B,
-      model_calls_B=counters.model_calls_B, tree=tree, extra={'leaf_B': leaf_B, 'beams_BxW': beams})
+      model_calls_B=counters.model_calls_B, tree=tree, extra={'leaf_B': leaf_B, 'beams_BxW': done})

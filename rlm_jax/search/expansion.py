@@ -42,11 +42,12 @@ class ExpandOptions:
 
   num_children: int
   max_depth: int
-  prior: str = 'logprob'
+  prior: str = 'empirical'
   prior_temperature: float = 1.0
   merge_duplicates: bool = True
   num_rollouts: int = 0
   rollout_weight: float = 0.0
+  gamma: float = 1.0  # a new non-terminal child's q is gamma * its value (see `tree`)
 
 
 def last_values(model: SearchModel, params: Params, nodes: NodeBatch) -> jax.Array:
@@ -131,11 +132,12 @@ def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, pat
     raise ValueError(f'policy returned steps of {ls} tokens; the tree stores {tree.step_len}')
   tok_MxKxL = tree_lib.left_pad_steps(steps.tokens_MxKxL, steps.lengths_MxK, model.pad_id)
   active_MxK = jnp.broadcast_to(expand_BxW.reshape(-1, 1), (b * w, k))
-  prior_MxK = operators.step_priors(steps.logprob_MxK, active_MxK, opts.prior, opts.prior_temperature)
   if opts.merge_duplicates:
-    keep_MxK, prior_MxK = operators.merge_duplicates(tok_MxKxL, prior_MxK, active_MxK)
+    keep_MxK, count_MxK = operators.merge_duplicates(tok_MxKxL, active_MxK)
   else:
-    keep_MxK = active_MxK
+    keep_MxK, count_MxK = active_MxK, active_MxK.astype(jnp.int32)
+  prior_MxK = operators.step_priors(steps.logprob_MxK, keep_MxK, opts.prior, opts.prior_temperature,
+                                    count_MxK=count_MxK, lengths_MxK=steps.lengths_MxK)
 
   # Consecutive slots per tree, walker-major, so each leaf's children form one range.
   keep_BxWK = keep_MxK.reshape(b, w * k)
@@ -191,9 +193,13 @@ def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, pat
     q0_M = jnp.where(term_M, q0_M, (1.0 - a) * q0_M + a * mean_M)
     use = keep_M & ~term_M
     roll_tokens_M, roll_calls_M = jnp.where(use, roll_tokens_M, 0), jnp.where(use, roll_calls_M, 0)
-  q0_BxWK = q0_M.reshape(b, w * k)
+  v0_BxWK = q0_M.reshape(b, w * k)
+  # q is Q(parent state, step) = r + gamma V(child state): the reward (or the value model's
+  # estimate of it) for a terminal step, gamma times the value otherwise, the same scale as an
+  # expanded sibling's gamma * mean(children q).
+  q0_BxWK = jnp.where(term_BxWK, v0_BxWK, opts.gamma * v0_BxWK)
   tree = tree.replace(
-      value_BxN=at(tree.value_BxN).set(q0_BxWK, mode='drop'),
+      value_BxN=at(tree.value_BxN).set(v0_BxWK, mode='drop'),
       q_BxN=at(tree.q_BxN).set(q0_BxWK, mode='drop'),
       reward_BxN=at(tree.reward_BxN).set(reward_M.reshape(b, w * k), mode='drop'),
       q_min_B=jnp.minimum(tree.q_min_B, jnp.min(jnp.where(keep_BxWK, q0_BxWK, jnp.inf), axis=1)),

@@ -1,19 +1,24 @@
 """MCTS over reasoning steps for B problems at once, as one traceable program.
 
 One simulation, for all B trees together:
-  1. Select: W walkers per tree descend from the root by PUCT (or UCT) on min-max normalised
-     q, one after the other; each walker adds a virtual loss (virtual visits of normalised
-     value 0) along its path so the next one tends to pick a different leaf. Walkers that end
-     on the same leaf as an earlier one sit this simulation out.
+  1. Select: W walkers per tree descend from the root by PUCT (or UCT) on normalised q (fixed
+     [-1, 1] reward bounds, or the tree's running min / max), one after the other; each walker
+     puts a virtual loss on its path (virtual visits of normalised value 0, as many as the
+     evaluations its leaf will add: K for an expansion, 1 for a re-visit) so the next one
+     tends to pick a different leaf. Walkers that end on the same leaf as an earlier one sit
+     this simulation out.
   2. Expand + Evaluate (`expansion.expand_and_evaluate`): each active leaf gets K sampled next
-     steps, B*W*K rows in ONE policy call; identical siblings are merged (prior added);
+     steps, B*W*K rows in ONE policy call; identical siblings are merged and the prior is
+     taken over the unique steps (empirical share or renormalised pi);
      children are scored in ONE value call (verifier reward at terminal steps in training mode,
      optional rollouts mixed in with weight alpha). A walker that ends on a terminal or
-     depth-capped leaf re-visits it (its value is backed up again).
+     depth-capped leaf re-visits it (its value is backed up again). A new child's q is
+     gamma * V(child) (its reward if terminal), the same scale as an expanded node's q.
   3. Backpropagate level by level from the deepest leaf up to the root: visits += evaluations added
      below; q by x1's TD form `q <- (1-lam) q + lam gamma sum N(c) q(c) / sum N(c)` or by the
      running mean (config `backup`). Both recompute a node from its children, so several
-     walkers sharing an ancestor write the same value.
+     walkers sharing an ancestor write the same value. Both give q = gamma * (estimate of
+     V(node state)), as a fresh node has.
 Node states for the policy call are built from the selected paths (no parent walk), the
 children's states from their parent's state plus the new step.
 The tree starts as the evaluated root, so simulation 0 expands the root (its other W-1
@@ -27,7 +32,9 @@ must share one model call to fill an accelerator. Every per-simulation operation
 O(B*W*K*D) entries, never O(B*N). mctx's Gumbel root selection assumes a fixed action set with
 known logits and sequential halving over the simulation budget; it is not used. mctx's
 `qtransform_by_min_max` normalises by the children of one node; the blueprint asks for a
-running min/max over the tree, kept in `Tree.q_min_B / q_max_B`.
+running min/max over the tree (`q_bounds='running'`, kept in `Tree.q_min_B / q_max_B`); the
+default uses the fixed reward range [-1, 1] instead, so the first few q values seen do not
+stretch tiny differences to the whole [0, 1] range.
 """
 
 from __future__ import annotations
@@ -53,15 +60,22 @@ class MCTSConfig:
     num_children: K candidate steps per expansion.
     num_walkers: W leaves expanded per tree per simulation (virtual loss spreads them).
     max_depth: D, steps per path; nodes at depth D are not expanded.
-    selection: 'puct' (prior from step log-probs) or 'uct'.
+    selection: 'puct' (prior from the sampled steps) or 'uct'.
     c1, c2: PUCT constants (AlphaZero / MuZero).
     uct_c: UCT exploration constant.
-    prior: 'logprob' (softmax of step log-probs over siblings) or 'uniform'.
-    prior_temperature: divides the step log-probs before the softmax.
+    prior: over the unique children of an expansion: 'empirical' (share of the K samples that
+      produced the step; unbiased for steps sampled from pi), 'logprob' (pi renormalised over
+      the unique steps), 'logprob_per_token' (the same on log-prob per token, so long steps
+      are not penalised for their length) or 'uniform'.
+    prior_temperature: divides the step log-probs before the softmax ('logprob*' priors).
+    q_bounds: how q is normalised to [0, 1] for selection: 'fixed' (the reward range [-1, 1]
+      of `ValueFn`) or 'running' (min / max of the non-root q seen in the tree, MuZero).
     backup: 'td' (x1) or 'mean' (MuZero running mean).
     gamma: discount.
     td_lambda: x1's TD learning rate lambda (backup='td').
-    virtual_loss: virtual visits (of normalised value 0) each walker puts on its path.
+    virtual_loss: virtual visits (of normalised value 0) each walker puts on its path, per
+      evaluation its leaf will add (K for an expansion, 1 for a re-visit, 0 when idle), so
+      1.0 weighs a pending expansion like the real one it stands for.
     merge_duplicates: merge identical sibling steps.
     num_rollouts: R completions to the end per new non-terminal child (0 = none).
     rollout_weight: alpha in q = (1 - alpha) q_model + alpha mean(rollout rewards).
@@ -77,8 +91,9 @@ class MCTSConfig:
   c1: float = 1.25
   c2: float = 19652.0
   uct_c: float = 1.0
-  prior: Literal['logprob', 'uniform'] = 'logprob'
+  prior: Literal['empirical', 'logprob', 'logprob_per_token', 'uniform'] = 'empirical'
   prior_temperature: float = 1.0
+  q_bounds: Literal['fixed', 'running'] = 'fixed'
   backup: Literal['td', 'mean'] = 'td'
   gamma: float = 0.96
   td_lambda: float = 1.0
@@ -92,7 +107,7 @@ class MCTSConfig:
     for name in ('num_simulations', 'num_children', 'num_walkers', 'max_depth'):
       if getattr(self, name) < 1:
         raise ValueError(f'mcts.{name}={getattr(self, name)}: must be >= 1')
-    choices = {'selection': ('puct', 'uct'), 'prior': ('logprob', 'uniform'),
+    choices = {'selection': ('puct', 'uct'), 'prior': operators.PRIORS, 'q_bounds': ('fixed', 'running'),
                'backup': ('td', 'mean'), 'answer': ('best_terminal', 'most_visited')}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
@@ -119,11 +134,19 @@ class MCTSConfig:
     return expansion.ExpandOptions(
         num_children=self.num_children, max_depth=self.max_depth, prior=self.prior,
         prior_temperature=self.prior_temperature, merge_duplicates=self.merge_duplicates,
-        num_rollouts=self.num_rollouts, rollout_weight=self.rollout_weight)
+        num_rollouts=self.num_rollouts, rollout_weight=self.rollout_weight, gamma=self.gamma)
 
 
 # ------------------------------------------------------------------------------------------
 # Select.
+
+
+def q_bounds(tree: tree_lib.Tree, config: MCTSConfig):
+  """(lo_B, hi_B) that map q to [0, 1] in selection (`config.q_bounds`)."""
+  if config.q_bounds == 'fixed':
+    ones = jnp.ones((tree.batch_size,), jnp.float32)
+    return -ones, ones
+  return tree.q_min_B, tree.q_max_B
 
 
 def _child_scores(tree: tree_lib.Tree, b_R, node_R, config: MCTSConfig, vl_RxK=None, vl_R=None):
@@ -139,7 +162,8 @@ def _child_scores(tree: tree_lib.Tree, b_R, node_R, config: MCTSConfig, vl_RxK=N
   child_c = jnp.where(valid_RxK, child_RxK, 0)
   n_c = tree.visits_BxN[br, child_c].astype(jnp.float32)
   n_s = tree.visits_BxN[b_R, node_R].astype(jnp.float32)
-  qn = operators.normalize_q(tree.q_BxN[br, child_c], tree.q_min_B[br], tree.q_max_B[br])
+  lo_B, hi_B = q_bounds(tree, config)
+  qn = operators.normalize_q(tree.q_BxN[br, child_c], lo_B[br], hi_B[br])
   if vl_RxK is not None:
     qn = n_c * qn / (n_c + vl_RxK)
     n_c, n_s = n_c + vl_RxK, n_s + vl_R
@@ -150,11 +174,18 @@ def _child_scores(tree: tree_lib.Tree, b_R, node_R, config: MCTSConfig, vl_RxK=N
   return child_RxK, jnp.where(valid_RxK, scores, -jnp.inf)
 
 
-def _descend(tree: tree_lib.Tree, prev_BxWxD1, config: MCTSConfig):
+def _descend(tree: tree_lib.Tree, prev_BxWxD1, vl_BxW, config: MCTSConfig):
   """One walker per tree from the root to a leaf, seeing the virtual loss of earlier walkers.
 
   A node at depth d can only sit at position d of a path, so one comparison per earlier
   walker finds the virtual visits of a child.
+
+  Args:
+    tree: the trees.
+    prev_BxWxD1: paths of the earlier walkers (-1 rows for walkers still to come), or None.
+    vl_BxW: virtual visits each earlier walker puts on every node of its path (0 for the
+      walkers still to come).
+    config: selection knobs.
 
   Returns:
     path_BxD1: node per depth (path[:, 0] = root), -1 past the leaf.
@@ -169,8 +200,9 @@ def _descend(tree: tree_lib.Tree, prev_BxWxD1, config: MCTSConfig):
       here = jax.lax.dynamic_index_in_dim(prev_BxWxD1, i, axis=2, keepdims=False)
       below = jax.lax.dynamic_index_in_dim(prev_BxWxD1, i + 1, axis=2, keepdims=False)
       first = tree.first_child_BxN[bi, node_B][:, None] + jnp.arange(config.num_children)
-      vl_BxK = config.virtual_loss * jnp.sum(first[:, :, None] == below[:, None, :], axis=2)
-      vl_B = config.virtual_loss * jnp.sum(here == node_B[:, None], axis=1)
+      hit_BxKxW = first[:, :, None] == below[:, None, :]
+      vl_BxK = jnp.sum(jnp.where(hit_BxKxW, vl_BxW[:, None, :], 0.0), axis=2)
+      vl_B = jnp.sum(jnp.where(here == node_B[:, None], vl_BxW, 0.0), axis=1)
     child_BxK, scores = _child_scores(tree, bi, node_B, config, vl_BxK, vl_B)
     pick = jnp.take_along_axis(child_BxK, jnp.argmax(scores, axis=1)[:, None], axis=1)[:, 0]
     node_B = jnp.where(done_B, node_B, pick)
@@ -185,18 +217,44 @@ def _descend(tree: tree_lib.Tree, prev_BxWxD1, config: MCTSConfig):
   return jax.lax.while_loop(cond, body, (jnp.array(0), node0, path0, done0))[2]
 
 
+def walker_roles(tree: tree_lib.Tree, path_BxWxD1, config: MCTSConfig):
+  """What each walker does with its leaf: (expand_BxW, revisit_BxW).
+
+  A walker expands an unexpanded, non-terminal leaf above max_depth, re-visits a terminal or
+  depth-capped one, and idles (neither) when an earlier walker of its tree holds the same leaf
+  or its path is empty.
+  """
+  bb = jnp.arange(tree.batch_size)[:, None]
+  leaf_BxW, depth_BxW = leaves_of(path_BxWxD1)
+  w = leaf_BxW.shape[1]
+  earlier = jnp.tril(jnp.ones((w, w), bool), -1)
+  dup_BxW = jnp.any((leaf_BxW[:, :, None] == leaf_BxW[:, None, :]) & earlier[None], axis=2)
+  active = ~dup_BxW & (depth_BxW >= 0)
+  leaf_c = jnp.maximum(leaf_BxW, 0)
+  can_expand = ~tree.terminal_BxN[bb, leaf_c] & (depth_BxW < config.max_depth)
+  return active & can_expand, active & ~can_expand
+
+
 def select_leaves(tree: tree_lib.Tree, config: MCTSConfig):
   """W walkers per tree, one after the other, each seeing the earlier ones' virtual loss.
+
+  Walker j's virtual loss is `virtual_loss` times the evaluations its leaf will add (K for an
+  expansion, 1 for a re-visit, 0 when idle): the visits a real backup will add along its path.
 
   Returns:
     path_BxWxD1: each walker's path (node per depth, -1 past its leaf).
   """
   b, w, d1 = tree.batch_size, config.num_walkers, config.max_depth + 1
   if w == 1:
-    return _descend(tree, None, config)[:, None]
+    return _descend(tree, None, None, config)[:, None]
 
   def walker(j, paths):
-    return paths.at[:, j].set(_descend(tree, paths, config))
+    vl_BxW = jnp.zeros((b, w), jnp.float32)
+    if config.virtual_loss > 0:
+      expand_BxW, revisit_BxW = walker_roles(tree, paths, config)
+      evals_BxW = jnp.where(expand_BxW, config.num_children, revisit_BxW.astype(jnp.int32))
+      vl_BxW = config.virtual_loss * evals_BxW.astype(jnp.float32)
+    return paths.at[:, j].set(_descend(tree, paths, vl_BxW, config))
 
   paths = jnp.full((b, w, d1), tree_lib.NO_NODE, jnp.int32)
   return jax.lax.fori_loop(0, w, walker, paths)
@@ -252,10 +310,11 @@ def backpropagate(tree: tree_lib.Tree, path_BxWxD1, delta_BxW, config: MCTSConfi
     else:
       new = operators.backup_mean(t.value_BxN[bb, node_c], q_c, n_c, valid, config.gamma)
     tgt = jnp.where(live, node_c, t.num_slots)
+    seen = live & (depth > 0)  # the root's q is never compared with a sibling
     return t.replace(
         q_BxN=t.q_BxN.at[bb, tgt].set(new, mode='drop'),
-        q_min_B=jnp.minimum(t.q_min_B, jnp.min(jnp.where(live, new, jnp.inf), axis=1)),
-        q_max_B=jnp.maximum(t.q_max_B, jnp.max(jnp.where(live, new, -jnp.inf), axis=1)))
+        q_min_B=jnp.minimum(t.q_min_B, jnp.min(jnp.where(seen, new, jnp.inf), axis=1)),
+        q_max_B=jnp.maximum(t.q_max_B, jnp.max(jnp.where(seen, new, -jnp.inf), axis=1)))
 
   # Start at the deepest live leaf (fori_loop with a traced bound is a while loop).
   _, leaf_depth = leaves_of(path_BxWxD1)
@@ -341,20 +400,12 @@ def mcts_search(params: Params, key: jax.Array, prompt_BxLp: jax.Array, prompt_m
       lambda p, kk, n: model.policy_fn(p, kk, n, 1, to_end=False, greedy=False), params, key, roots)
   step_len = probe.tokens_MxKxL.shape[-1]
   tree = tree_lib.empty(roots.tokens_MxT, roots.mask_MxT, problem_B, config.num_nodes, step_len,
-                        model.pad_id, root_value_B)
-
-  bb = jnp.arange(b)[:, None]
+                        model.pad_id, root_value_B, gamma=config.gamma)
 
   def simulation(s, carry):
     tree, counters = carry
     path_BxWxD1 = select_leaves(tree, config)
-    leaf_BxW, depth_BxW = leaves_of(path_BxWxD1)
-    w = config.num_walkers
-    earlier = jnp.tril(jnp.ones((w, w), bool), -1)
-    dup_BxW = jnp.any((leaf_BxW[:, :, None] == leaf_BxW[:, None, :]) & earlier[None], axis=2)
-    can_expand = ~tree.terminal_BxN[bb, leaf_BxW] & (depth_BxW < config.max_depth)
-    expand_BxW = ~dup_BxW & can_expand
-    revisit_BxW = ~dup_BxW & ~can_expand
+    expand_BxW, revisit_BxW = walker_roles(tree, path_BxWxD1, config)
     tree, kids, c = expansion.expand_and_evaluate(
         params, jax.random.fold_in(key, s), tree, path_BxWxD1, expand_BxW, model=model, opts=opts)
     delta = jnp.where(expand_BxW, (kids >= 0).sum(axis=2), revisit_BxW.astype(jnp.int32))

@@ -1,8 +1,8 @@
 """Blueprint operators as pure functions on fixed-shape arrays.
 
 Generate and Evaluate are the model callables (`base.PolicyFn`, `base.ValueFn`); this module
-holds what the strategies do with their outputs: priors from step log-probs, merging duplicate
-candidates, Select scores (PUCT / UCT on min-max normalised q), Backpropagate (x1's TD form and
+holds what the strategies do with their outputs: merging duplicate candidates, priors over the
+unique ones, Select scores (PUCT / UCT on min-max normalised q), Backpropagate (x1's TD form and
 the running mean), Prune (keep the top k) and Aggregate (majority vote over final answers).
 """
 
@@ -17,40 +17,20 @@ import jax.numpy as jnp
 _NEG = -1e30
 
 
-def step_priors(logprob_MxK, valid_MxK, kind: str = 'logprob', temperature: float = 1.0):
-  """Prior over K sibling candidates.
-
-  Args:
-    logprob_MxK: log pi of each candidate step (sum over its tokens).
-    valid_MxK: candidates that exist.
-    kind: 'logprob' (softmax of logprob / temperature over the siblings) or 'uniform'.
-    temperature: > 0; larger flattens the prior.
-
-  Returns:
-    prior_MxK, summing to 1 over the valid siblings (0 elsewhere).
-  """
-  valid_MxK = valid_MxK.astype(bool)
-  if kind == 'logprob':
-    logits = jnp.where(valid_MxK, logprob_MxK / temperature, _NEG)
-  elif kind == 'uniform':
-    logits = jnp.where(valid_MxK, 0.0, _NEG)
-  else:
-    raise ValueError(f"prior kind '{kind}': must be 'logprob' or 'uniform'")
-  p = jax.nn.softmax(logits, axis=-1)
-  return jnp.where(valid_MxK, p, 0.0)
+PRIORS = ('empirical', 'logprob', 'logprob_per_token', 'uniform')
 
 
-def merge_duplicates(tokens_MxKxL, prior_MxK, valid_MxK):
-  """Keeps the first of identical sibling candidates; it inherits the others' prior.
+def merge_duplicates(tokens_MxKxL, valid_MxK):
+  """Finds identical sibling candidates: the first of each group stays and counts the others.
 
   Args:
     tokens_MxKxL: candidate tokens (same padding convention for all, so equal steps are equal
       arrays).
-    prior_MxK: prior of each candidate.
     valid_MxK: candidates that exist.
 
   Returns:
-    (keep_MxK, prior_MxK): which candidates stay, and their merged prior.
+    (keep_MxK, count_MxK): which candidates stay, and how many valid candidates each kept one
+    stands for (itself included; 0 where not kept).
   """
   valid_MxK = valid_MxK.astype(bool)
   k = tokens_MxKxL.shape[1]
@@ -59,8 +39,52 @@ def merge_duplicates(tokens_MxKxL, prior_MxK, valid_MxK):
   earlier_KxK = jnp.tril(jnp.ones((k, k), bool), -1)  # [i, j]: j < i
   dup_MxK = jnp.any(same_MxKxK & earlier_KxK[None], axis=-1)
   keep_MxK = valid_MxK & ~dup_MxK
-  merged = jnp.einsum('mij,mj->mi', same_MxKxK.astype(prior_MxK.dtype), prior_MxK)
-  return keep_MxK, jnp.where(keep_MxK, merged, 0.0)
+  count_MxK = jnp.where(keep_MxK, same_MxKxK.sum(axis=-1), 0).astype(jnp.int32)
+  return keep_MxK, count_MxK
+
+
+def step_priors(logprob_MxK, keep_MxK, kind: str = 'empirical', temperature: float = 1.0, *,
+                count_MxK=None, lengths_MxK=None):
+  """Prior over the unique sibling candidates of one expansion.
+
+  The K candidates were sampled from pi, so a step with probability pi shows up about K pi
+  times. Summing pi over duplicates (or taking pi over the sampled set) weights it by about
+  count * pi, i.e. pi twice. 'empirical' is the sample's own estimate of pi (Sampled MuZero:
+  with proposal = pi the prior is the empirical share); 'logprob' renormalises pi over the
+  unique candidates, each counted once.
+
+  Args:
+    logprob_MxK: log pi of each candidate step (sum over its tokens).
+    keep_MxK: the unique candidates that become children (`merge_duplicates`).
+    kind: 'empirical' (count / number of valid samples), 'logprob' (softmax of
+      logprob / temperature over the unique candidates), 'logprob_per_token' (the same with
+      logprob / length: long steps are not penalised for their length) or 'uniform'.
+    temperature: > 0; larger flattens the 'logprob' priors.
+    count_MxK: samples each kept candidate stands for (default 1 each: no merging).
+    lengths_MxK: tokens per candidate (needed by 'logprob_per_token').
+
+  Returns:
+    prior_MxK, summing to 1 over the kept candidates (0 elsewhere).
+  """
+  keep_MxK = keep_MxK.astype(bool)
+  if count_MxK is None:
+    count_MxK = keep_MxK.astype(jnp.int32)
+  if kind == 'empirical':
+    c = jnp.where(keep_MxK, count_MxK, 0).astype(jnp.float32)
+    return c / jnp.maximum(c.sum(axis=-1, keepdims=True), 1.0)
+  if kind == 'logprob':
+    logits = jnp.where(keep_MxK, logprob_MxK / temperature, _NEG)
+  elif kind == 'logprob_per_token':
+    if lengths_MxK is None:
+      raise ValueError("prior kind 'logprob_per_token' needs lengths_MxK")
+    per_token = logprob_MxK / jnp.maximum(lengths_MxK, 1).astype(jnp.float32)
+    logits = jnp.where(keep_MxK, per_token / temperature, _NEG)
+  elif kind == 'uniform':
+    logits = jnp.where(keep_MxK, 0.0, _NEG)
+  else:
+    raise ValueError(f"prior kind '{kind}': must be one of {PRIORS}")
+  p = jax.nn.softmax(logits, axis=-1)
+  return jnp.where(keep_MxK, p, 0.0)
 
 
 def normalize_q(q, q_min, q_max):
@@ -102,14 +126,17 @@ def backup_td(q_old, child_q_K, child_visits_K, valid_K, gamma: float, lam: floa
 
 
 def backup_mean(value0, child_q_K, child_visits_K, valid_K, gamma: float):
-  """Running mean (MuZero): the node's own evaluation and gamma * every evaluation below it.
+  """Running mean (MuZero) of every evaluation of the node's state, discounted once.
 
-  q = (v0 + gamma * sum_c N(c) q(c)) / (1 + sum_c N(c)), which is the mean of all leaf returns
-  through the node because every child's q is itself such a mean over N(c) evaluations.
+  q = gamma * (v0 + sum_c N(c) q(c)) / (1 + sum_c N(c)): the node's own evaluation v0 and
+  every child q estimate V(node state) (a child's q is Q(state, step) = r + gamma V(child)),
+  so their mean is V(state) and gamma turns it into the q of the step into the node, the same
+  form a fresh child gets (gamma * v0). Each child's q is itself such a mean over N(c)
+  evaluations.
   """
   w = jnp.where(valid_K, child_visits_K.astype(jnp.float32), 0.0)
-  total = value0 + gamma * jnp.sum(w * jnp.where(valid_K, child_q_K, 0.0), -1)
-  return total / (1.0 + w.sum(-1))
+  total = value0 + jnp.sum(w * jnp.where(valid_K, child_q_K, 0.0), -1)
+  return gamma * total / (1.0 + w.sum(-1))
 
 
 def prune(scores_BxM, valid_BxM, k: int):

@@ -19,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlm_jax.search import tree as tree_lib
 from rlm_jax.search.base import NodeBatch, SearchModel, Steps
@@ -185,3 +186,114 @@ def answer_ids(task: ToyTask) -> tuple[int, ...]:
   """No marker: the toy's answer is its last step."""
   del task
   return ()
+
+
+# ------------------------------------------------------------------------------------------
+# A tree given by tables, for hand-computed search tests.
+
+
+def table_node_ids(num_actions: int, actions_MxD, valid_MxD):
+  """Node of each path in the complete A-ary tree numbered breadth first (root 0, child a of
+  node n is n * A + 1 + a): node_M."""
+  def step(node_M, x):
+    a_M, ok_M = x
+    return jnp.where(ok_M, node_M * num_actions + 1 + a_M, node_M), None
+
+  node0 = jnp.zeros(actions_MxD.shape[:1], jnp.int32)
+  return jax.lax.scan(step, node0, (actions_MxD.T, valid_MxD.T))[0]
+
+
+def make_table_model(num_actions: int, max_depth: int, task: ToyTask = ToyTask()) -> SearchModel:
+  """A scripted tree whose every node is given by per-problem tables (node ids as
+  `table_node_ids`, N = (A^(D+1) - 1) / (A - 1) nodes), driven by `params`:
+
+    {'terminal': bool [P, N], 'value': float [P, N] (value / PRM of the node's state),
+     'reward': float [P, N] (verifier reward of a terminal node), 'logprob': float [P, N]
+     (log pi of the step into the node)}.
+
+  Next-step candidate k is action k mod A (like `ToyTask.enumerate`); a step is the token
+  `first_id + a` and then EOS if the node is terminal, else the step delimiter. Completions
+  (`to_end`) take action 0 until a terminal node or depth D. The value callable scores every
+  step end with the table; the reward callable reads the node the solution ends in.
+  """
+  a_n, d_max = num_actions, max_depth
+  shape_task = dataclasses.replace(task, num_actions=a_n, horizon=d_max)
+
+  def node_of(tokens_MxT, depth_M):
+    act, valid = _path_actions(shape_task, tokens_MxT, depth_M)
+    return table_node_ids(a_n, jnp.maximum(act, 0), valid)
+
+  def packed(nodes: NodeBatch) -> NodeBatch:
+    tokens, mask, _ = tree_lib.pack(nodes.tokens_MxT, nodes.mask_MxT, task.pad_id, align='right')
+    return nodes._replace(tokens_MxT=tokens, mask_MxT=mask)
+
+  def policy_fn(params, key, nodes: NodeBatch, num: int, *, to_end: bool, greedy: bool) -> Steps:
+    del key, greedy  # deterministic
+    nodes = packed(nodes)
+    m = nodes.depth_M.shape[0]
+    rep = lambda x: jnp.repeat(x, num, axis=0)
+    node, depth, problem = rep(node_of(nodes.tokens_MxT, nodes.depth_M)), rep(nodes.depth_M), rep(nodes.problem_M)
+    n_steps = d_max if to_end else 1
+    first_pick = jnp.tile(jnp.arange(num) % a_n, m) if not to_end else jnp.zeros((m * num,), jnp.int32)
+
+    def one_step(carry, j):
+      node_R, depth_R, done_R = carry
+      pick = jnp.where(j == 0, first_pick, 0)
+      child = node_R * a_n + 1 + pick
+      live = ~done_R & (depth_R < d_max)
+      term = params['terminal'][problem, jnp.where(live, child, 0)]
+      tok = jnp.stack([task.first_id + pick, jnp.where(term, task.eos_id, task.step_id)], axis=1)
+      tok = jnp.where(live[:, None], tok, task.pad_id)
+      logp = jnp.where(live, params['logprob'][problem, jnp.where(live, child, 0)], 0.0)
+      new = (jnp.where(live, child, node_R), depth_R + live.astype(jnp.int32), done_R | (live & term))
+      return new, (tok, logp, live, live & term)
+
+    done0 = params['terminal'][problem, node]
+    _, (tok_SxRx2, logp_SxR, live_SxR, term_SxR) = jax.lax.scan(
+        one_step, (node, depth, done0), jnp.arange(n_steps))
+    tokens = jnp.transpose(tok_SxRx2, (1, 0, 2)).reshape(m * num, 2 * n_steps)
+    lengths = 2 * live_SxR.sum(axis=0)
+    return Steps(tokens.reshape(m, num, -1).astype(jnp.int32), lengths.reshape(m, num).astype(jnp.int32),
+                 logp_SxR.sum(axis=0).reshape(m, num), term_SxR.any(axis=0).reshape(m, num))
+
+  def value_fn(params, nodes: NodeBatch):
+    nodes = packed(nodes)
+    t = nodes.tokens_MxT.shape[1]
+    # Every column scores the node of the steps that end at or before it.
+    start_M = t - 2 * nodes.depth_M
+    steps_done_MxT = jnp.clip((jnp.arange(t)[None, :] - start_M[:, None] + 1) // 2, 0, d_max)
+    act, valid = _path_actions(shape_task, nodes.tokens_MxT, nodes.depth_M)
+
+    def node_upto(k_M):
+      return table_node_ids(a_n, jnp.maximum(act, 0), valid & (jnp.arange(d_max)[None, :] < k_M[:, None]))
+
+    node_MxT = jax.vmap(node_upto, in_axes=1, out_axes=1)(steps_done_MxT)
+    return params['value'][nodes.problem_M[:, None], node_MxT].astype(jnp.float32)
+
+  def reward_fn(params, tokens_MxL, mask_MxL, problem_M):
+    n = mask_MxL.sum(axis=1)
+    act = tokens_MxL[:, 0:2 * d_max:2] - task.first_id
+    valid = jnp.arange(d_max)[None, :] < (n // 2)[:, None]
+    node = table_node_ids(a_n, jnp.clip(act, 0, a_n - 1), valid)
+    ok = params['terminal'][problem_M, node]
+    return jnp.where(ok, params['reward'][problem_M, node], -1.0).astype(jnp.float32)
+
+  return SearchModel(policy_fn=policy_fn, value_fn=value_fn, reward_fn=reward_fn,
+                     pad_id=task.pad_id, eos_id=task.eos_id, step_id=task.step_id)
+
+
+def table_params(num_actions: int, max_depth: int, nodes: dict, problems: int = 1) -> dict:
+  """Tables for `make_table_model` from `{node: dict(value=, terminal=, reward=, logprob=)}`
+  (unlisted nodes: value 0, non-terminal, reward -1, log pi = -log A), the same for every
+  problem."""
+  n = (num_actions ** (max_depth + 1) - 1) // (num_actions - 1)
+  value, reward = np.zeros(n, np.float32), np.full(n, -1.0, np.float32)
+  terminal = np.zeros(n, bool)
+  logprob = np.full(n, -np.log(num_actions), np.float32)
+  for node, spec in nodes.items():
+    value[node] = spec.get('value', 0.0)
+    terminal[node] = spec.get('terminal', False)
+    reward[node] = spec.get('reward', -1.0)
+    logprob[node] = spec.get('logprob', logprob[node])
+  tile = lambda x: jnp.asarray(np.repeat(x[None], problems, axis=0))
+  return {'value': tile(value), 'terminal': tile(terminal), 'reward': tile(reward), 'logprob': tile(logprob)}

@@ -17,7 +17,11 @@ on its path". Layout choices, and why:
   gather costs `M x D x L` per model call, noise next to the model itself.
 * q conventions (x1 / blueprint App. C): `q` of a node is Q(parent state, step into the node)
   = r + gamma * V(node state); rewards come only at terminal steps, so a terminal node's q is
-  its reward and an interior node's q is gamma times the (weighted) mean of its children's q.
+  its reward (or the value model's estimate of it), a fresh node's q is gamma times its value
+  (`value`, the value model's V of its state) and an expanded node's q is gamma times the
+  (weighted) mean of its children's q. Fresh and expanded siblings are thus on one scale, and
+  q / gamma is the node's state value (what `export.path_targets` reads). The root's q is
+  gamma * V(question) until it is expanded.
 * `visits` counts evaluations in the subtree: a new node starts at 1 (its own evaluation) and
   every evaluation below it, or a re-visit of a terminal / depth-capped leaf, adds 1. Hence
   visits(s) = 1 + sum of visits over the children of every expanded node s.
@@ -59,7 +63,8 @@ class Tree:
     num_nodes_B: slots in use (nodes are 0 .. num_nodes - 1).
     prompt_BxLp, prompt_mask_BxLp: the question, left-padded.
     problem_B: problem id of each tree (handed to the reward callable).
-    q_min_B, q_max_B: running min / max of every q seen, for normalising q in selection.
+    q_min_B, q_max_B: running min / max of every non-root q seen (+inf / -inf before the
+      first), for normalising q in selection.
   """
 
   parent_BxN: jax.Array
@@ -96,7 +101,7 @@ class Tree:
 
 
 def empty(prompt_BxLp, prompt_mask_BxLp, problem_B, num_nodes: int, step_len: int, pad_id: int,
-          root_value_B) -> Tree:
+          root_value_B, gamma: float = 1.0) -> Tree:
   """A batch of trees holding only an evaluated, unexpanded root.
 
   Args:
@@ -105,7 +110,8 @@ def empty(prompt_BxLp, prompt_mask_BxLp, problem_B, num_nodes: int, step_len: in
     num_nodes: slots per tree (N), the root included.
     step_len: L, tokens per step slot.
     pad_id: filler token.
-    root_value_B: value of the question state (becomes the root's value and q).
+    root_value_B: value of the question state (the root's value; its q is gamma times it).
+    gamma: the search's discount.
 
   Returns:
     Tree with num_nodes_B = 1.
@@ -117,7 +123,7 @@ def empty(prompt_BxLp, prompt_mask_BxLp, problem_B, num_nodes: int, step_len: in
       parent_BxN=jnp.full((b, n), NO_NODE, jnp.int32),
       depth_BxN=jnp.zeros((b, n), jnp.int32),
       visits_BxN=jnp.zeros((b, n), jnp.int32).at[:, ROOT].set(1),
-      q_BxN=f32().at[:, ROOT].set(root_value_B),
+      q_BxN=f32().at[:, ROOT].set(gamma * root_value_B),
       value_BxN=f32().at[:, ROOT].set(root_value_B),
       prior_BxN=f32().at[:, ROOT].set(1.0),
       logprob_BxN=f32(),
@@ -131,8 +137,9 @@ def empty(prompt_BxLp, prompt_mask_BxLp, problem_B, num_nodes: int, step_len: in
       prompt_BxLp=prompt_BxLp.astype(jnp.int32),
       prompt_mask_BxLp=prompt_mask_BxLp.astype(bool),
       problem_B=problem_B.astype(jnp.int32),
-      q_min_B=root_value_B,
-      q_max_B=root_value_B,
+      # The root is nobody's sibling: its value does not widen the bounds.
+      q_min_B=jnp.full((b,), jnp.inf, jnp.float32),
+      q_max_B=jnp.full((b,), -jnp.inf, jnp.float32),
   )
 
 

@@ -2,6 +2,7 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,6 +65,30 @@ def test_min_score_is_the_lowest_value_on_the_path():
       vals.append(t.value_BxN[b, node])
       node = t.parent_BxN[b, node]
     assert float(res.score_B[b]) == pytest.approx(min(vals), abs=1e-6)
+
+
+def test_finished_answer_is_kept_when_a_live_beam_scores_higher():
+  """Width 1, two actions. Level 0: node 1 ends the solution (value .5, reward +1), node 2 goes
+  on (value .9). Level 1 expands node 2 into terminal nodes 5 / 6 (values .1 / .2, reward -1).
+  The old prune ranked node 1 against node 2 for the single slot and lost it, answering node 6
+  (score .2, wrong); kept apart, node 1 (.5) beats both late answers."""
+  a, depth = 2, 3
+  model = toy.make_table_model(a, depth)
+  params = toy.table_params(a, depth, {
+      1: dict(terminal=True, value=0.5, reward=1.0), 2: dict(value=0.9),
+      5: dict(terminal=True, value=0.1), 6: dict(terminal=True, value=0.2)})
+  cfg = beam.BeamConfig(beam_width=1, expansions=2, max_depth=depth)
+  blind = model._replace(reward_fn=None)  # inference: terminal steps are scored by the PRM
+  res = jax.jit(functools.partial(beam.beam_search, model=blind, config=cfg))(
+      params, jax.random.key(0), *toy.prompts(1, TASK))
+  np.testing.assert_array_equal(res.tokens_BxL[0, :2], [TASK.first_id + 0, TASK.eos_id])
+  assert int(res.lengths_B[0]) == 2 and bool(res.terminal_B[0])
+  assert float(res.score_B[0]) == pytest.approx(0.5)
+  mask = np.arange(res.tokens_BxL.shape[1]) < np.asarray(res.lengths_B)[:, None]
+  assert float(model.reward_fn(params, res.tokens_BxL, mask, jnp.zeros(1, jnp.int32))[0]) == 1.0
+  assert tree_lib.invariant_errors(res.tree) == []
+  # Level 0: root -> 2 candidates; level 1: only the live beam (node 2) -> 2; 2 tokens each.
+  assert int(res.policy_tokens_B[0]) == 8 and int(res.tree.num_nodes_B[0]) == 5
 
 
 def test_config_errors():

@@ -1,4 +1,5 @@
 """MCTS on the scripted toy task: hand-computed trees, known answers, invariants, golden tree."""
+import dataclasses
 import functools
 import json
 import math
@@ -37,10 +38,11 @@ EXACT_PARAMS = {'target': jnp.array([[1, 0]]), 'logits': jnp.array([[[0.0, 1.0],
 
 @pytest.mark.parametrize('backup', ['td', 'mean'])
 def test_two_simulations_by_hand(backup):
-  """Sim 0 expands the root into a (wrong, value -c) and b (right, +c); PUCT then picks b
-  (normalised q 1 vs 0), whose children are terminal with rewards +1 / -1."""
+  """Sim 0 expands the root into a (wrong, value -c) and b (right, +c), whose q are gamma times
+  their values; PUCT then picks b (normalised q (1 -+ gamma c) / 2 on the fixed [-1, 1]
+  bounds, and the larger prior), whose children are terminal with rewards +1 / -1."""
   cfg = mcts_lib.MCTSConfig(num_simulations=2, num_children=2, num_walkers=1, max_depth=2, gamma=0.9,
-                            backup=backup)
+                            backup=backup, prior='logprob')  # enumerated steps: pi, not a sample share
   pr, pm = toy.prompts(1, EXACT_TASK)
   res = _search(EXACT_TASK, cfg)(EXACT_PARAMS, jax.random.key(0), pr, pm)
   t = _np(res.tree)
@@ -51,11 +53,12 @@ def test_two_simulations_by_hand(backup):
   e = math.e
   np.testing.assert_allclose(t.prior_BxN[0, 1:3], [1 / (1 + e), e / (1 + e)], rtol=1e-5)
   np.testing.assert_allclose(t.reward_BxN[0, 3:], [1.0, -1.0])
+  np.testing.assert_allclose(t.value_BxN[0, 1:3], [-c, c], atol=1e-6)
   if backup == 'td':  # q(s) = gamma * sum N q / sum N
-    want = [g * (1 * -c + 3 * 0.0) / 4, -c, 0.0, 1.0, -1.0]
-  else:  # q(s) = (v0 + gamma * sum N q) / (1 + sum N), v0(root) = 0
-    q2 = (c + g * (1.0 - 1.0)) / 3
-    want = [(0.0 + g * (1 * -c + 3 * q2)) / 5, -c, q2, 1.0, -1.0]
+    want = [g * (1 * -g * c + 3 * 0.0) / 4, -g * c, 0.0, 1.0, -1.0]
+  else:  # q(s) = gamma * (v0 + sum N q) / (1 + sum N), v0(root) = 0
+    q2 = g * (c + (1.0 - 1.0)) / 3
+    want = [g * (0.0 + 1 * -g * c + 3 * q2) / 5, -g * c, q2, 1.0, -1.0]
   np.testing.assert_allclose(t.q_BxN[0], want, atol=1e-6)
   # best terminal = node 3: actions (1, 0).
   np.testing.assert_array_equal(res.tokens_BxL[0], [21, 3, 20, 2])
@@ -63,6 +66,115 @@ def test_two_simulations_by_hand(backup):
   # 2 expansions x 2 candidates x 2 tokens; calls: root value + 4 samples + 2 non-terminal values.
   assert int(res.policy_tokens_B[0]) == 8
   assert int(res.model_calls_B[0]) == 1 + 4 + 2
+
+
+# ------------------------------------------------------------------------------------------
+# Search fixes, each on numbers computed by hand.
+
+
+def _hand_tree(q, prior, visits, first_child=None, num_children=None):
+  """One tree: the root (node 0) and its children 1..n-1 at depth 1, unexpanded."""
+  n = len(q)
+  t = tree_lib.empty(*toy.prompts(1, EXACT_TASK), jnp.array([0]), num_nodes=n + 4, step_len=2, pad_id=0,
+                     root_value_B=jnp.zeros((1,)))
+  pad = lambda x, fill: jnp.asarray(np.array([list(x) + [fill] * 4]))
+  return t.replace(
+      parent_BxN=pad([-1] + [0] * (n - 1), -1), depth_BxN=pad([0] + [1] * (n - 1), 0),
+      visits_BxN=pad(visits, 0), q_BxN=pad(q, 0.0).astype(jnp.float32),
+      prior_BxN=pad(prior, 0.0).astype(jnp.float32),
+      first_child_BxN=pad(first_child or [1] + [-1] * (n - 1), -1),
+      num_children_BxN=pad(num_children or [n - 1] + [0] * (n - 1), 0),
+      num_nodes_B=jnp.array([n]), q_min_B=jnp.array([min(q[1:])]), q_max_B=jnp.array([max(q[1:])]))
+
+
+def test_virtual_loss_weighs_a_pending_expansion_like_its_k_visits():
+  """Root (3 visits) with children a (q .96) and b (q -.6), 1 visit and prior .5 each; K = 2.
+
+  Normalised q (fixed bounds): a .98, b .2; pb = c1 + log((N + c2 + 1) / c2) ~ 1.2502.
+  Walker 1: a 0.98 + .5 sqrt(3) / 2 pb = 1.521 > b 0.2 + .541 -> a, an expansion that will
+  add K = 2 visits. Walker 2 with that virtual loss (v = 2 virtual visits of value 0):
+  a .98 / 3 + .5 sqrt(5) / 4 pb = .676 < b .2 + .5 sqrt(5) / 2 pb = .899 -> b. With the old
+  single virtual visit: a .49 + .5 * 2 / 3 pb = .907 > b .2 + .625 = .825, so walker 2 landed
+  on a again and sat the simulation out.
+  """
+  tree = _hand_tree(q=[0.0, 0.96, -0.6], prior=[1.0, 0.5, 0.5], visits=[3, 1, 1])
+  cfg = mcts_lib.MCTSConfig(num_children=2, num_walkers=2, max_depth=3)
+  paths = np.asarray(jax.jit(mcts_lib.select_leaves, static_argnums=1)(tree, cfg))
+  np.testing.assert_array_equal(paths[0, :, :2], [[0, 1], [0, 2]])
+  expand, revisit = mcts_lib.walker_roles(tree, jnp.asarray(paths), cfg)
+  np.testing.assert_array_equal(expand, [[True, True]])
+  # One virtual visit per walker (virtual_loss = 1 / K) reproduces the old collision.
+  half = dataclasses.replace(cfg, virtual_loss=0.5)
+  paths = np.asarray(jax.jit(mcts_lib.select_leaves, static_argnums=1)(tree, half))
+  np.testing.assert_array_equal(paths[0, :, :2], [[0, 1], [0, 1]])
+  expand, revisit = mcts_lib.walker_roles(tree, jnp.asarray(paths), half)
+  np.testing.assert_array_equal(expand | revisit, [[True, False]])  # walker 2 idles
+
+
+def test_fixed_q_bounds_versus_running_min_max():
+  """Children q .30 / .34 with priors .8 / .2, 1 visit each, root 3 visits; explore term
+  prior * sqrt(3) / 2 * pb = .866 / .217. Fixed [-1, 1]: qn .65 / .67 -> 1.516 vs .887,
+  picks the likely step; running bounds [.30, .34] stretch the .04 gap to qn 0 / 1 ->
+  .866 vs 1.217, picks the other."""
+  tree = _hand_tree(q=[0.0, 0.30, 0.34], prior=[1.0, 0.8, 0.2], visits=[3, 1, 1])
+  pick = lambda cfg: int(np.asarray(jax.jit(mcts_lib.select_leaves, static_argnums=1)(tree, cfg))[0, 0, 1])
+  assert pick(mcts_lib.MCTSConfig(num_children=2, max_depth=3)) == 1  # default: fixed
+  assert pick(mcts_lib.MCTSConfig(num_children=2, max_depth=3, q_bounds='running')) == 2
+
+
+def test_running_bounds_ignore_the_root():
+  """The root's value (+.5 + the toy's 0) is nobody's sibling: after one simulation the running
+  bounds are the children's q, gamma * (-c, +c) = (-.36, .36), not [-.36, .5]."""
+  base = toy.make_model(EXACT_TASK)
+
+  def value_fn(params, nodes):
+    return base.value_fn(params, nodes) + jnp.where(nodes.depth_M == 0, 0.5, 0.0)[:, None]
+
+  cfg = mcts_lib.MCTSConfig(num_simulations=1, num_children=2, max_depth=2, gamma=0.9, q_bounds='running')
+  res = jax.jit(functools.partial(mcts_lib.mcts_search, model=base._replace(value_fn=value_fn), config=cfg))(
+      EXACT_PARAMS, jax.random.key(0), *toy.prompts(1, EXACT_TASK))
+  np.testing.assert_allclose([res.tree.q_min_B[0], res.tree.q_max_B[0]], [-0.36, 0.36], atol=1e-6)
+  np.testing.assert_allclose(res.tree.q_BxN[0, 0], 0.9 * (-0.4 * 0.9 + 0.4 * 0.9) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize('prior, want', [
+    # Candidates are actions (0, 1, 0), pi = (1, e) / (1 + e). Old rule, softmax over the 3
+    # samples then summed: 2 pi0 / (2 pi0 + pi1) = 2 / (2 + e).
+    ('logprob', [1 / (1 + math.e), math.e / (1 + math.e)]),  # pi over the unique steps
+    ('empirical', [2 / 3, 1 / 3]),  # share of the 3 samples
+    ('uniform', [0.5, 0.5]),
+])
+def test_priors_over_unique_children(prior, want):
+  cfg = mcts_lib.MCTSConfig(num_simulations=1, num_children=3, max_depth=2, prior=prior)
+  res = _search(EXACT_TASK, cfg)(EXACT_PARAMS, jax.random.key(0), *toy.prompts(1, EXACT_TASK))
+  assert int(res.tree.num_nodes_B[0]) == 3  # the duplicate of action 0 was merged
+  np.testing.assert_allclose(res.tree.prior_BxN[0, 1:3], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize('backup', ['td', 'mean'])
+def test_expanding_a_node_keeps_its_q_under_an_exact_value_model(backup):
+  """A = 3 actions, H = 2, final-action reward: every depth-1 state has 3 enumerated terminal
+  children, one +1 and two -1, so its exact value is -1/3, which the scripted value model
+  returns for every state. Sim 0 creates 3 depth-1 children with q = gamma * (-1/3); sim 1
+  expands the first (largest prior): its q = gamma * mean(+1, -1, -1) (td) or
+  gamma * (-1/3 + 3 * (-1/3)) / 4 (mean) = gamma * (-1/3) as well. The old rule (fresh
+  q = V, -1/3) put the expanded node at -.3 and its siblings at -.333."""
+  task = toy.ToyTask(num_actions=3, horizon=2, enumerate=True, value_confidence=0.0)
+  base = toy.make_model(task)
+  model = base._replace(value_fn=lambda params, nodes: jnp.full(nodes.tokens_MxT.shape, -1 / 3, jnp.float32))
+  params = {'target': jnp.array([[1, 2]]), 'logits': jnp.array([[[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])}
+  g = 0.9
+  cfg = mcts_lib.MCTSConfig(num_simulations=2, num_children=3, max_depth=2, gamma=g, backup=backup,
+                            prior='logprob')
+  res = jax.jit(functools.partial(mcts_lib.mcts_search, model=model, config=cfg))(
+      params, jax.random.key(0), *toy.prompts(1, task))
+  t = _np(res.tree)
+  np.testing.assert_array_equal(t.first_child_BxN[0, :4], [1, 4, -1, -1])
+  np.testing.assert_allclose(t.reward_BxN[0, 4:7], [-1.0, -1.0, 1.0])
+  np.testing.assert_allclose(t.q_BxN[0, 1:4], [-g / 3] * 3, atol=1e-6)
+  np.testing.assert_array_equal(t.visits_BxN[0, :4], [7, 4, 1, 1])
+  root = g * (-g / 3) if backup == 'td' else g * (-1 / 3 + 6 * (-g / 3)) / 7
+  np.testing.assert_allclose(t.q_BxN[0, 0], root, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,20 +18,42 @@ def test_step_priors_softmax_over_valid_siblings():
   a, b = math.exp(-0.5), math.exp(-1.0)
   np.testing.assert_allclose(p_t, [[a / (a + b), b / (a + b), 0.0]], rtol=1e-6)
   np.testing.assert_allclose(operators.step_priors(lp, valid, 'uniform'), [[0.5, 0.5, 0.0]])
+  np.testing.assert_allclose(operators.step_priors(lp, valid, 'empirical'), [[0.5, 0.5, 0.0]])
   with pytest.raises(ValueError, match='prior kind'):
     operators.step_priors(lp, valid, 'bogus')
 
 
-def test_merge_duplicates_keeps_first_and_adds_prior():
+def test_merge_duplicates_keeps_first_and_counts():
   tok = jnp.array([[[5, 3], [6, 3], [5, 3], [5, 3]]])
-  prior = jnp.array([[0.1, 0.2, 0.3, 0.4]])
-  keep, merged = operators.merge_duplicates(tok, prior, jnp.ones((1, 4), bool))
+  keep, count = operators.merge_duplicates(tok, jnp.ones((1, 4), bool))
   np.testing.assert_array_equal(keep, [[True, True, False, False]])
-  np.testing.assert_allclose(merged, [[0.8, 0.2, 0.0, 0.0]], rtol=1e-6)
-  # An invalid candidate is neither kept nor merged into its twin.
-  keep, merged = operators.merge_duplicates(tok, prior, jnp.array([[True, True, False, True]]))
+  np.testing.assert_array_equal(count, [[3, 1, 0, 0]])
+  # An invalid candidate is neither kept nor counted for its twin.
+  keep, count = operators.merge_duplicates(tok, jnp.array([[True, True, False, True]]))
   np.testing.assert_array_equal(keep, [[True, True, False, False]])
-  np.testing.assert_allclose(merged, [[0.5, 0.2, 0.0, 0.0]], rtol=1e-6)
+  np.testing.assert_array_equal(count, [[2, 1, 0, 0]])
+
+
+def test_priors_count_each_unique_step_once():
+  """Samples a, b, a, c with pi = .5, .2, .5, .1 (lengths 2, 4, 2, 1 tokens).
+
+  Summing softmax(log pi) over duplicates (the old rule) gives a 1.0 / 1.3 = .769: pi counted
+  twice for the twice-sampled step. Renormalised pi over {a, b, c}: .5 / .8, .2 / .8, .1 / .8;
+  the empirical share: 2/4, 1/4, 1/4; per token: pi^(1/length) = .5^(1/2), .2^(1/4), .1.
+  """
+  tok = jnp.array([[[5, 3], [6, 3], [5, 3], [7, 3]]])
+  lp = jnp.log(jnp.array([[0.5, 0.2, 0.5, 0.1]]))
+  lengths = jnp.array([[2, 4, 2, 1]])
+  keep, count = operators.merge_duplicates(tok, jnp.ones((1, 4), bool))
+  np.testing.assert_allclose(operators.step_priors(lp, keep, 'logprob', count_MxK=count),
+                             [[0.625, 0.25, 0.0, 0.125]], rtol=1e-5)
+  np.testing.assert_allclose(operators.step_priors(lp, keep, 'empirical', count_MxK=count),
+                             [[0.5, 0.25, 0.0, 0.25]], rtol=1e-6)
+  w = np.array([0.5 ** 0.5, 0.2 ** 0.25, 0.1])
+  got = operators.step_priors(lp, keep, 'logprob_per_token', count_MxK=count, lengths_MxK=lengths)
+  np.testing.assert_allclose(got, [[w[0] / w.sum(), w[1] / w.sum(), 0.0, w[2] / w.sum()]], rtol=1e-5)
+  with pytest.raises(ValueError, match='needs lengths_MxK'):
+    operators.step_priors(lp, keep, 'logprob_per_token')
 
 
 def test_normalize_q():
@@ -61,8 +83,8 @@ def test_backup_td_and_mean_by_hand():
   np.testing.assert_allclose(operators.backup_td(0.2, q_c, n_c, valid, 0.9, 1.0), 0.45, rtol=1e-6)
   np.testing.assert_allclose(operators.backup_td(0.2, q_c, n_c, valid, 0.9, 0.5), 0.5 * 0.2 + 0.5 * 0.45,
                              rtol=1e-6)
-  # mean = (v0 + gamma * (3*1 - 1)) / (1 + 4)
-  np.testing.assert_allclose(operators.backup_mean(0.5, q_c, n_c, valid, 0.9), (0.5 + 0.9 * 2) / 5, rtol=1e-6)
+  # mean = gamma * (v0 + (3*1 - 1)) / (1 + 4): v0 and the children's q both estimate V(s)
+  np.testing.assert_allclose(operators.backup_mean(0.5, q_c, n_c, valid, 0.9), 0.9 * (0.5 + 2) / 5, rtol=1e-6)
 
 
 def test_prune_keeps_top_valid():

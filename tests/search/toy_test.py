@@ -53,3 +53,25 @@ def test_reward_final_and_path():
   np.testing.assert_array_equal(final, [1, 1, -1, -1])
   path = toy.make_model(dataclasses.replace(TASK, reward_kind='path')).reward_fn(PARAMS, tok, mask, jnp.zeros(4, jnp.int32))
   np.testing.assert_array_equal(path, [1, -1, -1, -1])
+
+
+def test_table_model_reads_its_tables():
+  """Two actions, depth 2: nodes 0; 1, 2; 3..6 (child a of n is 2n + 1 + a)."""
+  params = toy.table_params(2, 2, {2: dict(value=0.7, logprob=-0.1), 5: dict(terminal=True, value=-0.2, reward=1.0),
+                                   1: dict(terminal=True, value=0.3)})
+  np.testing.assert_array_equal(toy.table_node_ids(2, jnp.array([[1, 0], [0, 1]]), jnp.array([[True, True], [True, False]])),
+                                [5, 1])
+  model = toy.make_table_model(2, 2)
+  root = NodeBatch(jnp.array([[23, 23]]), jnp.ones((1, 2), bool), jnp.array([0]), jnp.array([0]))
+  s = model.policy_fn(params, jax.random.key(0), root, 3, to_end=False, greedy=False)
+  np.testing.assert_array_equal(s.tokens_MxKxL[0], [[20, 2], [21, 3], [20, 2]])  # action k mod 2; node 1 ends
+  np.testing.assert_array_equal(s.terminal_MxK[0], [True, False, True])
+  np.testing.assert_allclose(s.logprob_MxK[0], [np.log(0.5), -0.1, np.log(0.5)], rtol=1e-6)
+  # Completion from the root: action 0 (node 1) is terminal, so it stops after one step.
+  c = model.policy_fn(params, jax.random.key(0), root, 1, to_end=True, greedy=True)
+  np.testing.assert_array_equal(c.tokens_MxKxL[0, 0], [20, 2, 0, 0])
+  state = NodeBatch(jnp.array([[23, 21, 3, 20, 2]]), jnp.ones((1, 5), bool), jnp.array([2]), jnp.array([0]))
+  np.testing.assert_allclose(model.value_fn(params, state)[0], [0.0, 0.0, 0.7, 0.7, -0.2], atol=1e-6)
+  sol = jnp.array([[21, 3, 20, 2], [21, 3, 21, 2]])
+  np.testing.assert_array_equal(model.reward_fn(params, sol, jnp.ones((2, 4), bool), jnp.zeros(2, jnp.int32)),
+                                [1.0, -1.0])
