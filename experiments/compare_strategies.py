@@ -1,7 +1,7 @@
 """Accuracy of the search strategies at (roughly) equal policy tokens, as a markdown table.
 
-  # scripted toy task (no training needed; the PRM is informative but noisy):
-  python experiments/compare_strategies.py --policy=toy --problems=256 --budget=8
+  # scripted toy task (no training needed; the PRM is informative but noisy), 3 seeds:
+  python experiments/compare_strategies.py --policy=toy --problems=512 --budget=8 --num_seeds=3
   # a trained run (its folder: config.json + checkpoints), synthetic domain of its config:
   python experiments/compare_strategies.py --policy=checkpoint --workdir=runs/main --problems=200 --budget=8
   # the same pipeline with random weights (smoke test):
@@ -12,6 +12,10 @@ worth of tokens: best-of-N and self-consistency sample N = M completions; beam s
 MCTS get widths / simulations sized to M * (completion tokens). The measured policy tokens and
 model calls per problem are in the table, so the comparison can be checked. Seconds are wall
 time on this machine (toy: after compilation; checkpoints: including it).
+
+The toy table also runs MCTS guided by the negated PRM (a value model that is wrong on
+purpose) and, with `--num_seeds`, reports the mean and range over seeds (seed s draws the
+problems' targets and policy logits from `--seed + s`; all seeds share one compiled call).
 
 At inference nothing sees the verifier: best-of-N ranks by PRM-min (toy) or the value head /
 the policy's own log-prob (checkpoints), MCTS and beam search score terminal steps with the
@@ -45,10 +49,11 @@ from rlm_jax.search import toy  # noqa: E402
 @dataclasses.dataclass
 class Row:
   strategy: str
-  accuracy: float
+  accuracy: float  # mean over seeds
   policy_tokens: float
   model_calls: float
   seconds: float
+  seed_accuracy: tuple = ()  # per seed (toy with --num_seeds)
 
 
 def strategy_configs(budget: int, completion_steps: int, step_tokens: int, completion_tokens: int,
@@ -76,10 +81,13 @@ def strategy_configs(budget: int, completion_steps: int, step_tokens: int, compl
 
 
 def _table(rows: list[Row], title: str) -> str:
-  lines = [title, '', '| strategy | accuracy | policy tokens / problem | model calls / problem | seconds |',
-           '|---|---|---|---|---|']
+  seeds = any(len(r.seed_accuracy) > 1 for r in rows)
+  extra = ' seed range |' if seeds else ''
+  lines = [title, '', f'| strategy | accuracy |{extra} policy tokens / problem | model calls / problem | seconds |',
+           '|---|---|' + ('---|' if seeds else '') + '---|---|---|']
   for r in rows:
-    lines.append(f'| {r.strategy} | {r.accuracy:.3f} | {r.policy_tokens:.0f} | {r.model_calls:.1f} | '
+    rng = f' {min(r.seed_accuracy):.3f}-{max(r.seed_accuracy):.3f} |' if seeds else ''
+    lines.append(f'| {r.strategy} | {r.accuracy:.3f} |{rng} {r.policy_tokens:.0f} | {r.model_calls:.1f} | '
                  f'{r.seconds:.2f} |')
   return '\n'.join(lines)
 
@@ -87,19 +95,36 @@ def _table(rows: list[Row], title: str) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def compare_toy(problems: int, budget: int, seed: int, batch: int = 64):
-  batch = min(batch, problems)
-  """The scripted toy task: H = 4 steps of A = 3 actions, noisy PRM."""
-  task = toy.ToyTask(num_actions=3, horizon=4, value_confidence=0.6, value_noise=0.5)
+TOY_TASK = toy.ToyTask(num_actions=3, horizon=4, value_confidence=0.6, value_noise=0.5)
+TOY_SKILL = 0.8  # logit bonus of the right action (policy logits N(0, 1)): greedy solves ~37%
+
+
+def negated_value(model):
+  """The same SearchModel with the value / PRM's sign flipped: a value model that is wrong."""
+  return model._replace(value_fn=lambda params, nodes: -model.value_fn(params, nodes))
+
+
+def compare_toy(problems: int, budget: int, seed: int, num_seeds: int = 1, batch: int = 512):
+  """The scripted toy task: H = 4 steps of A = 3 actions, a PRM whose sign is right and whose
+  size carries deterministic noise (|noise| <= .5 < confidence .6), so it ranks prefixes
+  noisily. Seeds are stacked along the problem axis (one compiled call per strategy)."""
+  task = TOY_TASK
   model = toy.make_model(task, with_reward=False)  # inference: no verifier inside the search
   verifier = toy.make_model(task).reward_fn
-  params = toy.make_params(jax.random.key(seed), problems, task, skill=0.8, noise=1.0)
+  per_seed = [toy.make_params(jax.random.key(seed + s), problems, task, skill=TOY_SKILL, noise=1.0)
+              for s in range(num_seeds)]
+  params = jax.tree.map(lambda *x: jnp.concatenate(x), *per_seed)
+  total = problems * num_seeds
+  batch = min(batch, total)
   h = task.horizon
-  configs = strategy_configs(budget, h, 2, 2 * h, 'prm_min', max_depth=h)
+  configs = {name: (fn, cfg, model) for name, (_, fn, cfg) in
+             strategy_configs(budget, h, 2, 2 * h, 'prm_min', max_depth=h).items()}
+  mcts_name = next(n for n in configs if n.startswith('mcts'))
+  configs[f'{mcts_name} (negated PRM)'] = configs[mcts_name][:2] + (negated_value(model),)
   rows = []
-  for name, (_, fn, cfg) in configs.items():
-    run = jax.jit(functools.partial(fn, model=model, config=cfg))
-    batches = [jnp.arange(start, start + batch) % problems for start in range(0, problems, batch)]
+  for name, (fn, cfg, m) in configs.items():
+    run = jax.jit(functools.partial(fn, model=m, config=cfg))
+    batches = [jnp.arange(start, start + batch) % total for start in range(0, total, batch)]
     pr, pm = toy.prompts(batch, task)
     jax.block_until_ready(run(params, jax.random.key(seed), pr, pm, problem_B=batches[0]).score_B)  # compile
     t0 = time.perf_counter()
@@ -107,15 +132,18 @@ def compare_toy(problems: int, budget: int, seed: int, batch: int = 64):
     jax.block_until_ready([r.score_B for r in results])
     secs = time.perf_counter() - t0
     correct, tokens, calls = [], [], []
-    for start, ids, res in zip(range(0, problems, batch), batches, results):
+    for start, ids, res in zip(range(0, total, batch), batches, results):
       mask = jnp.arange(res.tokens_BxL.shape[1]) < res.lengths_B[:, None]
       ok = verifier(params, res.tokens_BxL, mask, ids) > 0
-      n = min(batch, problems - start)
+      n = min(batch, total - start)
       correct += list(np.asarray(ok)[:n])
       tokens += list(np.asarray(res.policy_tokens_B)[:n])
       calls += list(np.asarray(res.model_calls_B)[:n])
-    rows.append(Row(name, float(np.mean(correct)), float(np.mean(tokens)), float(np.mean(calls)), secs))
-  title = (f'Toy task (H={h} steps, A={task.num_actions} actions, noisy PRM), {problems} problems, '
+    seed_acc = tuple(float(a) for a in np.reshape(correct, (num_seeds, problems)).mean(axis=1))
+    rows.append(Row(name, float(np.mean(seed_acc)), float(np.mean(tokens)), float(np.mean(calls)), secs,
+                    seed_acc))
+  seeds = f', seeds {seed}..{seed + num_seeds - 1}' if num_seeds > 1 else f', seed {seed}'
+  title = (f'Toy task (H={h} steps, A={task.num_actions} actions, noisy PRM), {problems} problems{seeds}, '
            f'budget {budget} completions')
   return rows, title
 
@@ -180,10 +208,13 @@ def main(argv=None):
   p.add_argument('--problems', type=int, default=128)
   p.add_argument('--budget', type=int, default=8)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--num_seeds', type=int, default=1, help='toy: seeds seed .. seed + num_seeds - 1')
   p.add_argument('--out', default=None, help='also write the table (markdown) and rows (JSON next to it)')
   args = p.parse_args(argv)
   if args.policy == 'toy':
-    rows, title = compare_toy(args.problems, args.budget, args.seed)
+    if args.num_seeds < 1:
+      p.error(f'--num_seeds={args.num_seeds}: must be >= 1')
+    rows, title = compare_toy(args.problems, args.budget, args.seed, args.num_seeds)
   elif args.policy == 'random':
     if not args.config:
       p.error('--policy=random needs --config')
