@@ -126,6 +126,9 @@ def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, pat
   b_BxW = jnp.broadcast_to(jnp.arange(b)[:, None], (b, w))
   b_M = b_BxW.reshape(-1)
   nodes = tree_lib.path_states(tree, b_M, path_BxWxD1[:, :, 1:].reshape(b * w, d1 - 1), model.pad_id)
+  # Idle walkers (duplicates, re-visits, empty beam slots) get an empty state: the sampler
+  # marks such rows done before decoding, so they never keep the decode loop running.
+  nodes = nodes._replace(mask_MxT=nodes.mask_MxT & expand_BxW.reshape(-1, 1))
   steps = model.policy_fn(params, k_policy, nodes, k, to_end=False, greedy=False)
   ls = steps.tokens_MxKxL.shape[-1]
   if ls != tree.step_len:
@@ -188,10 +191,11 @@ def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, pat
   keep_M = keep_BxWK.reshape(-1)
   roll_tokens_M = roll_calls_M = jnp.zeros(term_M.shape, jnp.int32)
   if opts.num_rollouts > 0 and opts.rollout_weight > 0:
-    mean_M, roll_tokens_M, roll_calls_M = _rollout_values(params, k_roll, model, sol, child_nodes, opts)
+    use = keep_M & ~term_M  # merged duplicates and terminal children need no rollout
+    roll_from = child_nodes._replace(mask_MxT=child_nodes.mask_MxT & use[:, None])
+    mean_M, roll_tokens_M, roll_calls_M = _rollout_values(params, k_roll, model, sol, roll_from, opts)
     a = opts.rollout_weight
     q0_M = jnp.where(term_M, q0_M, (1.0 - a) * q0_M + a * mean_M)
-    use = keep_M & ~term_M
     roll_tokens_M, roll_calls_M = jnp.where(use, roll_tokens_M, 0), jnp.where(use, roll_calls_M, 0)
   v0_BxWK = q0_M.reshape(b, w * k)
   # q is Q(parent state, step) = r + gamma V(child state): the reward (or the value model's

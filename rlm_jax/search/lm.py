@@ -5,8 +5,10 @@
     params = lm.LMParams(policy=policy_state, value=value_state, reward=answers)
     result = jax.jit(partial(mcts, model=model, config=cfg))(params, key, prompt, mask)
 
-* Policy: `sampler.generate` on the node states repeated `num` times (ONE sampler call of
-  M * num rows; rows differ because every row draws its own tokens). `to_end=False` stops a
+* Policy: ONE `sampler.generate` call with `num_samples=num`: each node state is prefilled
+  once and its KV cache shared by its `num` rows (M * num rows, node-major; rows differ
+  because every row draws its own tokens). A row whose state is empty (an idle walker) is
+  done before decoding. `to_end=False` stops a
   row at the step delimiter, `to_end=True` at EOS. The step's prior comes from the sampler's
   untempered log-probs.
 * Value: a separate value model (`value_graphdef`), or the policy's own value head
@@ -16,9 +18,6 @@
   problem_idx_B) -> reward_B` on the solution tokens (right-padded, no prompt); the per-problem
   data (e.g. answer tokens) travels in `LMParams.reward`, so a new batch of problems does not
   recompile. `answer_reward_fn` is the one for synthetic tasks with a canonical final step.
-
-Known cost: each expansion repeats a node's prefix K times and the sampler prefills every copy;
-sharing one prefill across the K samples needs a `num_samples` option in the sampler.
 """
 
 from __future__ import annotations
@@ -115,9 +114,8 @@ def make_search_model(policy_graphdef: nnx.GraphDef, options: LMOptions, ids: To
         max_new_tokens=options.completion_tokens if to_end else options.step_tokens,
         eos_id=ids.eos_id, pad_id=ids.pad_id, step_id=ids.step_id, stop_at_step=not to_end,
         greedy=greedy, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
-    rep = lambda x: jnp.repeat(x, num, axis=0)
-    out = sampler_lib.generate(policy_graphdef, params.policy, rep(nodes.tokens_MxT), rep(nodes.mask_MxT),
-                               key, cfg)
+    out = sampler_lib.generate(policy_graphdef, params.policy, nodes.tokens_MxT, nodes.mask_MxT, key, cfg,
+                               num_samples=num)
     shape = lambda x: x.reshape((m, num) + x.shape[1:])
     return Steps(tokens_MxKxL=shape(out.tokens_BxT), lengths_MxK=shape(out.lengths_B),
                  logprob_MxK=shape(out.logprobs_BxT.sum(axis=1)),

@@ -53,6 +53,7 @@ def test_answer_reward():
 
 
 def test_policy_fn_is_one_sampler_call_over_repeated_rows():
+  """One prefill per node (`num_samples`) gives exactly the samples of the repeated rows."""
   model = lm.make_search_model(GD, OPTS, IDS)
   p, m = _prompts()
   nodes = NodeBatch(p, m, jnp.zeros((2,), jnp.int32), jnp.arange(2))

@@ -177,6 +177,25 @@ def test_expanding_a_node_keeps_its_q_under_an_exact_value_model(backup):
   np.testing.assert_allclose(t.q_BxN[0, 0], root, atol=1e-6)
 
 
+def test_idle_walkers_reach_the_policy_as_empty_rows():
+  """Simulation 0 has one leaf (the root) for W = 3 walkers: walkers 2 and 3 idle, and their
+  rows reach the policy with an empty state (the sampler stops such rows before decoding)."""
+  seen = []
+  base = toy.make_model(EXACT_TASK)
+
+  def policy_fn(params, key, nodes, num, *, to_end, greedy):
+    jax.debug.callback(lambda live: seen.append(np.asarray(live)), nodes.mask_MxT.any(axis=1))
+    return base.policy_fn(params, key, nodes, num, to_end=to_end, greedy=greedy)
+
+  cfg = mcts_lib.MCTSConfig(num_simulations=1, num_children=2, num_walkers=3, max_depth=2)
+  res = jax.jit(functools.partial(mcts_lib.mcts_search, model=base._replace(policy_fn=policy_fn), config=cfg))(
+      EXACT_PARAMS, jax.random.key(0), *toy.prompts(1, EXACT_TASK))
+  jax.block_until_ready(res.tree.q_BxN)
+  assert len(seen) == 1
+  np.testing.assert_array_equal(seen[0], [True, False, False])
+  assert int(res.tree.num_nodes_B[0]) == 3 and int(res.policy_tokens_B[0]) == 4
+
+
 # ------------------------------------------------------------------------------------------
 # Known answer: the only +1 leaf among 27 must be found by search.
 
