@@ -54,7 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
       # grpo's max_completion_length is task.completion_len.
       grpo=dict(scale_rewards='group', loss_type='dapo', epsilon=0.2, epsilon_high=0.28, beta=0.0,
                 num_iterations=1, mask_truncated_completions=False,
-                dynamic_sampling=False, overlong_buffer=0, overlong_penalty_factor=1.0),
+                mask_constant_groups=False, overlong_buffer=0, overlong_penalty_factor=1.0),
       rloo=dict(loss_type='dapo', epsilon=0.2, epsilon_high=0.28, beta=0.0, num_iterations=1,
                 mask_truncated_completions=False, normalize_advantages=False),
       ppo=dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,

@@ -62,11 +62,12 @@ def group_advantages(rewards_BxG, scale_rewards="group", eps=1e-4, valid_BxG=Non
   return jnp.where(valid_BxG, adv_BxG, 0.0)
 
 
-def dynamic_sampling_mask(rewards_BxG, atol=1e-6, valid_BxG=None):
-  """DAPO dynamic sampling: keep only groups whose rewards are not all equal.
+def mixed_reward_groups(rewards_BxG, atol=1e-6, valid_BxG=None):
+  """Which groups have rewards that are not all equal (the filter of DAPO dynamic sampling).
 
   A group where every completion gets the same reward has zero advantage everywhere and
-  only dilutes the batch.
+  only dilutes the batch. DAPO drops such groups and samples new ones until the batch is
+  full; with fixed shapes `GRPOConfig.mask_constant_groups` only masks them.
 
   Args:
     rewards_BxG: rewards.

@@ -47,14 +47,23 @@ class EMSetup:
   # Jittable verifier: (SampleOutput, batch with rows repeated G times) -> scores in {-1, 0, 1, 2}.
   # None: the final step must equal batch['answer'] (`rewards.final_step_score`).
   score_fn: Callable[[SampleOutput, dict], jax.Array] | None = None
+  # Tokens of negatively weighted samples stop getting pushed down below this log-prob
+  # (`losses.em_pg_loss`: bounds the objective); None = the unbounded plain objective.
+  neg_logp_floor: float | None = -5.0
+  # Positions per LM-head chunk in the M-step's log-prob pass (`losses.lm_head_logprobs`).
+  logprob_chunk_tokens: int = 1024
 
   def __post_init__(self):
+    if not isinstance(self.logprob_chunk_tokens, int) or self.logprob_chunk_tokens < 0:
+      raise ValueError(f'EMSetup.logprob_chunk_tokens must be an int >= 0, got {self.logprob_chunk_tokens!r}')
     if not isinstance(self.group_size, int) or self.group_size < 1:
       raise ValueError(f'EMSetup.group_size must be an int >= 1, got {self.group_size!r}')
     if self.weights not in advantages.EM_WEIGHT_KINDS:
       raise ValueError(f'EMSetup.weights must be one of {advantages.EM_WEIGHT_KINDS}, got {self.weights!r}')
     if self.normalize not in losses.EM_NORMALIZE:
       raise ValueError(f'EMSetup.normalize must be one of {losses.EM_NORMALIZE}, got {self.normalize!r}')
+    if self.neg_logp_floor is not None and not self.neg_logp_floor < 0:
+      raise ValueError(f'EMSetup.neg_logp_floor must be < 0 or None, got {self.neg_logp_floor!r}')
     if not isinstance(self.num_m_steps, int) or self.num_m_steps < 1:
       raise ValueError(f'EMSetup.num_m_steps must be an int >= 1, got {self.num_m_steps!r}')
 
@@ -90,8 +99,8 @@ def em_iteration(graphdef, tx: optax.GradientTransformation, setup: EMSetup, sta
   temp = logprob_temperature(setup.sampling)
 
   def loss_fn(params):
-    logp, _ = completion_logprobs(graphdef, params, seq, seq_mask, lp, temp)
-    return losses.em_pg_loss(logp, w_B, mask, setup.normalize)
+    logp, _ = completion_logprobs(graphdef, params, seq, seq_mask, lp, temp, setup.logprob_chunk_tokens)
+    return losses.em_pg_loss(logp, w_B, mask, setup.normalize, setup.neg_logp_floor)
 
   def m_step(st: TrainState, _):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(st.params)

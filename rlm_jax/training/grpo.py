@@ -20,8 +20,11 @@ the loss differentiates the log-probs of that same tempered policy, and π_old i
 sampler's log-probs of it (as TRL divides logits by T): with μ = 1 the ratio is exactly 1 and
 the update is the policy gradient of the policy that produced the samples. Untempered
 log-probs would give the gradient of another policy whenever T ≠ 1. For μ > 1, π_old comes
-from the sampler (no extra forward pass) unless `recompute_old_logp`. Dynamic sampling keeps shapes fixed: groups whose rewards are all equal
-are masked out of the loss (their advantages are 0 anyway) instead of being resampled.
+from the sampler (no extra forward pass) unless `recompute_old_logp`.
+
+`loss.mask_constant_groups` is DAPO's dynamic-sampling filter without the refill: shapes stay
+fixed, so groups whose rewards are all equal are masked out of the loss (their advantages are
+0 anyway) instead of being replaced by newly sampled groups.
 """
 
 from __future__ import annotations
@@ -66,10 +69,19 @@ class GRPOSetup:
   # sampler's log-probs (equal up to float error; set it when the sampler's numerics differ
   # from the update's, e.g. a rollout mesh with other precision).
   recompute_old_logp: bool = False
+  # Advantages from (reward_BxG, rollout dict) -> [B·G] (one per completion) or [B·G, T]
+  # (per token); None = `advantages.group_advantages(reward_BxG, loss.scale_rewards)`.
+  # Rewards already include the overlong penalty. Must be jittable.
+  advantage_fn: Callable[[jax.Array, dict], jax.Array] | None = None
+  # Positions per LM-head chunk in the update's log-prob passes (`losses.lm_head_logprobs`);
+  # 0 = the whole completion at once.
+  logprob_chunk_tokens: int = 1024
 
   def __post_init__(self):
     if not isinstance(self.microbatches, int) or self.microbatches < 1:
       raise ValueError(f'GRPOSetup.microbatches must be an int >= 1, got {self.microbatches!r}')
+    if not isinstance(self.logprob_chunk_tokens, int) or self.logprob_chunk_tokens < 0:
+      raise ValueError(f'GRPOSetup.logprob_chunk_tokens must be an int >= 0, got {self.logprob_chunk_tokens!r}')
     if not isinstance(self.recompute_old_logp, bool):
       raise ValueError(f'GRPOSetup.recompute_old_logp must be True or False, got {self.recompute_old_logp!r}')
 
@@ -79,9 +91,21 @@ def answer_match_score(out: SampleOutput, batch: dict, step_id: int) -> jax.Arra
                           batch['answer_len'], step_id)
 
 
+def head_model(graphdef, params):
+  """The plain `Transformer` behind a policy (LoRA adapters folded into its weights), so
+  callers can run the trunk and the LM head separately."""
+  model = nnx.merge(graphdef, params)
+  if hasattr(model, 'effective_base'):  # LoraTransformer: W + scale·A·B, gradients reach A, B
+    model = nnx.merge(*model.effective_base())
+  return model
+
+
 def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int,
-                        temperature: float = 1.0):
+                        temperature: float = 1.0, chunk_tokens: int = 1024):
   """log π(completion tokens) and entropies for sequences laid out as [prompt | completion].
+
+  The LM head runs only over the positions that predict completion tokens, in chunks
+  (`losses.lm_head_logprobs`): no [B, L, V] logits.
 
   Args:
     graphdef, params: the policy.
@@ -89,17 +113,15 @@ def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int
     prompt_len: Lp, the prompt width (static).
     temperature: T of the policy softmax(logits / T) (static); the rollout's
       `logprob_temperature(sampling)`.
+    chunk_tokens: positions per LM-head chunk (static; 0 = one chunk).
 
   Returns:
     (logp_BxT, entropy_BxT) float32, T = L - prompt_len columns.
   """
-  model = nnx.merge(graphdef, params)
-  logits = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL).logits_BxLxV
-  logits_BxTxV = logits[:, prompt_len - 1 : -1]
-  if temperature != 1.0:
-    logits_BxTxV = logits_BxTxV / temperature
-  targets_BxT = seq_BxL[:, prompt_len:]
-  return losses.token_logprobs(logits_BxTxV, targets_BxT), losses.token_entropy(logits_BxTxV)
+  model = head_model(graphdef, params)
+  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none')
+  return losses.lm_head_logprobs(out.hidden_BxLxD[:, prompt_len - 1 : -1], model.lm_head_DxV(),
+                                 seq_BxL[:, prompt_len:], temperature, chunk_tokens)
 
 
 def rollout(graphdef, params, batch: dict, key: jax.Array, setup: GRPOSetup) -> dict:
@@ -149,10 +171,16 @@ def grpo_update(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup, st
     reward = reward + advantages.overlong_penalty(ro['lengths'], cfg.max_completion_length,
                                                   cfg.overlong_buffer, cfg.overlong_penalty_factor)
   reward_BxG = reward.reshape(b, g)
-  adv = advantages.group_advantages(reward_BxG, cfg.scale_rewards).reshape(b * g)
+  if setup.advantage_fn is None:
+    adv = advantages.group_advantages(reward_BxG, cfg.scale_rewards).reshape(b * g)
+  else:
+    adv = jnp.asarray(setup.advantage_fn(reward_BxG, ro), jnp.float32)
+    if adv.shape not in ((b * g,), ro['tokens'].shape):
+      raise ValueError(f'GRPOSetup.advantage_fn returned shape {adv.shape}, expected ({b * g},) '
+                       f'or {ro["tokens"].shape} (B·G rows, or B·G x T tokens)')
   mask = ro['completion_mask']
-  if cfg.dynamic_sampling:
-    keep_B = advantages.dynamic_sampling_mask(reward_BxG)
+  if cfg.mask_constant_groups:  # no refill: the batch just loses those groups
+    keep_B = advantages.mixed_reward_groups(reward_BxG)
     mask = mask & jnp.repeat(keep_B, g)[:, None]
 
   rows = {
@@ -161,7 +189,8 @@ def grpo_update(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup, st
       'adv': adv, 'mask': mask, 'truncated': ro['truncated'],
   }
   temp = logprob_temperature(setup.sampling)
-  logp_fn = lambda p, r: completion_logprobs(graphdef, p, r['seq'], r['seq_mask'], lp, temp)
+  logp_fn = lambda p, r: completion_logprobs(graphdef, p, r['seq'], r['seq_mask'], lp, temp,
+                                             setup.logprob_chunk_tokens)
   frozen_logp = lambda p: jax.lax.stop_gradient(
       map_microbatches(lambda r: logp_fn(p, r)[0], rows, k))
   if cfg.num_iterations > 1 and setup.recompute_old_logp:

@@ -40,8 +40,11 @@ class GRPOConfig:
   construction validates the same way.
 
   epsilon_high=None means "same as epsilon" (TRL); after construction it is always a float.
-  dynamic_sampling / overlong_buffer / overlong_penalty_factor are the DAPO extras (TRL
+  mask_constant_groups / overlong_buffer / overlong_penalty_factor are the DAPO extras (TRL
   provides the overlong term as a reward function instead); overlong_buffer=0 turns it off.
+  mask_constant_groups is the fixed-shape half of DAPO's dynamic sampling: groups whose G
+  rewards are all equal are masked out of the loss (their tokens stop counting in the token
+  normalisers), but they are not replaced by newly sampled groups, so the batch shrinks.
   """
   scale_rewards: Literal["group", "batch", "none"] = "group"
   loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
@@ -51,7 +54,7 @@ class GRPOConfig:
   num_iterations: int = 1
   mask_truncated_completions: bool = False
   max_completion_length: int = 512
-  dynamic_sampling: bool = False
+  mask_constant_groups: bool = False
   overlong_buffer: int = 0
   overlong_penalty_factor: float = 1.0
 
@@ -75,8 +78,8 @@ class GRPOConfig:
     _check(isinstance(self.max_completion_length, int) and self.max_completion_length >= 1,
            f"GRPOConfig.max_completion_length must be an int >= 1, "
            f"got {self.max_completion_length!r}")
-    _check(isinstance(self.dynamic_sampling, bool),
-           f"GRPOConfig.dynamic_sampling must be True or False, got {self.dynamic_sampling!r}")
+    _check(isinstance(self.mask_constant_groups, bool),
+           f"GRPOConfig.mask_constant_groups must be True or False, got {self.mask_constant_groups!r}")
     _check(isinstance(self.overlong_buffer, int)
            and 0 <= self.overlong_buffer <= self.max_completion_length,
            "GRPOConfig.overlong_buffer must be an int in [0, max_completion_length], "
@@ -152,6 +155,48 @@ def token_entropy(logits_BxLxV):
   z_BxLxV = _f32(logits_BxLxV)
   p_BxLxV = jax.nn.softmax(z_BxLxV, axis=-1)
   return jax.nn.logsumexp(z_BxLxV, axis=-1) - (p_BxLxV * z_BxLxV).sum(-1)
+
+
+def lm_head_logprobs(h_BxTxD, w_DxV, targets_BxT, temperature=1.0, chunk_tokens=1024):
+  """log softmax(h·W / T)[target] and the entropy per position, LM head applied in chunks.
+
+  Equals `token_logprobs` / `token_entropy` of the logits h·W / T, but a float32 [B, T, V]
+  array never exists whole: `lax.map` runs over chunks of C positions (all B rows per chunk,
+  so a batch-sharded h stays sharded), and `jax.checkpoint` makes the backward pass recompute
+  each chunk's logits instead of storing them. Peak memory holds one [B, C, V] chunk.
+
+  Args:
+    h_BxTxD: final-norm hidden states at the positions that predict the targets.
+    w_DxV: LM-head weight (`Transformer.lm_head_DxV()`).
+    targets_BxT: int target ids aligned with h.
+    temperature: T (python float; static).
+    chunk_tokens: about how many positions (B·C) one chunk holds; C = max(1, chunk_tokens // B).
+      0 = one chunk (the plain computation).
+
+  Returns:
+    (logp_BxT, entropy_BxT) float32.
+  """
+  b, t, d = h_BxTxD.shape
+  c = t if chunk_tokens <= 0 else max(1, min(t, chunk_tokens // max(b, 1)))
+  n = -(-t // c)
+
+  def head(h_BxCxD, tg_BxC):
+    z_BxCxV = _f32(h_BxCxD @ w_DxV)
+    if temperature != 1.0:
+      z_BxCxV = z_BxCxV / temperature
+    lse_BxC = jax.nn.logsumexp(z_BxCxV, axis=-1)
+    picked_BxC = jnp.take_along_axis(z_BxCxV, tg_BxC[..., None], axis=-1)[..., 0]
+    p_BxCxV = jnp.exp(z_BxCxV - lse_BxC[..., None])
+    return picked_BxC - lse_BxC, lse_BxC - (p_BxCxV * z_BxCxV).sum(-1)
+
+  if n == 1:
+    return head(h_BxTxD, targets_BxT)
+  pad = n * c - t  # padded positions predict target 0; they are cut off below
+  h_NxBxCxD = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).swapaxes(0, 1)
+  tg_NxBxC = jnp.pad(targets_BxT, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+  logp_NxBxC, ent_NxBxC = jax.lax.map(jax.checkpoint(lambda a: head(*a)), (h_NxBxCxD, tg_NxBxC))
+  unchunk = lambda x_NxBxC: x_NxBxC.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+  return unchunk(logp_NxBxC), unchunk(ent_NxBxC)
 
 
 # --- SFT -------------------------------------------------------------------------------------
@@ -322,34 +367,52 @@ def ppo_loss(logp_BxL, old_logp_BxL, adv_BxL, values_BxL, old_values_BxL, return
 
 # --- EM policy gradient ----------------------------------------------------------------------
 
-def em_pg_loss(logp_BxL, weights_B, mask_BxL, normalize="sequence_sum"):
+def em_pg_loss(logp_BxL, weights_B, mask_BxL, normalize="sequence_sum", neg_logp_floor=-5.0):
   """EM policy gradient M-step (arXiv 2504.18587): reward-weighted log-likelihood.
 
-  sequence_sum: L = -mean_k w_k Σ_t log π(y_kt)        (the paper's objective; mean over B rows)
-  token_mean:   L = -Σ_k w_k Σ_t log π(y_kt) / Σ_k |y_k|  (length-normalised variant)
+  sequence_sum: L = -mean_k w_k Σ_t ℓ_kt        (the paper's objective; mean over B rows)
+  token_mean:   L = -Σ_k w_k Σ_t ℓ_kt / Σ_k |y_k|  (length-normalised variant)
   No importance ratio, no clipping; the weights are constants (stop_gradient).
+
+  ℓ_kt = log π(y_kt) where w_k >= 0, and max(log π(y_kt), neg_logp_floor) where w_k < 0.
+  With a negative weight ('centered' / 'normalized' weights, or negative rewards) the term
+  |w_k|·log π(y_kt) is minimised by driving π(y_kt) to 0, so the plain objective has no lower
+  bound: the M-step can spend every update pushing already-unlikely tokens further down and
+  blow the log-probs up. The floor stops that per token: once a token of a negatively weighted
+  sample is below exp(floor) it gets no gradient, and L >= Σ |w_k|·|floor| terms is bounded.
+  Above the floor the gradient is the paper's. Positive weights are never clipped (their
+  terms are bounded by log π <= 0 already).
 
   Args:
     logp_BxL: log π_θ of the sampled tokens.
     weights_B: per-sample weights (`advantages.em_weights`).
     mask_BxL: 1 on completion tokens.
     normalize: 'sequence_sum' | 'token_mean'.
+    neg_logp_floor: log-prob floor for tokens of negatively weighted samples (< 0), or None
+      for the unbounded plain objective.
 
   Returns:
-    (loss, aux) with aux = {'nll_mean' (token mean of -log π), 'weight_mean'}.
+    (loss, aux) with aux = {'nll_mean' (token mean of -log π), 'weight_mean',
+    'floored_frac' (fraction of valid tokens held at the floor)}.
   """
   _check(normalize in EM_NORMALIZE,
          f"em_pg_loss: normalize must be one of {EM_NORMALIZE}, got {normalize!r}")
+  _check(neg_logp_floor is None or neg_logp_floor < 0,
+         f"em_pg_loss: neg_logp_floor must be < 0 or None, got {neg_logp_floor!r}")
   mask_BxL = _f32(mask_BxL)
   logp_BxL = _masked(logp_BxL, mask_BxL)
   w_B = jax.lax.stop_gradient(_f32(weights_B))
-  weighted_B = w_B * logp_BxL.sum(-1)
+  term_BxL, floored_BxL = logp_BxL, jnp.zeros_like(logp_BxL)
+  if neg_logp_floor is not None:
+    floored_BxL = (w_B[:, None] < 0) & (logp_BxL < neg_logp_floor) & (mask_BxL > 0)
+    term_BxL = jnp.where(w_B[:, None] < 0, jnp.maximum(logp_BxL, neg_logp_floor), logp_BxL)
+  weighted_B = w_B * _masked(term_BxL, mask_BxL).sum(-1)
   if normalize == "sequence_sum":
     loss = -weighted_B.mean()
   else:
     loss = -weighted_B.sum() / jnp.maximum(mask_BxL.sum(), 1.0)
   aux = {"nll_mean": -_masked_mean(jax.lax.stop_gradient(logp_BxL), mask_BxL),
-         "weight_mean": w_B.mean()}
+         "weight_mean": w_B.mean(), "floored_frac": _masked_mean(floored_BxL, mask_BxL)}
   return loss, aux
 
 

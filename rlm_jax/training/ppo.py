@@ -34,7 +34,7 @@ from flax import nnx
 from rlm_jax.models.transformer import positions_from_mask
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, logprob_temperature
 from rlm_jax.training import advantages, losses
-from rlm_jax.training.grpo import rollout
+from rlm_jax.training.grpo import head_model, rollout
 from rlm_jax.training.rewards import RewardConfig
 from rlm_jax.training.state import TrainState, all_finite, apply_gradients
 
@@ -60,8 +60,12 @@ class PPOSetup:
   # Jittable verifier: (SampleOutput, batch with rows repeated G times) -> scores in {-1, 0, 1, 2}.
   # None: the final step must equal batch['answer'] (`rewards.final_step_score`).
   score_fn: Callable[[SampleOutput, dict], jax.Array] | None = None
+  # Positions per LM-head chunk in the log-prob passes (`losses.lm_head_logprobs`); 0 = all.
+  logprob_chunk_tokens: int = 1024
 
   def __post_init__(self):
+    if not isinstance(self.logprob_chunk_tokens, int) or self.logprob_chunk_tokens < 0:
+      raise ValueError(f'PPOSetup.logprob_chunk_tokens must be an int >= 0, got {self.logprob_chunk_tokens!r}')
     if not isinstance(self.group_size, int) or self.group_size < 1:
       raise ValueError(f'PPOSetup.group_size must be an int >= 1, got {self.group_size!r}')
     if not isinstance(self.num_minibatches, int) or self.num_minibatches < 1:
@@ -116,23 +120,23 @@ def _check_model(model, setup: PPOSetup, ref_params):
     raise ValueError(f'PPOConfig.kl_coef={setup.loss.kl_coef} needs ref_params, got None')
 
 
-def forward(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int, temperature: float = 1.0):
+def forward(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int, temperature: float = 1.0,
+            chunk_tokens: int = 1024):
   """log π, entropy and V(s_t) for the completion tokens of [prompt | completion] rows.
 
-  π is the tempered policy softmax(logits / temperature) the rollout samples from.
+  π is the tempered policy softmax(logits / temperature) the rollout samples from. The LM
+  head runs over completion positions only, in chunks of `chunk_tokens` (`losses.lm_head_logprobs`).
 
   Returns:
     (logp_BxT, entropy_BxT, values_BxT) float32, T = seq length − prompt_len.
   """
-  model = nnx.merge(graphdef, params)
-  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL)
-  logits_BxTxV = out.logits_BxLxV[:, prompt_len - 1:-1]
-  if temperature != 1.0:
-    logits_BxTxV = logits_BxTxV / temperature
-  targets_BxT = seq_BxL[:, prompt_len:]
+  model = head_model(graphdef, params)
+  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none')
+  logp_BxT, entropy_BxT = losses.lm_head_logprobs(
+      out.hidden_BxLxD[:, prompt_len - 1:-1], model.lm_head_DxV(), seq_BxL[:, prompt_len:],
+      temperature, chunk_tokens)
   values_BxT = out.values_BxL[:, prompt_len - 1:-1].astype(jnp.float32)
-  return (losses.token_logprobs(logits_BxTxV, targets_BxT), losses.token_entropy(logits_BxTxV),
-          values_BxT)
+  return logp_BxT, entropy_BxT, values_BxT
 
 
 def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, state: TrainState,
@@ -169,11 +173,11 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
   seq_mask = jnp.concatenate([ro['prompt_mask'], mask_BxT], axis=1)
 
   sg = jax.lax.stop_gradient
-  temp = logprob_temperature(setup.sampling)
-  old_logp_BxT, _, old_v_BxT = sg(forward(graphdef, state.params, seq, seq_mask, lp, temp))
+  temp, chunk = logprob_temperature(setup.sampling), setup.logprob_chunk_tokens
+  old_logp_BxT, _, old_v_BxT = sg(forward(graphdef, state.params, seq, seq_mask, lp, temp, chunk))
   kl_BxT = jnp.zeros_like(old_logp_BxT)
   if cfg.kl_coef > 0:
-    ref_logp_BxT = sg(forward(graphdef, ref_params, seq, seq_mask, lp, temp)[0])
+    ref_logp_BxT = sg(forward(graphdef, ref_params, seq, seq_mask, lp, temp, chunk)[0])
     kl_BxT = jnp.where(mask_BxT, old_logp_BxT - ref_logp_BxT, 0.0)
   t = mask_BxT.shape[1]
   last_BxT = jnp.arange(t)[None] == (ro['lengths'] - 1)[:, None]
@@ -188,7 +192,7 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
           'old_v': old_v_BxT, 'adv': adv_BxT, 'returns': returns_BxT}
 
   def loss_fn(params, mb):
-    logp, entropy, values = forward(graphdef, params, mb['seq'], mb['seq_mask'], lp, temp)
+    logp, entropy, values = forward(graphdef, params, mb['seq'], mb['seq_mask'], lp, temp, chunk)
     return losses.ppo_loss(logp, mb['old_logp'], mb['adv'], values, mb['old_v'], mb['returns'],
                            mb['mask'], entropy, cfg)
 

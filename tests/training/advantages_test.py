@@ -68,12 +68,12 @@ def test_group_advantages_bad_scale_names_the_knob():
 
 # --- DAPO filters ------------------------------------------------------------------------------
 
-def test_dynamic_sampling_mask():
+def test_mixed_reward_groups():
   r = jnp.array([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.5 + 1e-8], [0.0, 0.0, 2.0]])
-  _close(A.dynamic_sampling_mask(r), [False, True, False, True])
+  _close(A.mixed_reward_groups(r), [False, True, False, True])
   # the only differing reward is invalid -> constant group
   valid = jnp.array([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0]], bool)
-  _close(A.dynamic_sampling_mask(r, valid_BxG=valid), [False, True, False, False])
+  _close(A.mixed_reward_groups(r, valid_BxG=valid), [False, True, False, False])
 
 
 def test_overlong_penalty_in_tokens():
@@ -229,7 +229,7 @@ def test_everything_jits_and_matches_eager():
   for scale in A.SCALE_REWARDS:
     f = jax.jit(A.group_advantages, static_argnums=(1,))
     _close(f(r, scale), A.group_advantages(r, scale))
-  _close(jax.jit(A.dynamic_sampling_mask)(r), A.dynamic_sampling_mask(r))
+  _close(jax.jit(A.mixed_reward_groups)(r), A.mixed_reward_groups(r))
   f = jax.jit(A.overlong_penalty, static_argnums=(1, 2, 3))
   _close(f(jnp.array([90, 10]), 100, 20, 1.0), [-0.5, 0.0])
   ok = jnp.ones((2, 4), bool)

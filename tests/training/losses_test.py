@@ -389,3 +389,72 @@ def test_prm_targets():
   _close(L.value_loss(pred, tgt, mask, "mse")[0], (1 + 1 + 0.25 + 0.0625) / 4)
   f = jax.jit(functools.partial(L.prm_targets, step_token_id=sep))
   _close(f(tokens, step_labels_BxS=labels)[0], tgt)
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 6, 1000])
+def test_chunked_lm_head_logprobs_equal_the_plain_computation(chunk_tokens):
+  """B=3, T=7: chunk_tokens=6 gives C=2 positions per chunk and one padded position. Values
+  and gradients (w.r.t. hidden states and head weight, through log-probs and entropy) equal
+  those of the whole [B, T, V] logits at T=0.7."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  h = jax.random.normal(k1, (3, 7, 8))
+  w = jax.random.normal(k2, (8, 50))
+  tg = jax.random.randint(k3, (3, 7), 0, 50)
+  c = jax.random.normal(k4, (3, 7))
+
+  def plain(h, w):
+    z = (h @ w) / 0.7
+    return L.token_logprobs(z, tg), L.token_entropy(z)
+
+  def chunked(h, w):
+    return L.lm_head_logprobs(h, w, tg, 0.7, chunk_tokens)
+
+  (lp_plain, ent_plain), (lp_chunk, ent_chunk) = plain(h, w), chunked(h, w)
+  np.testing.assert_allclose(lp_chunk, lp_plain, rtol=1e-5, atol=1e-5)
+  # lse - Σ p·z cancels in float32 on peaked rows: both sides carry ~1e-5 absolute error.
+  np.testing.assert_allclose(ent_chunk, ent_plain, rtol=1e-4, atol=5e-5)
+  objective = lambda f: lambda h, w: jnp.sum(c * f(h, w)[0]) + jnp.sum(f(h, w)[1] ** 2)
+  for a, b in zip(jax.grad(objective(plain), (0, 1))(h, w), jax.grad(objective(chunked), (0, 1))(h, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(chunked(h, w)[0][0, 0], jax.nn.log_softmax(h[0, 0] @ w / 0.7)[tg[0, 0]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type,expected", [
+    ("dapo", (-2.48 + 0.96) / 5),
+    ("grpo", (-2.48 / 3 + 0.96 / 2) / 2),
+])
+def test_grpo_loss_per_token_advantages_hand_numbers(loss_type, expected):
+  # ρ per token (1.5, 0.7, 1.0) as above, A per token (1, -1, 2 | 0.5, -2, masked):
+  #   row 0: -min(1.5, 1.28) = -1.28, -min(-0.7, -0.8) = 0.8, -2           -> sum -2.48
+  #   row 1: -min(0.75, 0.64) = -0.64, -min(-1.4, -1.6) = 1.6               -> sum  0.96
+  logp, old, _, adv_b, mask, trunc = _grpo_inputs()
+  cfg = L.GRPOConfig(loss_type=loss_type, epsilon=0.2, epsilon_high=0.28)
+  adv_bl = np.array([[1.0, -1.0, 2.0], [0.5, -2.0, 7.0]], np.float32)
+  loss, aux = L.grpo_loss(logp, old, None, adv_bl, mask, trunc, cfg)
+  _close(loss, expected)
+  _close(aux["clip_high"], 0.4)  # token 0 of both rows: ρ = 1.5 > 1.28 with A > 0
+  _close(aux["clip_low"], 0.4)  # token 1 of both rows: ρ = 0.7 < 0.8 with A < 0
+  # A per sequence [B] equals the same A broadcast over each row's tokens.
+  per_seq, _ = L.grpo_loss(logp, old, None, adv_b, mask, trunc, cfg)
+  per_tok, _ = L.grpo_loss(logp, old, None, np.repeat(adv_b[:, None], 3, 1), mask, trunc, cfg)
+  _close(per_seq, per_tok)
+
+
+def test_em_pg_negative_weights_are_bounded_by_the_logp_floor():
+  """A negatively weighted sample no longer pays off for log π → -∞: its tokens are held at
+  the floor (-5 here), where they get no gradient; the plain objective (floor None) is
+  unbounded below. Positive weights are never clipped."""
+  mask = np.ones((2, 2), np.float32)
+  w = np.array([1.0, -1.0], np.float32)
+  logp = lambda x: np.array([[-8.0, -1.0], [x, -1.0]], np.float32)
+  # row 0: 1·(-8 - 1) = -9; row 1: -1·(max(x, -5) - 1); loss = -(sum) / 2
+  for x, want in [(-2.0, -(-9.0 + 3.0) / 2), (-1e6, -(-9.0 + 6.0) / 2)]:
+    loss, aux = L.em_pg_loss(logp(x), w, mask)
+    _close(loss, want)
+  _close(aux["floored_frac"], 0.25)
+  g = jax.grad(lambda x: L.em_pg_loss(x, w, mask)[0])(logp(-7.0))
+  _close(g, [[-0.5, -0.5], [0.0, 0.5]])  # the floored token: no push further down
+  plain, _ = L.em_pg_loss(logp(-1e6), w, mask, neg_logp_floor=None)
+  assert float(plain) < -1e5  # unbounded without the floor
+  with pytest.raises(ValueError, match="neg_logp_floor must be < 0"):
+    L.em_pg_loss(logp(-1.0), w, mask, neg_logp_floor=0.5)
