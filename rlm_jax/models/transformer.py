@@ -137,13 +137,22 @@ class RMSNorm(nnx.Module):
     return x32.astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
-def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding in the half-split ('rotate_half') layout used by HF Llama/Qwen2."""
-  d = x_BxLxHxD.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+def rope_tables(positions_BxL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [B, L, 1, head_dim/2] of the rotary angles; computed once per forward and
+  shared by every layer's q and k."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   angles_BxLxF = positions_BxL[..., None].astype(jnp.float32) * inv_freq
-  cos = jnp.cos(angles_BxLxF)[:, :, None, :]
-  sin = jnp.sin(angles_BxLxF)[:, :, None, :]
+  return jnp.cos(angles_BxLxF)[:, :, None, :], jnp.sin(angles_BxLxF)[:, :, None, :]
+
+
+def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float,
+               tables: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+  """Rotary embedding in the half-split ('rotate_half') layout used by HF Llama/Qwen2.
+
+  `tables` are `rope_tables(positions_BxL, ...)` when the caller has them already.
+  """
+  d = x_BxLxHxD.shape[-1]
+  cos, sin = rope_tables(positions_BxL, d, theta) if tables is None else tables
   x = x_BxLxHxD.astype(jnp.float32)
   x1, x2 = x[..., : d // 2], x[..., d // 2 :]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -164,7 +173,7 @@ class Attention(nnx.Module):
       self.bk = _zeros((kv, dh), ('kv_heads', 'head_dim'), cfg)
       self.bv = _zeros((kv, dh), ('kv_heads', 'head_dim'), cfg)
 
-  def __call__(self, x_BxLxD, positions_BxL, visible_BxLxT, kv_cache, cache_index):
+  def __call__(self, x_BxLxD, positions_BxL, visible_BxLxT, kv_cache, cache_index, rope=None):
     cfg = self.cfg
     dt = cfg.compute_dtype
     q = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wq[...].astype(dt))
@@ -173,8 +182,8 @@ class Attention(nnx.Module):
     if cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
-    q = apply_rope(q, positions_BxL, cfg.rope_theta)
-    k_BxKxDxT = apply_rope(k, positions_BxL, cfg.rope_theta).transpose(0, 2, 3, 1)
+    q = apply_rope(q, positions_BxL, cfg.rope_theta, rope)
+    k_BxKxDxT = apply_rope(k, positions_BxL, cfg.rope_theta, rope).transpose(0, 2, 3, 1)
     v_BxKxTxD = v.transpose(0, 2, 1, 3)
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
@@ -227,8 +236,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, visible, kv_cache, cache_index):
-    h, new_kv = self.attn(self.attn_norm(x), positions, visible, kv_cache, cache_index)
+  def __call__(self, x, positions, visible, kv_cache, cache_index, rope=None):
+    h, new_kv = self.attn(self.attn_norm(x), positions, visible, kv_cache, cache_index, rope)
     x = x + h
     x = x + self.mlp(self.mlp_norm(x))
     return sharding.constrain(x, ('batch', 'length', 'embed')), new_kv
@@ -318,9 +327,10 @@ class Transformer(nnx.Module):
     x = self.embed[...].astype(cfg.compute_dtype)[tokens_BxL]
     x = sharding.constrain(x, ('batch', 'length', 'embed'))
     new_k, new_v = [], []
+    rope = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)  # once, not once per layer
     for i, block in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, new_kv = _call_block(block, cfg.remat, x, positions_BxL, visible_BxLxT, kv, cache_index)
+      x, new_kv = _call_block(block, cfg.remat, x, positions_BxL, visible_BxLxT, kv, cache_index, rope)
       if new_kv is not None:
         new_k.append(new_kv[0])
         new_v.append(new_kv[1])
