@@ -40,8 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.beam = dict(beam_width=4, expansions=4, max_depth=6, score='last', merge_duplicates=True)
   c.mcts = dict(num_simulations=16, num_children=4, num_walkers=2, max_depth=6, selection='puct',
                 c1=1.25, c2=19652.0, uct_c=1.0, prior='empirical', prior_temperature=1.0,
-                q_bounds='fixed', backup='td', gamma=0.96, td_lambda=1.0, virtual_loss=1.0, merge_duplicates=True,
-                num_rollouts=0, rollout_weight=0.5, answer='best_terminal')
+                q_bounds='fixed', backup='td', gamma=0.96, td_lambda=1.0, virtual_loss=1.0,
+                merge_duplicates=True, num_rollouts=0, rollout_weight=0.5, answer='best_terminal',
+                root_selection='puct', gumbel_scale=1.0)
   return c
 
 

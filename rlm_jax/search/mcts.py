@@ -30,7 +30,8 @@ backs up one path per tree. An LM expansion samples K candidate steps (no fixed 
 duplicates to merge), every child is evaluated when it is created, and several leaves per tree
 must share one model call to fill an accelerator. Every per-simulation operation here touches
 O(B*W*K*D) entries, never O(B*N). mctx's Gumbel root selection assumes a fixed action set with
-known logits and sequential halving over the simulation budget; it is not used. mctx's
+known logits; here the root's unique sampled children play that set (`root_selection='gumbel'`,
+with mctx's sequential-halving schedule), selection below the root stays PUCT / UCT. mctx's
 `qtransform_by_min_max` normalises by the children of one node; the blueprint asks for a
 running min/max over the tree (`q_bounds='running'`, kept in `Tree.q_min_B / q_max_B`); the
 default uses the fixed reward range [-1, 1] instead, so the first few q values seen do not
@@ -44,6 +45,7 @@ from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
+from mctx._src import seq_halving  # Sequential Halving's schedule (not re-exported by mctx)
 
 from rlm_jax.search import expansion
 from rlm_jax.search import operators
@@ -81,6 +83,11 @@ class MCTSConfig:
     rollout_weight: alpha in q = (1 - alpha) q_model + alpha mean(rollout rewards).
     answer: 'best_terminal' (highest q among terminal nodes; most-visited path if none) or
       'most_visited' (descend by visits).
+    root_selection: 'puct', or 'gumbel': Gumbel MuZero's root (Danihelka et al. 2022, as
+      mctx): the root's unique children are the candidates, Gumbel noise + log prior +
+      sigma(q) ranks them and sequential halving spreads the simulations over them (one
+      walker only); below the root selection stays `selection`. For small budgets.
+    gumbel_scale: scale of the root's Gumbel noise (0: deterministic halving).
   """
 
   num_simulations: int = 16
@@ -102,13 +109,16 @@ class MCTSConfig:
   num_rollouts: int = 0
   rollout_weight: float = 0.5
   answer: Literal['best_terminal', 'most_visited'] = 'best_terminal'
+  root_selection: Literal['puct', 'gumbel'] = 'puct'
+  gumbel_scale: float = 1.0
 
   def __post_init__(self):
     for name in ('num_simulations', 'num_children', 'num_walkers', 'max_depth'):
       if getattr(self, name) < 1:
         raise ValueError(f'mcts.{name}={getattr(self, name)}: must be >= 1')
     choices = {'selection': ('puct', 'uct'), 'prior': operators.PRIORS, 'q_bounds': ('fixed', 'running'),
-               'backup': ('td', 'mean'), 'answer': ('best_terminal', 'most_visited')}
+               'backup': ('td', 'mean'), 'answer': ('best_terminal', 'most_visited'),
+               'root_selection': ('puct', 'gumbel')}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ValueError(f"mcts.{name}='{getattr(self, name)}': must be one of {allowed}")
@@ -122,6 +132,9 @@ class MCTSConfig:
       raise ValueError(f'mcts.num_rollouts={self.num_rollouts}: must be >= 0')
     if self.prior_temperature <= 0:
       raise ValueError(f'mcts.prior_temperature={self.prior_temperature}: must be > 0')
+    if self.root_selection == 'gumbel' and self.num_walkers != 1:
+      raise ValueError(f'mcts.root_selection=gumbel needs num_walkers=1 (sequential halving assigns '
+                       f'one simulation at a time), got {self.num_walkers}')
     if self.virtual_loss < 0:
       raise ValueError(f'mcts.virtual_loss={self.virtual_loss}: must be >= 0')
 
@@ -174,7 +187,7 @@ def _child_scores(tree: tree_lib.Tree, b_R, node_R, config: MCTSConfig, vl_RxK=N
   return child_RxK, jnp.where(valid_RxK, scores, -jnp.inf)
 
 
-def _descend(tree: tree_lib.Tree, prev_BxWxD1, vl_BxW, config: MCTSConfig):
+def _descend(tree: tree_lib.Tree, prev_BxWxD1, vl_BxW, config: MCTSConfig, root_pick_B=None):
   """One walker per tree from the root to a leaf, seeing the virtual loss of earlier walkers.
 
   A node at depth d can only sit at position d of a path, so one comparison per earlier
@@ -186,6 +199,7 @@ def _descend(tree: tree_lib.Tree, prev_BxWxD1, vl_BxW, config: MCTSConfig):
     vl_BxW: virtual visits each earlier walker puts on every node of its path (0 for the
       walkers still to come).
     config: selection knobs.
+    root_pick_B: the root's child to enter (Gumbel root), or None to select it like any node.
 
   Returns:
     path_BxD1: node per depth (path[:, 0] = root), -1 past the leaf.
@@ -205,6 +219,8 @@ def _descend(tree: tree_lib.Tree, prev_BxWxD1, vl_BxW, config: MCTSConfig):
       vl_B = jnp.sum(jnp.where(here == node_B[:, None], vl_BxW, 0.0), axis=1)
     child_BxK, scores = _child_scores(tree, bi, node_B, config, vl_BxK, vl_B)
     pick = jnp.take_along_axis(child_BxK, jnp.argmax(scores, axis=1)[:, None], axis=1)[:, 0]
+    if root_pick_B is not None:
+      pick = jnp.where(i == 0, root_pick_B, pick)
     node_B = jnp.where(done_B, node_B, pick)
     path = jax.lax.dynamic_update_index_in_dim(path, jnp.where(done_B, -1, node_B), i + 1, axis=1)
     done_B = done_B | (tree.first_child_BxN[bi, node_B] < 0)
@@ -235,7 +251,34 @@ def walker_roles(tree: tree_lib.Tree, path_BxWxD1, config: MCTSConfig):
   return active & can_expand, active & ~can_expand
 
 
-def select_leaves(tree: tree_lib.Tree, config: MCTSConfig):
+def gumbel_root_pick(tree: tree_lib.Tree, gumbel_BxK, root_sims_BxK, considered_B, config: MCTSConfig):
+  """The root child Gumbel MuZero's sequential halving visits next (mctx `gumbel_muzero_policy`).
+
+  Among the root's children whose simulation count equals `considered_B` (the halving
+  schedule's count for this simulation), the one maximising g + log prior + sigma(q), with
+  sigma(q) = (50 + max N) * 0.1 * normalised q (mctx's `qtransform_completed_by_mix_value`
+  constants; every child here has its own evaluation, so no q needs completing).
+
+  Returns:
+    child_B (a node index; garbage while the root is unexpanded, where it is not used).
+  """
+  b, k = gumbel_BxK.shape
+  bi = jnp.arange(b)
+  first = jnp.maximum(tree.first_child_BxN[:, tree_lib.ROOT], 0)
+  child_BxK = first[:, None] + jnp.arange(k)
+  valid = jnp.arange(k)[None, :] < tree.num_children_BxN[:, tree_lib.ROOT][:, None]
+  child_c = jnp.where(valid, child_BxK, 0)
+  lo_B, hi_B = q_bounds(tree, config)
+  qn = operators.normalize_q(tree.q_BxN[bi[:, None], child_c], lo_B[:, None], hi_B[:, None])
+  sigma = (50.0 + jnp.max(root_sims_BxK, axis=1, keepdims=True)) * 0.1 * qn
+  logits = jnp.log(jnp.maximum(tree.prior_BxN[bi[:, None], child_c], 1e-30))
+  score = seq_halving.score_considered(considered_B[:, None], gumbel_BxK, jnp.where(valid, logits, -1e9),
+                                       sigma, root_sims_BxK)
+  score = jnp.where(valid, score, -jnp.inf)
+  return jnp.take_along_axis(child_BxK, jnp.argmax(score, axis=1)[:, None], axis=1)[:, 0]
+
+
+def select_leaves(tree: tree_lib.Tree, config: MCTSConfig, root_pick_B=None):
   """W walkers per tree, one after the other, each seeing the earlier ones' virtual loss.
 
   Walker j's virtual loss is `virtual_loss` times the evaluations its leaf will add (K for an
@@ -246,7 +289,7 @@ def select_leaves(tree: tree_lib.Tree, config: MCTSConfig):
   """
   b, w, d1 = tree.batch_size, config.num_walkers, config.max_depth + 1
   if w == 1:
-    return _descend(tree, None, None, config)[:, None]
+    return _descend(tree, None, None, config, root_pick_B)[:, None]
 
   def walker(j, paths):
     vl_BxW = jnp.zeros((b, w), jnp.float32)
@@ -383,7 +426,8 @@ def mcts_search(params: Params, key: jax.Array, prompt_BxLp: jax.Array, prompt_m
 
   Returns:
     SearchResult with the chosen path's steps (L = max_depth * step tokens), its q as score,
-    the tree, and `extra = {'leaf_B': chosen node}`.
+    the tree, and `extra = {'leaf_B': chosen node, 'root_sims_BxK': simulations that entered
+    each root child slot}`.
   """
   b = prompt_BxLp.shape[0]
   if problem_B is None:
@@ -402,17 +446,37 @@ def mcts_search(params: Params, key: jax.Array, prompt_BxLp: jax.Array, prompt_m
   tree = tree_lib.empty(roots.tokens_MxT, roots.mask_MxT, problem_B, config.num_nodes, step_len,
                         model.pad_id, root_value_B, gamma=config.gamma)
 
+  gumbel = config.root_selection == 'gumbel'
+  k = config.num_children
+  if gumbel:
+    # Simulation 0 expands the root; the halving schedule covers the S - 1 after it, per
+    # number of unique root children (merging can leave fewer than K).
+    table_NxS = jnp.asarray(seq_halving.get_table_of_considered_visits(k, max(config.num_simulations - 1, 1)),
+                            jnp.int32)
+    gumbel_BxK = config.gumbel_scale * jax.random.gumbel(
+        jax.random.fold_in(key, config.num_simulations), (b, k), jnp.float32)
+
   def simulation(s, carry):
-    tree, counters = carry
-    path_BxWxD1 = select_leaves(tree, config)
+    tree, counters, root_sims_BxK = carry
+    root_pick = None
+    if gumbel:
+      n_B = tree.num_children_BxN[:, tree_lib.ROOT]
+      considered_B = table_NxS[n_B, jnp.clip(s - 1, 0, table_NxS.shape[1] - 1)]
+      root_pick = gumbel_root_pick(tree, gumbel_BxK, root_sims_BxK, considered_B, config)
+    path_BxWxD1 = select_leaves(tree, config, root_pick)
     expand_BxW, revisit_BxW = walker_roles(tree, path_BxWxD1, config)
     tree, kids, c = expansion.expand_and_evaluate(
         params, jax.random.fold_in(key, s), tree, path_BxWxD1, expand_BxW, model=model, opts=opts)
     delta = jnp.where(expand_BxW, (kids >= 0).sum(axis=2), revisit_BxW.astype(jnp.int32))
     tree = backpropagate(tree, path_BxWxD1, delta.astype(jnp.int32), config)
-    return tree, counters + c
+    # Simulations through each root child (the counts sequential halving schedules by).
+    slot_B = path_BxWxD1[:, 0, 1] - tree.first_child_BxN[:, tree_lib.ROOT]
+    entered = (path_BxWxD1[:, 0, 1] >= 0)[:, None] & (jnp.arange(k)[None, :] == slot_B[:, None])
+    return tree, counters + c, root_sims_BxK + entered.astype(jnp.int32)
 
-  tree, counters = jax.lax.fori_loop(0, config.num_simulations, simulation, (tree, counters))
+  root_sims0 = jnp.zeros((b, k), jnp.int32)
+  tree, counters, root_sims_BxK = jax.lax.fori_loop(0, config.num_simulations, simulation,
+                                                    (tree, counters, root_sims0))
 
   leaf_B = answer_leaf(tree, config)
   bi = jnp.arange(b)
@@ -420,4 +484,4 @@ def mcts_search(params: Params, key: jax.Array, prompt_BxLp: jax.Array, prompt_m
   return SearchResult(
       tokens_BxL=tokens, lengths_B=lengths, score_B=tree.q_BxN[bi, leaf_B],
       terminal_B=tree.terminal_BxN[bi, leaf_B], policy_tokens_B=counters.policy_tokens_B,
-      model_calls_B=counters.model_calls_B, tree=tree, extra={'leaf_B': leaf_B})
+      model_calls_B=counters.model_calls_B, tree=tree, extra={'leaf_B': leaf_B, 'root_sims_BxK': root_sims_BxK})

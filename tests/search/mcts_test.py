@@ -177,6 +177,40 @@ def test_expanding_a_node_keeps_its_q_under_an_exact_value_model(backup):
   np.testing.assert_allclose(t.q_BxN[0, 0], root, atol=1e-6)
 
 
+def test_gumbel_root_pick_by_hand():
+  """Root children q .2 / .6 / -.4, equal priors; fixed bounds give qn .6 / .8 / .3 and
+  sigma = (50 + max N) * .1 * qn = 3.06 / 4.08 / 1.53 with one simulation each. Only children
+  with the schedule's simulation count compete: all three -> node 2; node 2 already ahead ->
+  node 1; Gumbel noise 5 on node 3 lifts it to 6.53 -> node 3."""
+  tree = _hand_tree(q=[0.0, 0.2, 0.6, -0.4], prior=[1.0, 1 / 3, 1 / 3, 1 / 3], visits=[4, 1, 1, 1])
+  cfg = mcts_lib.MCTSConfig(num_children=3, max_depth=3, root_selection='gumbel')
+  pick = lambda g, sims, considered: int(mcts_lib.gumbel_root_pick(
+      tree, jnp.array([g], jnp.float32), jnp.array([sims]), jnp.array([considered]), cfg)[0])
+  assert pick([0.0, 0.0, 0.0], [1, 1, 1], 1) == 2
+  assert pick([0.0, 0.0, 0.0], [1, 2, 1], 1) == 1
+  assert pick([0.0, 0.0, 5.0], [1, 1, 1], 1) == 3
+  with pytest.raises(ValueError, match='root_selection=gumbel needs num_walkers=1'):
+    mcts_lib.MCTSConfig(root_selection='gumbel', num_walkers=2)
+
+
+def test_gumbel_root_spreads_simulations_by_sequential_halving():
+  """K = 3 enumerated root children (actions 0, 1 wrong, 2 right), S = 1 + 6, PRM values
+  +-c = .5 everywhere (no verifier), gamma .96. The schedule (mctx) considers 0, 0, 0, 1, 1, 2
+  simulations: each child is entered once (q: gamma^2 (-.5) = -.461 for the wrong ones,
+  gamma^2 (.5 - .5 - .5) / 3 = -.154 for the right one); the two best by q get one more
+  (the right one, then the first wrong one on the tie; the right one drops to -.24); the
+  better of those two one more: 2 / 1 / 3 simulations."""
+  task = toy.ToyTask(num_actions=3, horizon=3, enumerate=True, value_confidence=0.5)
+  params = {'target': jnp.array([[2, 0, 1]]), 'logits': jnp.zeros((1, 3, 3))}
+  cfg = mcts_lib.MCTSConfig(num_simulations=7, num_children=3, max_depth=3, root_selection='gumbel',
+                            gumbel_scale=0.0, prior='logprob')
+  res = _search(task, cfg, with_reward=False)(params, jax.random.key(0), *toy.prompts(1, task))
+  assert tree_lib.invariant_errors(res.tree) == []
+  np.testing.assert_array_equal(res.extra['root_sims_BxK'], [[2, 1, 3]])
+  g = 0.96
+  np.testing.assert_allclose(res.tree.q_BxN[0, 2], g * g * -0.5, atol=1e-5)
+
+
 def test_idle_walkers_reach_the_policy_as_empty_rows():
   """Simulation 0 has one leaf (the root) for W = 3 walkers: walkers 2 and 3 idle, and their
   rows reach the policy with an empty state (the sampler stops such rows before decoding)."""
