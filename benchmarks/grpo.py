@@ -49,10 +49,12 @@ the target is <= 0.7.
   python benchmarks/grpo.py --layers=1 --d-model=64 --heads=2 --kv-heads=1 --head-dim=32 \
       --d-ff=128 --vocab=128 --prompts=2 --group=4 --prompt-len=8 --completion-len=8  # tiny
 
-The tunix virtualenv: python3 -m venv /work/venv-tunix && /work/venv-tunix/bin/pip install
-google-tunix==0.1.7 (it installs jax 0.10.2 / flax 0.12.8 there). trl, next to the project's
-torch/transformers/datasets: pip install --target /work/trl-site --no-deps trl==1.16.0
-accelerate==1.15.0. A peer that cannot run is reported with its error line and skipped.
+Peers: `bash benchmarks/setup_peers.sh` creates .peers/tunix (a virtualenv with
+google-tunix==0.1.7, which installs jax 0.10.2 / flax 0.12.8 there) and .peers/trl-site
+(trl==1.16.0 + accelerate==1.15.0, next to the project's torch/transformers/datasets) in the
+repository root; RLM_PEERS_DIR moves both, --tunix-python / --trl-path override each. A peer
+that cannot run is reported with its error line and skipped. TRL runs in float32 (bf16=False:
+trl's GRPOConfig defaults to bf16, and bf16 autocast on an AVX2 CPU is ~11x slower).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ import numpy as np
 
 # benchmarks/sampler.py: model export and tunix tokenizer shared with the sampler benchmark.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers as peer_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sampler as sampler_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PAD, BOS = 0, 1
@@ -97,9 +100,9 @@ def parse_args(argv=None):
   p.add_argument('--warmup', type=int, default=1, help='untimed iterations (the first compiles)')
   p.add_argument('--repeats', type=int, default=5, help='timed iterations (median)')
   p.add_argument('--peers', default='ours,hostloop,tunix,trl', help=f'comma-separated subset of {PEERS}')
-  p.add_argument('--tunix-python', default='/work/venv-tunix/bin/python',
-                 help='python of a virtualenv with google-tunix==0.1.7')
-  p.add_argument('--trl-path', default='/work/trl-site',
+  p.add_argument('--tunix-python', default=peer_setup.tunix_python(),
+                 help=f'python of a virtualenv with google-tunix==0.1.7 (`{peer_setup.SETUP} tunix`)')
+  p.add_argument('--trl-path', default=peer_setup.trl_path(),
                  help='folder with trl==1.16.0 and accelerate==1.15.0 (pip install --target DIR --no-deps ...), '
                       'put on PYTHONPATH of the trl worker; empty if trl is importable as is')
   p.add_argument('--torch-threads', type=int, default=1,
@@ -567,7 +570,7 @@ def trl_worker(args):
   cfg = trl.GRPOConfig(
       output_dir=os.path.join(args.workdir, 'trl'), per_device_train_batch_size=b * g, gradient_accumulation_steps=1,
       steps_per_generation=1, num_generations=g, num_iterations=mu, max_completion_length=t, temperature=1.0,
-      top_p=1.0, beta=args.beta, epsilon=EPSILON, loss_type='grpo', scale_rewards='group',
+      top_p=1.0, bf16=False, fp16=False, beta=args.beta, epsilon=EPSILON, loss_type='grpo', scale_rewards='group',
       learning_rate=LEARNING_RATE, adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0,
       lr_scheduler_type='constant', warmup_steps=0, max_steps=n_iters * mu, use_cpu=True, report_to='none',
       save_strategy='no', logging_steps=10**6, disable_tqdm=True, generation_kwargs={'min_new_tokens': t}, seed=0)
@@ -638,8 +641,7 @@ def start_workers(workdir: str, args) -> tuple[dict, list[str]]:
   peers, lines = {}, []
   if 'tunix' in args.peer_list:
     if not os.path.exists(args.tunix_python):
-      lines.append(f'tunix: not run: no python at {args.tunix_python} '
-                   '(python3 -m venv DIR && DIR/bin/pip install google-tunix==0.1.7)')
+      lines.append(peer_setup.missing('tunix', args.tunix_python))
     else:
       try:
         peers['tunix'] = WorkerPeer('tunix', args.tunix_python, workdir, args)
@@ -647,8 +649,7 @@ def start_workers(workdir: str, args) -> tuple[dict, list[str]]:
         lines.append(f'tunix: not run: {e}')
   if 'trl' in args.peer_list:
     if args.trl_path and not os.path.isdir(os.path.join(args.trl_path, 'trl')):
-      lines.append(f'trl: not run: no trl under --trl-path={args.trl_path} '
-                   '(pip install --target DIR --no-deps trl==1.16.0 accelerate==1.15.0)')
+      lines.append(peer_setup.missing('trl', args.trl_path))
     else:
       try:
         peers['trl'] = WorkerPeer('trl', sys.executable, workdir, args, args.trl_path)
@@ -662,7 +663,7 @@ def run_rounds(peers: dict, args) -> tuple[dict, list[str]]:
   n = args.warmup + args.repeats
   iters, lines = {name: [] for name in peers}, []
   names = list(peers)
-  for i in range(n):
+  for i in range(n if names else 0):
     for name in names[i % len(names):] + names[:i % len(names)]:
       if name not in peers:
         continue

@@ -18,6 +18,9 @@ give the fraction of generated tokens equal to ours, a check that all run the sa
 
   python benchmarks/sampler.py                       # all three, batches 1,16,64
   python benchmarks/sampler.py --tunix-python=none   # ours and HF only
+  python benchmarks/sampler.py --hf_model=DIR --batches=64 --prompt-len=100 --new-tokens=64 --threads=2
+      # real model: ours vs transformers on DIR's weights, each side in its own process pinned
+      # to the same --threads cpus; tok/s, tok per CPU-second and peak RSS per side
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers as peer_setup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PAD = 0
 NO_EOS = -1  # an id no model produces: every row runs to --new-tokens
@@ -50,13 +56,17 @@ def parse_args(argv=None):
   p.add_argument('--d-ff', type=int, default=704)
   p.add_argument('--vocab', type=int, default=1024)
   p.add_argument('--reps', type=int, default=3)
-  p.add_argument('--tunix-python', default='/work/venv-tunix/bin/python',
-                 help="python of a virtualenv with google-tunix==0.1.7; 'none' to skip")
+  p.add_argument('--tunix-python', default=peer_setup.tunix_python(),
+                 help=f"python of a virtualenv with google-tunix==0.1.7 (`{peer_setup.SETUP} tunix`); 'none' to skip")
   p.add_argument('--skip-hf', action='store_true')
   p.add_argument('--hf-reps', type=int, default=1, help='timed HF calls per batch (they are slow)')
   p.add_argument('--hf-threads', type=int, default=1,
                  help='torch threads; 2 OpenMP threads on a busy 2-core machine spin-wait and ran 10x slower')
-  p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # internal: 'tunix'
+  p.add_argument('--hf_model', default='',
+                 help='real-model mode: an HF Llama/Qwen2 folder (config.json + safetensors); ours vs '
+                      'transformers on its weights, each in its own process pinned to --threads cpus')
+  p.add_argument('--threads', type=int, default=0, help='real-model mode: cpus for each side (0 = all)')
+  p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # internal: 'tunix', 'real-ours', 'real-hf'
   p.add_argument('--workdir', default='', help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
@@ -232,6 +242,97 @@ def run_tunix(path, args):
   return None, f'not available: tunix run failed (exit {proc.returncode}): {tail}'
 
 
+# ----------------------------------------------------------------------------- real model
+
+
+def _pin(args):
+  """Both sides of the real-model mode run on the same cpus (before jax / torch start)."""
+  n = args.threads or os.cpu_count()
+  os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:n]))
+  return n
+
+
+def _real_prompts(b, args, vocab):
+  rng = np.random.RandomState(b)
+  return rng.randint(3, min(vocab, 32000), (b, args.prompt_len)).astype(np.int32)
+
+
+def real_worker(args):
+  """One side of the real-model mode; prints one JSON line (timings, tokens, peak RSS)."""
+  import resource  # pylint: disable=g-import-not-at-top
+  n = _pin(args)
+  with open(os.path.join(args.hf_model, 'config.json')) as f:
+    vocab = json.load(f)['vocab_size']
+  out = {}
+  if args.worker == 'real-ours':
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    from rlm_jax.models import hf  # pylint: disable=g-import-not-at-top
+    from rlm_jax.sampling.sampler import SamplingConfig, sample  # pylint: disable=g-import-not-at-top
+    graphdef, state = hf.load_hf(args.hf_model)
+    scfg = SamplingConfig(max_new_tokens=args.new_tokens, eos_id=NO_EOS, pad_id=PAD, greedy=True)
+    info = f'jax {jax.__version__}'
+    for b in [int(x) for x in args.batches.split(',')]:
+      tokens = jnp.asarray(_real_prompts(b, args, vocab))
+      call = lambda: sample(graphdef, state, tokens, jnp.ones(tokens.shape, bool), jax.random.key(0),
+                            scfg).tokens_BxT.block_until_ready()
+      t0 = time.perf_counter()
+      generated = np.asarray(call())
+      out[b] = _result(b, args, _median_time(call, args.reps), compile_s=time.perf_counter() - t0,
+                       tokens=generated.tolist())
+  else:
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(n)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.hf_model, dtype=torch.float32,
+                                                              local_files_only=True).eval()
+    model.generation_config.eos_token_id = None
+    info = f'torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}'
+    for b in [int(x) for x in args.batches.split(',')]:
+      ids = torch.tensor(_real_prompts(b, args, vocab), dtype=torch.int64)
+
+      def call(k=args.new_tokens):
+        with torch.inference_mode():
+          return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=k, min_new_tokens=k, pad_token_id=PAD, use_cache=True)
+
+      call(2)
+      generated = []
+      timed = lambda: generated.append(call().numpy()[:, args.prompt_len:])
+      out[b] = _result(b, args, _median_time(timed, args.hf_reps), tokens=generated[0].tolist())
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  print('REAL_RESULT ' + json.dumps({'info': info, 'threads': n, 'rss_mib': rss, 'results': out}))
+
+
+def run_real(args):
+  """Ours vs transformers on the weights in --hf_model, one process each (peak RSS per side)."""
+  res = {}
+  for side in ('real-ours', 'real-hf'):
+    cmd = [sys.executable, os.path.abspath(__file__), f'--worker={side}'] + [
+        a for a in sys.argv[1:] if not a.startswith('--worker')]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
+    line = [l for l in proc.stdout.splitlines() if l.startswith('REAL_RESULT ')]
+    if not line:
+      raise SystemExit(f'{side} failed:\n{proc.stderr[-3000:]}')
+    res[side] = json.loads(line[0][len('REAL_RESULT '):])
+  o, h = res['real-ours'], res['real-hf']
+  print(f'model: {args.hf_model}; prompt {args.prompt_len} random ids, {args.new_tokens} new tokens, greedy, '
+        f'no EOS; {o["threads"]} cpus each side; ours: {o["info"]}; hf: {h["info"]}')
+  cols = ('batch', 'ours tok/s', 'HF tok/s', 'ours/HF', 'ours tok/cpu-s', 'HF tok/cpu-s', 'ours/HF cpu',
+          'ours s', 'HF s', 'agree')
+  print(' | '.join(cols))
+  for b in o['results']:
+    a, c = o['results'][b], h['results'][b]
+    agree = float((np.asarray(a['tokens']) == np.asarray(c['tokens'])).mean())
+    row = [b, f'{a["tok_s"]:.0f}', f'{c["tok_s"]:.0f}', f'{a["tok_s"] / c["tok_s"]:.2f}', f'{a["tok_cpu_s"]:.0f}',
+           f'{c["tok_cpu_s"]:.0f}', f'{a["tok_cpu_s"] / c["tok_cpu_s"]:.2f}', f'{a["sec"]:.2f}', f'{c["sec"]:.2f}',
+           f'{agree:.3f}']
+    print(' | '.join(str(v).rjust(len(k)) for v, k in zip(row, cols)))
+  print(f'peak RSS MiB (whole process, all batches): ours {o["rss_mib"]:.0f}, HF {h["rss_mib"]:.0f}')
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -243,6 +344,10 @@ def main(argv=None):
   args = parse_args(argv)
   if args.worker == 'tunix':
     return tunix_worker(args)
+  if args.worker in ('real-ours', 'real-hf'):
+    return real_worker(args)
+  if args.hf_model:
+    return run_real(args)
   # Run from a checkout without installing: the repository root holds the package.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax  # pylint: disable=g-import-not-at-top
