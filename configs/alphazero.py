@@ -46,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.optim.update(learning_rate=5e-5, warmup_steps=0, decay_steps=0)
   c.rl.alphazero = dict(
       mcts=dict(num_simulations=8, num_children=4, num_walkers=2, max_depth=5, selection='puct',
-                c1=1.25, c2=19652.0, uct_c=1.0, prior='logprob', prior_temperature=1.0, q_bounds='fixed', backup='td',
+                c1=1.25, c2=19652.0, uct_c=1.0, prior='empirical', prior_temperature=1.0, q_bounds='fixed', root_selection='puct', gumbel_scale=1.0, backup='td',
                 gamma=0.96, td_lambda=1.0, virtual_loss=1.0, merge_duplicates=True, num_rollouts=0,
                 rollout_weight=0.5, answer='best_terminal'),
       step_tokens=12, use_value_model=True, buffer_size=512,

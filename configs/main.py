@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
       optim=_optim(learning_rate=5e-5, end_lr_factor=1.0, b2=0.99),
       reward=dict(correct=1.0, wrong=0.0, invalid=0.0),
       microbatches=1, rollout_mesh=None, reward_on='device',
+      reward_fns=(), reward_weights=(),  # host reward functions (reward_on='host'), e.g. ('correctness', 'format')
       # One section per algorithm (`--config.rl.algo=NAME` picks one; training/algorithms.py).
       # grpo's max_completion_length is task.completion_len.
       grpo=dict(scale_rewards='group', loss_type='dapo', epsilon=0.2, epsilon_high=0.28, beta=0.0,
@@ -57,13 +58,16 @@ def get_config() -> ml_collections.ConfigDict:
                 mask_constant_groups=False, overlong_buffer=0, overlong_penalty_factor=1.0),
       rloo=dict(loss_type='dapo', epsilon=0.2, epsilon_high=0.28, beta=0.0, num_iterations=1,
                 mask_truncated_completions=False, normalize_advantages=False),
+      # Needs value.enabled=True: the phase-1 PRM scores every step of every rollout.
+      process_grpo=dict(loss_type='dapo', epsilon=0.2, epsilon_high=0.28, beta=0.0, num_iterations=1,
+                        max_steps=8, outcome_weight=0.0),
       ppo=dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,
                kl_coef=0.05, num_ppo_epochs=4, whiten_rewards=False, num_minibatches=1,
                whiten_advantages=True),
       em=dict(weights='raw', normalize='sequence_sum', num_m_steps=1),
       alphazero=dict(
           mcts=dict(num_simulations=8, num_children=4, num_walkers=2, max_depth=6, selection='puct',
-                    c1=1.25, c2=19652.0, uct_c=1.0, prior='logprob', prior_temperature=1.0, q_bounds='fixed', backup='td',
+                    c1=1.25, c2=19652.0, uct_c=1.0, prior='empirical', prior_temperature=1.0, q_bounds='fixed', root_selection='puct', gumbel_scale=1.0, backup='td',
                     gamma=0.96, td_lambda=1.0, virtual_loss=1.0, merge_duplicates=True, num_rollouts=0,
                     rollout_weight=0.5, answer='best_terminal'),
           step_tokens=16, use_value_model=True, buffer_size=256, distill_steps=4, distill_batch=32,

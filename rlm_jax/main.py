@@ -64,7 +64,7 @@ def main(argv):
     print(f'preempted: checkpoint saved in {workdir}/ckpt; rerun the same command to resume')
     return
   print('\nHeld-out accuracy (' + str(cfg.eval.size) + f' tasks, {cfg.task.domain}, levels {cfg.task.levels}):')
-  print(loop.format_results(results, cfg.eval.strategies, cfg.rl.algo))
+  print(loop.format_results(results, cfg.eval.strategies, cfg.rl.algo, 'SFT' if cfg.sft.steps else 'START'))
 
 
 if __name__ == '__main__':

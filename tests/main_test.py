@@ -149,7 +149,7 @@ def test_lora_and_distributed_sections_are_checked_at_start_up(tmp_path):
   c = _tiny_config(lora=dict(rank=2))
   c.rl.algo = 'ppo'
   with pytest.raises(configlib.ConfigError, match=r"^lora.rank=2: rl.algo='ppo' does not support it "
-                     r"\(algorithms that do: grpo, rloo, em\)$"):
+                     r"\(algorithms that do: grpo, rloo, process_grpo, em\)$"):
     config_lib.parse(c)
   c = _tiny_config(lora=dict(rank=2, targets=('attn.wz',)))
   with pytest.raises(ValueError, match=r"lora.targets: pattern 'attn.wz' matches no weight"):

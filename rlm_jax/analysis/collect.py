@@ -173,6 +173,7 @@ class _Policy(NamedTuple):
   value: tuple[Any, Any] | None  # (graphdef, params) of the run's value model / PRM, or None
   value_from_policy: bool  # no value model, but the policy has a value head (PPO's actor-critic)
   tasks: list[dict]  # the run's held-out tasks, in order
+  prompt_format: Any  # the run's data.encoding.PromptFormat
   task: Any  # the run's `task` section (prompt_len, answer_len, completion_len)
   temperature: float  # the run's eval.temperature
 
@@ -187,7 +188,7 @@ def checkpoint_phases(workdir: str | os.PathLike) -> list[str]:
   from rlm_jax.experiment import models as models_lib
 
   workdir = os.fspath(workdir)
-  cfg = config_lib.parse(models_lib.read_run_config(workdir))
+  cfg = config_lib.parse(models_lib.read_run_config(workdir), strict=False)
   return [p for p in models_lib.phases_of(cfg) if p != 'value' and models_lib.phase_steps(workdir, p)]
 
 
@@ -205,8 +206,9 @@ def _load_phase(workdir: str, phase: str) -> _Policy:
   run = models_lib.load_run(workdir, phase)
   graphdef, params = run.policy
   head = nnx.merge(graphdef, params).cfg.value_head != 'none'
-  _, held = data_lib.build_data(run.tok, run.cfg.task, run.cfg.eval.size)
-  return _Policy(run.tok, graphdef, params, run.value, head and run.value is None, list(held.tasks),
+  fmt = run.cfg.tokenizer.prompt_format()
+  _, held = data_lib.build_data(run.tok, run.cfg.task, run.cfg.eval.size, fmt, traces=run.cfg.sft.steps > 0)
+  return _Policy(run.tok, graphdef, params, run.value, head and run.value is None, list(held.tasks), fmt,
                  run.cfg.task, run.cfg.eval.temperature)
 
 
@@ -249,7 +251,7 @@ def _search(policy: _Policy, setup, tasks: Sequence[dict], num_trees: int) -> tu
   for start in range(0, len(tasks), bs):
     chunk = list(tasks[start:start + bs])
     padded = chunk + [chunk[0]] * (bs - len(chunk))  # one compiled shape
-    prompt, mask = encoding.encode_prompts(tok, padded, policy.task.prompt_len)
+    prompt, mask = encoding.encode_prompts(tok, padded, policy.task.prompt_len, policy.prompt_format)
     reward = None
     if reward_fn is not None:
       reward = lm.answer_table(tok, ['Answer: ' + tasks_lib.answer_text(t) for t in padded], policy.task.answer_len)

@@ -176,6 +176,10 @@ class RLConfig:
   microbatches: int
   rollout_mesh: sharding.MeshConfig | None
   reward_on: Literal['device', 'host']
+  # Host reward functions (TRL-style `module:function` or built-ins, `tasks.reward_fns`) and
+  # their weights (() = all 1) when reward_on='host'; () = the verifier score through `reward`.
+  reward_fns: tuple[str, ...]
+  reward_weights: tuple[float, ...]
   # The typed `rl.<name>` sections present in the config, as (name, section) pairs (filled by
   # `parse`; a tuple so the config stays hashable).
   sections: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), metadata={'derived': True})
@@ -188,6 +192,11 @@ class RLConfig:
     if self.microbatches < 1 or rows % self.microbatches:
       raise ValueError(f'rl.microbatches={self.microbatches}: must be >= 1 and divide '
                        f'prompts_per_iteration * group_size = {rows}')
+    if self.reward_fns and self.reward_on != 'host':
+      raise ValueError(f"rl.reward_fns={self.reward_fns}: reward functions run on host; set rl.reward_on='host'")
+    if self.reward_weights and len(self.reward_weights) != len(self.reward_fns):
+      raise ValueError(f'rl.reward_weights has {len(self.reward_weights)} entries for '
+                       f'{len(self.reward_fns)} rl.reward_fns')
     for name in ('iterations',):
       if getattr(self, name) < 0:
         raise ValueError(f'rl.{name}={getattr(self, name)}: must be >= 0')
@@ -235,8 +244,12 @@ class ExperimentConfig:
 _DERIVED = {('grpo', 'max_completion_length'): ('task', 'completion_len')}
 
 
-def parse(config: ml_collections.ConfigDict | dict) -> ExperimentConfig:
+def parse(config: ml_collections.ConfigDict | dict, strict: bool = True) -> ExperimentConfig:
   """The typed experiment config of a config file's ConfigDict (strict: every key spelled).
+
+  `strict=False` fills keys the config lacks with the library defaults: for reading the
+  `config.json` of a run made before a knob existed (`experiment.models.load_run`), never for
+  starting a run.
 
   Raises:
     ConfigError: one line naming the key (unknown, missing, bad value, cross-section rule).
@@ -247,7 +260,7 @@ def parse(config: ml_collections.ConfigDict | dict) -> ExperimentConfig:
   rl = dict(d['rl'])
   raw_sections = {name: rl.pop(name) for name in list(rl) if name in algorithms.ALGORITHMS}
   d['rl'] = rl
-  cfg = configlib.from_config(ExperimentConfig, d, '', strict=True)
+  cfg = configlib.from_config(ExperimentConfig, d, '', strict=strict)
   sections = {}
   for name, raw in raw_sections.items():
     raw = dict(raw) if isinstance(raw, dict) else raw
@@ -258,7 +271,7 @@ def parse(config: ml_collections.ConfigDict | dict) -> ExperimentConfig:
           raise ConfigError(f'config.rl.{name}.{key}={raw[key]}: it is {src}.{src_key} ({derived}); '
                             'remove the key')
         raw[key] = derived
-    sections[name] = configlib.from_config(algorithms.ALGORITHMS[name].config, raw, f'rl.{name}', strict=True)
+    sections[name] = configlib.from_config(algorithms.ALGORITHMS[name].config, raw, f'rl.{name}', strict=strict)
   if cfg.rl.algo != 'none' and cfg.rl.algo not in sections:
     raise ConfigError(f"config.rl.{cfg.rl.algo}: missing required key (the section of rl.algo='{cfg.rl.algo}')")
   cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, sections=tuple(sections.items())))
@@ -279,6 +292,8 @@ def check(cfg: ExperimentConfig) -> None:
         able = [n for n, a in algorithms.ALGORITHMS.items() if cap in a.capabilities]
         raise ConfigError(f"{keys[cap]}: rl.algo='{algo.name}' does not support it "
                           f"(algorithms that do: {', '.join(able) or 'none'})")
+    if algo.requires_value and not cfg.value.enabled:
+      raise ConfigError(f"rl.algo='{algo.name}' reads the phase-1 value model / PRM: set value.enabled=True")
     if cfg.rl.reward_on == 'host' and cfg.rl.rollout_mesh is not None:
       raise ConfigError("rl.reward_on='host' needs the rollout on the training mesh: set rl.rollout_mesh=None")
   needs_value = [s for s in cfg.eval.strategies if s in eval_lib.VALUE_STRATEGIES]
@@ -290,6 +305,12 @@ def check(cfg: ExperimentConfig) -> None:
     raise ConfigError("value.labels='mcts': the search knobs come from config.rl.alphazero, which is missing")
   if cfg.tokenizer.kind == 'hf' and not (cfg.tokenizer.path or cfg.hf_checkpoint):
     raise ConfigError("tokenizer.kind='hf': set tokenizer.path (or hf_checkpoint, whose folder it then uses)")
+  if cfg.rl.reward_fns:
+    from rlm_jax.tasks import reward_fns  # pylint: disable=g-import-not-at-top
+    try:
+      reward_fns.load_reward_fns(cfg.rl.reward_fns)
+    except (ValueError, ImportError) as e:
+      raise ConfigError(f'rl.reward_fns: {e}') from e
   if cfg.tokenizer.chat_template and cfg.tokenizer.kind != 'hf':
     raise ConfigError("tokenizer.chat_template=True needs tokenizer.kind='hf' (the character tokenizer has no template)")
   if cfg.sft.steps > 0 and cfg.task.train_size and cfg.sft.batch_size > cfg.task.train_size:

@@ -148,6 +148,40 @@ def build_rl_pool(tok: Tokenizer, cfg, exclude: Sequence[Data],
   return encode_split(tok, pool, cfg, traces=False, fmt=fmt)
 
 
+def host_rewards(tok: Tokenizer, tasks: Sequence[dict], group_size: int, fns, weights=(), fmt=None):
+  """Scores rollout rows with TRL-style reward functions (`tasks.reward_fns`), on host.
+
+  Args:
+    tok: the tokenizer.
+    tasks: the B prompts' tasks; rows are prompt-major, `group_size` per task.
+    fns: reward functions (`reward_fns.load_reward_fns(config.rl.reward_fns)`).
+    weights: one per function (() = all 1).
+    fmt: the run's prompt format (the `prompts` argument the functions get is its text).
+
+  Returns:
+    score(tokens_BxT, lengths_B) -> (verifier scores [B] int, rewards [B] float, metrics): the
+    verifier score as `host_scorer` gives it (for accuracy metrics), the weighted sum of the
+    functions, and `reward_fn/<name>` (mean of each function over the batch).
+  """
+  from rlm_jax.tasks import reward_fns  # pylint: disable=g-import-not-at-top
+  fmt = fmt or encoding.DEFAULT_FORMAT
+  rows = [tasks[r // group_size] for r in range(len(tasks) * group_size)]
+  prompts = [encoding.prompt_text(tok, t, fmt) for t in rows]
+  w = np.ones(len(fns)) if not weights else np.asarray(weights, np.float64)
+  verifier = host_scorer(tok, tasks, group_size)
+
+  def score(tokens_BxT: np.ndarray, lengths_B: np.ndarray):
+    completions = [tok.decode(tokens_BxT[r, :n]) for r, n in enumerate(lengths_B)]
+    columns = dict(reward_fns.columns_of(rows), completion_tokens=[int(n) for n in lengths_B])
+    per_FxB = reward_fns.score(fns, prompts, completions, **columns)
+    reward = np.nansum(w[:, None] * per_FxB, axis=0)
+    metrics = {f'reward_fn/{getattr(f, "spec", getattr(f, "__name__", i))}': float(np.nanmean(v)) if np.isfinite(v).any()
+               else float('nan') for i, (f, v) in enumerate(zip(fns, per_FxB))}
+    return verifier(tokens_BxT, lengths_B), reward.astype(np.float32), metrics
+
+  return score
+
+
 def host_scorer(tok: Tokenizer, tasks: Sequence[dict], group_size: int):
   """Scores rollout rows (prompt-major, `group_size` per task) with the task verifiers.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 from etils import epath
@@ -61,6 +62,7 @@ def run_phase(name: str, num_steps: int, step_offset: int, state, step_fn, batch
   if start < num_steps:  # drop metrics logged after the checkpoint we resume from
     metrics.truncate_after(step_offset + start - 1)
   pending = None  # metrics of the previous step, pulled after the next step is dispatched
+  warned = []
 
   def flush(item):
     step, m = item
@@ -68,6 +70,10 @@ def run_phase(name: str, num_steps: int, step_offset: int, state, step_fn, batch
     if not bool(m.pop('finite', True)):
       raise TrainingDiverged(f'{name}: non-finite loss or gradient at step {step}; '
                              f'the last good checkpoint in {ck.directory} is kept')
+    if not warned and float(m.get('truncated', 0.0)) >= 1.0:  # a silent no-op run otherwise
+      warned.append(step)
+      print(f'warning: {name} step {step}: every completion was cut at task.completion_len before its end '
+            '(no answer to reward); raise task.completion_len', file=sys.stderr)
     metrics.write(step_offset + step, {f'{name}/{k}': v for k, v in m.items()})
 
   finished = True
@@ -111,11 +117,14 @@ class Results:
       tmp.replace(self.path)  # a kill leaves the old or the new file
 
 
-def format_results(results: dict, strategies, rl_name: str = 'rl') -> str:
-  """Markdown table: one row per phase, one column per strategy (held-out accuracy)."""
+def format_results(results: dict, strategies, rl_name: str = 'rl', sft_name: str = 'SFT') -> str:
+  """Markdown table: one row per phase, one column per strategy (held-out accuracy).
+
+  `sft_name` labels the phase-1 row ('START' for a run without SFT steps).
+  """
   head = '| after | ' + ' | '.join(strategies) + ' |'
   lines = [head, '|' + '---|' * (len(strategies) + 1)]
-  for phase, name in (('sft', 'SFT'), ('rl', rl_name.upper())):
+  for phase, name in (('sft', sft_name), ('rl', rl_name.upper())):
     if phase in results:
       cells = [f"{results[phase].get(f'{s}/accuracy', float('nan')):.3f}" for s in strategies]
       lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')

@@ -308,7 +308,7 @@ def load_run(workdir: str, phase: str | None = None, *, mesh=None, verbose: bool
     when the run trained one, else None.
   """
   config = read_run_config(workdir)
-  cfg = config_lib.parse(config)
+  cfg = config_lib.parse(config, strict=False)  # a run may predate a knob: library defaults
   tok = load_run_tokenizer(cfg)
   builder = ModelBuilder(cfg, tok, mesh=mesh)
   phases = [p for p in phases_of(cfg) if p != 'value']

@@ -109,6 +109,8 @@ class Experiment:
     res = eval_lib.evaluate(graphdef, params, self.tok, self.held.tasks, self.held.prompt,
                             self.held.prompt_mask, self.cfg.task.completion_len, self.cfg.eval,
                             jax.random.key(self.cfg.seed + 7), value=value)
+    if value is not None:  # how good the value model is, step by step
+      res.update(value_phase.prm_quality(self, value))
     self.metrics.write(step, {f'eval/{k}': v for k, v in res.items()})
     self.results.put(tag, res)
     return res
@@ -119,6 +121,16 @@ class Experiment:
     v = self.cfg.value
     return self.cfg.sft.steps + (v.steps + 1 if v.enabled else 0)
 
+  def host_scorer(self):
+    """(tasks, group_size) -> the host scorer of `rl.reward_on='host'`: the verifier's scores,
+    or (scores, rewards, metrics) of `rl.reward_fns` (`data.host_rewards`)."""
+    rl = self.cfg.rl
+    if not rl.reward_fns:
+      return lambda ts, g: data_lib.host_scorer(self.tok, ts, g)
+    from rlm_jax.tasks import reward_fns  # pylint: disable=g-import-not-at-top
+    fns = reward_fns.load_reward_fns(rl.reward_fns)
+    return lambda ts, g: data_lib.host_rewards(self.tok, ts, g, fns, rl.reward_weights, self.prompt_format)
+
   def phase_context(self, policy, value) -> PhaseContext:
     cfg, pool = self.cfg, self.rl_pool
     rl = cfg.rl
@@ -127,7 +139,7 @@ class Experiment:
     return PhaseContext(rl=rl, seed=cfg.seed, tok=self.tok, task=cfg.task, value_mode=cfg.value.mode,
                         mesh=self.mesh, rules=self.rules, policy=policy, value=value, models=self.models,
                         pool=pool, device_batch=self.device_batch, prompts=prompts,
-                        sampling=self.rollout_sampling(), host_scorer=lambda ts, g: data_lib.host_scorer(self.tok, ts, g),
+                        sampling=self.rollout_sampling(), host_scorer=self.host_scorer(),
                         rollout_at=self.rollout_at)
 
   # --- phases -----------------------------------------------------------------------------

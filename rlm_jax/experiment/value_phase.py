@@ -100,3 +100,39 @@ def run_value(exp, graphdef, sft_params, stop):
   step_fn = lambda st, b, i: value_lib.value_step_jit(vgd, tx, st, b, v.mode)
   state, done = exp.run_phase('value', v.steps, offset, state, step_fn, batch_fn, stop)
   return (vgd, state.params), done
+
+
+def prm_quality(exp, value, max_problems: int = 256) -> dict:
+  """Step-level quality of a value model / PRM on held-out traces whose step correctness the
+  solver knows (`labels.solver_labels`: each problem's solution, all steps right, and one
+  corrupted copy, wrong from the corrupted step on).
+
+  Returns:
+    {'prm/auroc', 'prm/accuracy', 'prm/num_steps', 'prm/num_positive'} (`training.prm_metrics`,
+    P(correct) > 0.5 counts as predicting a right step); {} when the held-out problems have no
+    solution steps (e.g. answer-only datasets).
+  """
+  from rlm_jax.training import prm_metrics  # pylint: disable=g-import-not-at-top
+  cfg, v, tok = exp.cfg, exp.cfg.value, exp.tok
+  tasks = [t for t in exp.held.tasks if t.get('steps')][:max_problems]
+  if not tasks:
+    return {}
+  records = labels_lib.solver_labels(tasks, cfg.seed + 1, 1)
+  enc = labels_lib.encode_step_labels(tok, records, cfg.task.prompt_len + cfg.task.completion_len, v.max_steps)
+  rows = value_lib.prm_batch(enc['tokens'], enc['mask'], enc['completion_start'], enc['step_labels'],
+                             enc['step_valid'], tok.step_id, tok.eos_id)
+  vgd, vparams = value
+  preds = []
+  size = v.label_batch
+  predict = jax.jit(lambda p, t, m: value_lib.predict(vgd, p, t, m))
+  n = len(records)
+  for lo in range(0, n, size):
+    idx = np.arange(lo, lo + size) % n  # fixed shape: the last chunk wraps around
+    preds.append(np.asarray(predict(vparams, jnp.asarray(rows['tokens'])[idx], jnp.asarray(rows['mask'])[idx])))
+  values_NxL = np.concatenate(preds)[:n]
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  head = nnx.merge(vgd, vparams).cfg.value_head
+  p_NxL = np.asarray(value_lib.prob_correct(jnp.asarray(values_NxL), head))
+  m = prm_metrics.step_metrics(p_NxL, np.asarray(rows['targets']), np.asarray(rows['target_mask']) > 0,
+                               scale='prob')
+  return {f'prm/{k}': v for k, v in m.items()}

@@ -3,10 +3,12 @@
 Scores: -1 invalid/unparseable output, 0 wrong, 1 satisfies the constraints without solving
 (SAT partial assignment, Countdown expression with the wrong value), 2 solved.
 
-Default: {-1: -1.0, 0: 0.0, 1: 0.0, 2: 1.0}. Invalid output is penalised below a wrong answer
-so that RL first learns the answer format; a partial solution earns nothing by default, as
-rewarding it invites stopping early. Pass e.g. {-1: 0.0, 0: 0.0, 1: 0.5, 2: 1.0} for shaped
-rewards, or {-1: -1.0, 0: -1.0, 1: -1.0, 2: 1.0} for the +-1 terminal reward of x1's MCTS.
+Default: {-1: 0.0, 0: 0.0, 1: 0.0, 2: 1.0}, the defaults of `training.rewards.RewardConfig`
+(which takes them from here): 1 for a solved task, nothing else; a partial solution earns
+nothing by default, as rewarding it invites stopping early. Pass e.g. {-1: -1.0, 0: 0.0, 1: 0.0,
+2: 1.0} to penalise unreadable output below a wrong answer (RL then learns the answer format
+first), {-1: 0.0, 0: 0.0, 1: 0.5, 2: 1.0} for shaped rewards, or {-1: -1.0, 0: -1.0, 1: -1.0,
+2: 1.0} for the +-1 terminal reward of x1's MCTS.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 SCORES = (-1, 0, 1, 2)
-DEFAULT_REWARDS: Mapping[int, float] = {-1: -1.0, 0: 0.0, 1: 0.0, 2: 1.0}
+DEFAULT_REWARDS: Mapping[int, float] = {-1: 0.0, 0: 0.0, 1: 0.0, 2: 1.0}
 
 
 def check_mapping(mapping: Mapping[int, float]) -> dict[int, float]:

@@ -5,11 +5,12 @@ config section, how it builds its state, its compiled step; see `training/phase.
 `training/rloo.py` for a short example) and add one line here.
 """
 
-from rlm_jax.training import alphazero, em, grpo, ppo, rloo
+from rlm_jax.training import alphazero, em, grpo, ppo, process_grpo, rloo
 
 ALGORITHMS = {a.name: a for a in (
     grpo.ALGORITHM,
     rloo.ALGORITHM,
+    process_grpo.ALGORITHM,
     ppo.ALGORITHM,
     em.ALGORITHM,
     alphazero.ALGORITHM,

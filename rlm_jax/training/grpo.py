@@ -293,10 +293,12 @@ def grpo_iteration_host_scored(graphdef, tx: optax.GradientTransformation, setup
     graphdef, tx, state, ref_params, batch, key: as for `grpo_iteration`.
     setup: as for `grpo_iteration`; its `score_fn` is replaced by `no_device_score`.
     score_host: (tokens [B·G, T], lengths [B·G]) numpy -> scores [B·G] in {-1, 0, 1, 2}
-      (`rlm_jax.tasks.verify` scale). Rows are prompt-major, G per prompt.
+      (`rlm_jax.tasks.verify` scale; rewards then follow `setup.reward`), or a tuple
+      (scores, rewards [B·G] float, metrics dict of host floats) when reward functions give
+      the rewards themselves (`experiment.data.host_rewards`). Rows are prompt-major, G per prompt.
 
   Returns:
-    (new_state, metrics) as `grpo_iteration`.
+    (new_state, metrics) as `grpo_iteration`, plus the scorer's metrics.
   """
   setup = dataclasses.replace(setup, score_fn=no_device_score)
   ro = rollout_jit(graphdef, state.params, batch, key, setup)
@@ -305,12 +307,19 @@ def grpo_iteration_host_scored(graphdef, tx: optax.GradientTransformation, setup
     tokens, lengths = multihost_utils.process_allgather((ro['tokens'], ro['lengths']), tiled=True)
   else:
     tokens, lengths = jax.device_get((ro['tokens'], ro['lengths']))
-  score = np.asarray(score_host(np.asarray(tokens), np.asarray(lengths)), np.int32)
-  if score.shape != lengths.shape:
-    raise ValueError(f'score_host returned shape {score.shape}, expected {lengths.shape}')
+  out = score_host(np.asarray(tokens), np.asarray(lengths))
+  score, reward, host_metrics = out if isinstance(out, tuple) else (out, None, {})
+  score = np.asarray(score, np.int32)
+  if score.shape != lengths.shape or (reward is not None and np.shape(reward) != lengths.shape):
+    raise ValueError(f'score_host returned shapes {score.shape}, {np.shape(reward)}; expected {lengths.shape}')
   score = jax.device_put(score, ro['score'].sharding)
-  ro = dict(ro, score=score, reward=score_to_reward(score, setup.reward))
-  return grpo_update_jit(graphdef, tx, setup, state, ref_params, ro)
+  if reward is None:
+    reward = score_to_reward(score, setup.reward)
+  else:
+    reward = jax.device_put(np.asarray(reward, np.float32), ro['score'].sharding)
+  ro = dict(ro, score=score, reward=reward)
+  state, metrics = grpo_update_jit(graphdef, tx, setup, state, ref_params, ro)
+  return state, dict(metrics, **host_metrics)
 
 
 # ----------------------------------------------------------------------------------------

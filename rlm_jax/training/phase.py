@@ -91,6 +91,7 @@ class Algorithm:
     policy_head: the value head the policy model carries ('none'; PPO's actor-critic: 'sigmoid').
     trains_value: the phase trains a value model (built from `config.value`) even when phase 1
       has none.
+    requires_value: the phase reads the phase-1 value model / PRM (`value.enabled` must be True).
   """
 
   name: str
@@ -101,6 +102,7 @@ class Algorithm:
   value_path: tuple[str, ...] | None = None
   policy_head: str = 'none'
   trains_value: bool = False
+  requires_value: bool = False
 
   def __post_init__(self):
     unknown = set(self.capabilities) - set(CAPABILITIES)

@@ -16,15 +16,17 @@ import jax
 import jax.numpy as jnp
 
 from rlm_jax.sampling.sampler import StopReason
+from rlm_jax.tasks.rewards import DEFAULT_REWARDS
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-  """Float reward per verifier score (-1 invalid, 0 wrong, 2 solved)."""
+  """Float reward per verifier score (-1 invalid, 0 wrong, 2 solved); defaults as the verify
+  CLI's (`tasks.rewards.DEFAULT_REWARDS`)."""
 
-  correct: float = 1.0
-  wrong: float = 0.0
-  invalid: float = 0.0
+  correct: float = DEFAULT_REWARDS[2]
+  wrong: float = DEFAULT_REWARDS[0]
+  invalid: float = DEFAULT_REWARDS[-1]
 
 
 def final_step_score(

@@ -74,7 +74,7 @@ def test_derived_key_set_differently_is_refused():
 
 @pytest.mark.parametrize('overrides, message', [
     (['rl.algo=ppo', 'rl.microbatches=2'],
-     "rl.microbatches=2: rl.algo='ppo' does not support it (algorithms that do: grpo, rloo)"),
+     "rl.microbatches=2: rl.algo='ppo' does not support it (algorithms that do: grpo, rloo, process_grpo)"),
     (['rl.algo=alphazero', 'rl.reward_on=host'],
      "rl.reward_on='host': rl.algo='alphazero' does not support it (algorithms that do: grpo, rloo)"),
     (['sft.batch_size=64', 'task.train_size=10'],

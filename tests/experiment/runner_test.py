@@ -160,3 +160,25 @@ def test_policy_starts_from_an_hf_checkpoint(tmp_path, rank):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
   w = [x for x in jax.tree.leaves(params) if x.ndim == 2][0]
   assert len(w.sharding.device_set) == 8  # placed on the (1, 8, 1) mesh
+
+
+def test_host_rewards_weight_the_reward_functions_and_report_each():
+  """rl.reward_fns on host: correctness (the verifier) + 0.5 * format, per row, plus each
+  function's batch mean; the verifier scores come along for the accuracy metrics."""
+  import numpy as np
+  from rlm_jax.tasks import reward_fns
+
+  tok = CharTokenizer()
+  tasks = [{'type': 'Arithmetic', 'level': 1, 'problem': 'Compute 5+1.', 'solution': '6',
+            'unique_solution': True, 'steps': ['5+1=6', 'Answer: 6']}]
+  rows = ['5+1=6\n\nAnswer: 6', '5+1=7\n\nAnswer: 7', '5+1=6', '6']
+  ids = [tok.encode_steps(r.split('\n\n')) for r in rows]
+  tokens = np.zeros((4, max(map(len, ids))), np.int32)
+  for r, x in enumerate(ids):
+    tokens[r, : len(x)] = x
+  lengths = np.array([len(x) for x in ids])
+  fns = reward_fns.load_reward_fns(['correctness', 'format'])
+  score, reward, metrics = data_lib.host_rewards(tok, tasks, 4, fns, (1.0, 0.5))(tokens, lengths)
+  np.testing.assert_array_equal(score, [2, 0, 2, 2])
+  np.testing.assert_allclose(reward, [1.5, 0.5, 1.0, 1.0])  # rows 3-4 solve it without an 'Answer:' line
+  assert metrics == {'reward_fn/correctness': 0.75, 'reward_fn/format': 0.5}

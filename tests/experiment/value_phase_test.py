@@ -122,3 +122,25 @@ def test_label_sources_give_step_labels_in_unit_range(tmp_path, source):
     assert np.all(closing[m]) and (source == 'mc' or m.any(axis=1).all())
   if source == 'solver':  # the positive traces are right at every step
     assert np.all(data['targets'][0][m[0]] == 1.0)
+
+
+def test_prm_quality_counts_held_out_steps_and_flips_with_a_negated_head(tmp_path):
+  """Step-level PRM quality on solver-labelled held-out traces: every held-out problem gives a
+  right trace and a corrupted one; negating the value head's last layer turns P(correct) into
+  1 - P(correct), so the AUROC becomes exactly 1 - AUROC."""
+  import jax
+  from rlm_jax.training import labels as labels_lib
+  cfg = _cfg('rl.algo=none')
+  exp = runner.Experiment(cfg, str(tmp_path))
+  vgd, vparams = exp.models.value_model(exp.models.init_policy()[1])
+  got = value_phase.prm_quality(exp, (vgd, vparams))
+  records = labels_lib.solver_labels(exp.held.tasks, cfg.seed + 1, 1)
+  steps = sum(min(len(r['steps']), cfg.value.max_steps) for r in records)
+  assert got['prm/num_steps'] == steps and 0 < got['prm/num_positive'] < steps
+  assert 0.0 <= got['prm/auroc'] <= 1.0 and 0.0 <= got['prm/accuracy'] <= 1.0
+  neg = jax.tree.map(lambda x: x, vparams)
+  head = neg['value_head']
+  head['w2'].value = -head['w2'].value
+  head['b2'].value = -head['b2'].value
+  flipped = value_phase.prm_quality(exp, (vgd, neg))
+  assert abs(flipped['prm/auroc'] - (1.0 - got['prm/auroc'])) < 1e-6

@@ -5,7 +5,10 @@ from rlm_jax.tasks import rewards
 
 
 def test_default_mapping():
-  assert [rewards.reward(s) for s in (-1, 0, 1, 2)] == [-1.0, 0.0, 0.0, 1.0]
+  assert [rewards.reward(s) for s in (-1, 0, 1, 2)] == [0.0, 0.0, 0.0, 1.0]
+  from rlm_jax.training.rewards import RewardConfig
+  r = RewardConfig()  # one source of the default table
+  assert (r.invalid, r.wrong, r.correct) == (rewards.reward(-1), rewards.reward(0), rewards.reward(2))
 
 
 def test_custom_mapping_and_array():

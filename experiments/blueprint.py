@@ -1,0 +1,167 @@
+"""Does a trained PRM make search beat the policy alone? Runs, table and figure, over seeds.
+
+  python experiments/blueprint.py --seeds=0,1,2 --workdir=runs/blueprint [--trained]
+  python experiments/blueprint.py --seeds=0 --workdir=/tmp/bp --config=configs/blueprint.py:smoke --problems=4
+
+Per seed it trains `--config` (default configs/blueprint.py: SFT, then a PRM) into
+`<workdir>/seed<S>` (a finished run is reused; an interrupted one resumes), then searches the
+run's held-out problems from the SFT policy with every strategy at every budget
+(`rlm_jax.analysis.collect`, nothing sees the verifier): greedy; self-consistency (majority of
+N samples); best-of-N ranked by the PRM; step-level beam search on the PRM; MCTS with the PRM
+as its value model. Accuracy is plotted against policy tokens per problem as a multiple of
+greedy's. With `--trained` it also trains, from the same SFT and PRM checkpoints (copied into
+`<workdir>/seed<S>-<algo>`), outcome GRPO, process-supervised GRPO and the AlphaZero-style
+loop for `rl.iterations` each, and reports their greedy accuracy.
+
+Output: a markdown table (mean and range over seeds), `<workdir>/blueprint.json` (every row
+of every seed) and `<workdir>/blueprint.png`; the targets of the claim are checked at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from rlm_jax import analysis  # noqa: E402
+
+BUDGETS = {'greedy': (1,), 'self_consistency': (2, 4, 8, 16), 'best_of_n': (2, 4, 8, 16),
+           'beam': (1, 2, 4), 'mcts': (2, 4, 8, 16)}
+TRAINED = ('grpo', 'process_grpo', 'alphazero')
+LABELS = {'greedy': 'greedy', 'self_consistency': 'self-consistency', 'best_of_n': 'PRM best-of-N',
+          'beam': 'PRM beam', 'mcts': 'PRM MCTS'}
+
+
+def train(config: str, seed: int, workdir: str, *overrides: str) -> dict:
+  """`rlm_jax.main` as a subprocess (resumes a partial run); returns its results.json."""
+  cmd = [sys.executable, '-m', 'rlm_jax.main', f'--config={config}', f'--config.seed={seed}',
+         f'--workdir={workdir}', *overrides]
+  print('$', ' '.join(cmd), flush=True)
+  subprocess.run(cmd, cwd=REPO, check=True)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
+def train_from(run: str, config: str, seed: int, algo: str) -> dict:
+  """Phase 2 `algo` started from `run`'s SFT and value checkpoints."""
+  out = f'{run}-{algo}'
+  for phase in ('sft', 'value'):
+    src, dst = os.path.join(run, 'ckpt', phase), os.path.join(out, 'ckpt', phase)
+    if os.path.isdir(src) and not os.path.isdir(dst):
+      shutil.copytree(src, dst)
+  return train(config, seed, out, f'--config.rl.algo={algo}')
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+  """Mean and range over seeds per (strategy, budget); tokens as a multiple of greedy's."""
+  out = []
+  keys = sorted({(r['strategy'], r['budget']) for r in rows}, key=lambda k: (list(BUDGETS).index(k[0]), k[1]))
+  greedy = {r['seed']: r['policy_tokens'] for r in rows if r['strategy'] == 'greedy'}
+  for strategy, budget in keys:
+    sel = [r for r in rows if (r['strategy'], r['budget']) == (strategy, budget)]
+    acc = np.array([r['accuracy'] for r in sel])
+    x = np.array([r['policy_tokens'] / greedy[r['seed']] for r in sel])
+    out.append({'strategy': strategy, 'budget': budget, 'accuracy': float(acc.mean()), 'min': float(acc.min()),
+                'max': float(acc.max()), 'tokens_x': float(x.mean()), 'seeds': len(sel)})
+  return out
+
+
+def check_targets(summary: list[dict]) -> list[str]:
+  """The claim's targets, each as a line with the numbers."""
+  by = {(s['strategy'], s['budget']): s for s in summary}
+  greedy = by[('greedy', 1)]
+  lines = []
+  mcts = [s for s in summary if s['strategy'] == 'mcts' and s['tokens_x'] <= 8.0]
+  if mcts:
+    best = max(mcts, key=lambda s: s['accuracy'])
+    ok = best['min'] >= greedy['max'] and best['accuracy'] - greedy['accuracy'] >= 0.10
+    lines.append(f"PRM MCTS >= greedy + 10 points at <= 8x tokens: {'met' if ok else 'NOT met'} "
+                 f"(MCTS S={best['budget']}: {best['accuracy']:.3f} [{best['min']:.3f}-{best['max']:.3f}] at "
+                 f"{best['tokens_x']:.1f}x vs greedy {greedy['accuracy']:.3f} [{greedy['min']:.3f}-{greedy['max']:.3f}])")
+  for other in ('self_consistency', 'best_of_n'):
+    for m in [s for s in summary if s['strategy'] == 'mcts']:
+      peers = [s for s in summary if s['strategy'] == other and s['tokens_x'] >= m['tokens_x']]
+      if not peers:
+        continue
+      peer = min(peers, key=lambda s: s['tokens_x'])  # the cheapest peer spending at least as much
+      ok = m['accuracy'] - peer['accuracy'] >= 0.03 and m['min'] > peer['max']
+      lines.append(f"PRM MCTS S={m['budget']} ({m['tokens_x']:.1f}x) >= {LABELS[other]} N={peer['budget']} "
+                   f"({peer['tokens_x']:.1f}x) + 3 points, ranges apart: {'met' if ok else 'NOT met'} "
+                   f"({m['accuracy']:.3f} [{m['min']:.3f}-{m['max']:.3f}] vs {peer['accuracy']:.3f} "
+                   f"[{peer['min']:.3f}-{peer['max']:.3f}])")
+  return lines
+
+
+def table(summary: list[dict], trained: dict, seeds) -> str:
+  lines = [f'Held-out accuracy, mean [min-max] over seeds {",".join(map(str, seeds))}:', '',
+           '| strategy | budget | policy tokens (x greedy) | accuracy |', '|---|---|---|---|']
+  for s in summary:
+    lines.append(f"| {LABELS[s['strategy']]} | {s['budget']} | {s['tokens_x']:.1f} | "
+                 f"{s['accuracy']:.3f} [{s['min']:.3f}-{s['max']:.3f}] |")
+  for algo, accs in trained.items():
+    a = np.array(accs)
+    lines.append(f'| {algo} policy, greedy | 1 | - | {a.mean():.3f} [{a.min():.3f}-{a.max():.3f}] |')
+  return '\n'.join(lines)
+
+
+def plot(summary: list[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for strategy in BUDGETS:
+    pts = [s for s in summary if s['strategy'] == strategy]
+    if not pts:
+      continue
+    x = [s['tokens_x'] for s in pts]
+    y = np.array([s['accuracy'] for s in pts])
+    err = np.array([[s['accuracy'] - s['min'] for s in pts], [s['max'] - s['accuracy'] for s in pts]])
+    ax.errorbar(x, y, yerr=err, marker='o', capsize=3, label=LABELS[strategy])
+  ax.set_xscale('log', base=2)
+  ax.set_xlabel("policy tokens per problem (x greedy's)")
+  ax.set_ylabel('held-out accuracy')
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--config', default=os.path.join('configs', 'blueprint.py'))
+  p.add_argument('--problems', type=int, default=0, help='held-out problems searched (0: the run\'s eval.size)')
+  p.add_argument('--trained', action='store_true', help='also train GRPO, process GRPO and AlphaZero from SFT')
+  args = p.parse_args(argv)
+  seeds = [int(s) for s in args.seeds.split(',')]
+  rows, trained = [], {a: [] for a in TRAINED} if args.trained else {}
+  for seed in seeds:
+    run = os.path.join(os.path.abspath(args.workdir), f'seed{seed}')
+    train(args.config, seed, run)
+    got = analysis.collect(run, phases=['sft'], budgets=BUDGETS, verifier=False, num_problems=args.problems,
+                           num_trees=0, seed=seed)
+    rows += [dict(r, seed=seed) for r in got.rows]
+    for algo in trained:
+      trained[algo].append(train_from(run, args.config, seed, algo)['rl']['greedy/accuracy'])
+  summary = summarise(rows)
+  os.makedirs(args.workdir, exist_ok=True)
+  with open(os.path.join(args.workdir, 'blueprint.json'), 'w') as f:
+    json.dump({'seeds': seeds, 'rows': rows, 'summary': summary, 'trained': trained}, f, indent=1)
+  plot(summary, os.path.join(args.workdir, 'blueprint.png'))
+  print('\n' + table(summary, trained, seeds) + '\n')
+  for line in check_targets(summary):
+    print('-', line)
+  return summary
+
+
+if __name__ == '__main__':
+  main()
