@@ -11,6 +11,9 @@ G = 2 and rewards (1, 0) this gives ±0.7071, not ±1. A group with one valid sa
 import jax
 import jax.numpy as jnp
 
+# MCTS step advantages live with the tree targets they come from; re-exported here.
+from rlm_jax.search.export import step_td_advantages  # noqa: F401
+
 SCALE_REWARDS = ("group", "batch", "none")
 EM_WEIGHT_KINDS = ("raw", "centered", "normalized")
 
@@ -176,46 +179,6 @@ def gae(rewards_BxT, values_BxT, valid_BxT, gamma, lam, last_value_B=None):
   adv_BxT = adv_TxB.T
   returns_BxT = jnp.where(valid_TxB.T, adv_BxT + v_TxB.T, 0.0)
   return adv_BxT, returns_BxT
-
-
-def step_td_advantages(rewards_BxS, q_BxS, gamma, valid_BxS=None, v0_B=None, terminal_B=None):
-  """One-step TD advantages of reasoning steps from MCTS q-values (blueprint, App. C).
-
-  Â(s_i) = r_i + γ·v(s_{i+1}) − v(s_i), with v(s_{i+1}) = q(s_i)/γ.
-
-  Convention: s_i is the state *before* step i (s_0 = the question), and q_BxS[:, i] = q(s_i)
-  is the q-value stored on the tree node that step i creates, i.e. Q(s_i, step_i). So
-    γ·v(s_{i+1}) = q_i                      (successor value, for every non-final step)
-    v(s_i)       = q_{i-1}/γ  for i >= 1,   v(s_0) = v0_B (e.g. root q / γ; 0 if None)
-  The final valid step of a terminal path leads to a terminal state, whose value is 0, so
-  there γ·v(s_{i+1}) = 0 and Â = r_last − q_{last-1}/γ. This avoids counting the terminal
-  reward twice when the terminal node's q already equals its reward (as in x1).
-
-  Args:
-    rewards_BxS: reward of each step (usually 0 except the terminal step).
-    q_BxS: q-values of the nodes along each path.
-    gamma: discount in (0, 1].
-    valid_BxS: optional bool mask; valid steps must be a prefix of each row.
-    v0_B: optional value of the question state s_0.
-    terminal_B: optional bool, whether each path ends in a terminal step (default all True);
-      a non-terminal (cut-off) path bootstraps with its last q.
-
-  Returns:
-    adv_BxS float32 (0 on invalid steps).
-  """
-  if not 0.0 < gamma <= 1.0:
-    raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-  r_BxS = _f32(rewards_BxS)
-  q_BxS = _f32(q_BxS)
-  bsz = r_BxS.shape[0]
-  valid_BxS = _valid_or_ones(valid_BxS, r_BxS.shape)
-  v0_B = jnp.zeros((bsz,), jnp.float32) if v0_B is None else _f32(v0_B)
-  terminal_B = jnp.ones((bsz,), bool) if terminal_B is None else jnp.asarray(terminal_B, bool)
-  v_BxS = jnp.concatenate([v0_B[:, None], q_BxS[:, :-1] / gamma], axis=1)
-  next_valid_BxS = jnp.concatenate([valid_BxS[:, 1:], jnp.zeros((bsz, 1), bool)], axis=1)
-  is_last_BxS = valid_BxS & ~next_valid_BxS
-  succ_BxS = jnp.where(is_last_BxS & terminal_B[:, None], 0.0, q_BxS)
-  return jnp.where(valid_BxS, r_BxS + succ_BxS - v_BxS, 0.0)
 
 
 def em_weights(rewards_BxG, kind="raw", eps=1e-4, valid_BxG=None):
