@@ -228,7 +228,7 @@ def run_tunix(path, args):
   if py in ('', 'none'):
     return None, 'not available: skipped (--tunix-python=none)'
   if not os.path.exists(py):
-    return None, f'not available: no python at {py} (python3 -m venv DIR && DIR/bin/pip install google-tunix==0.1.7)'
+    return None, peer_setup.missing('tunix', py)
   cmd = [py, os.path.abspath(__file__), '--worker=tunix', f'--workdir={path}'] + [
       a for a in sys.argv[1:] if not a.startswith(('--worker', '--workdir', '--tunix-python'))
   ]
