@@ -32,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from rlm_jax import analysis  # noqa: E402
+from seeds import machine  # noqa: E402  (experiments/seeds.py)
 
 BUDGETS = {'greedy': (1,), 'self_consistency': (2, 4, 8, 16), 'best_of_n': (2, 4, 8, 16),
            'beam': (1, 2, 4), 'mcts': (2, 4, 8, 16)}
@@ -157,7 +158,7 @@ def main(argv=None):
   with open(os.path.join(args.workdir, 'blueprint.json'), 'w') as f:
     json.dump({'seeds': seeds, 'rows': rows, 'summary': summary, 'trained': trained}, f, indent=1)
   plot(summary, os.path.join(args.workdir, 'blueprint.png'))
-  print('\n' + table(summary, trained, seeds) + '\n')
+  print(f'\n{args.config} on {machine()}\n\n' + table(summary, trained, seeds) + '\n')
   for line in check_targets(summary):
     print('-', line)
   return summary

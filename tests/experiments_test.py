@@ -264,3 +264,15 @@ def test_make_figures_reuses_the_analysis_and_prints_the_tables(tmp_path, monkey
           '| rl | greedy | 0.625 | nan |') in out
   # tokens_x: mcts spends 300 / 20 = 15 times greedy's tokens; se = sqrt(.9 * .1 / 100) = .03.
   assert '| grpo | mcts (verifier) | 8 | 0.900 | 0.030 | 300.000 | 15.000 |' in out
+
+
+def test_seeds_table_has_per_seed_rows_then_mean_and_range():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('seeds', os.path.join(_REPO, 'experiments', 'seeds.py'))
+  seeds = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(seeds)
+  results = {0: {'sft': {'greedy/accuracy': 0.5}, 'rl': {'greedy/accuracy': 0.6}},
+             1: {'sft': {'greedy/accuracy': 0.7}, 'rl': {'greedy/accuracy': 0.9}}}
+  lines = seeds.table(results, ['greedy/accuracy']).splitlines()
+  assert lines[2:] == ['| 0 | sft | 0.500 |', '| 0 | rl | 0.600 |', '| 1 | sft | 0.700 |', '| 1 | rl | 0.900 |',
+                       '| mean [range] | sft | 0.600 [0.500-0.700] |', '| mean [range] | rl | 0.750 [0.600-0.900] |']
