@@ -2,6 +2,7 @@
 
   python experiments/blueprint.py --seeds=0,1,2 --workdir=runs/blueprint [--trained]
   python experiments/blueprint.py --seeds=0 --workdir=/tmp/bp --config=configs/blueprint.py:smoke --problems=4
+  python experiments/blueprint.py --seeds=0,1,2 --workdir=runs/blueprint_mc --config.value.labels=mc
 
 Per seed it trains `--config` (default configs/blueprint.py: SFT, then a PRM) into
 `<workdir>/seed<S>` (a finished run is reused; an interrupted one resumes), then searches the
@@ -11,7 +12,8 @@ N samples); best-of-N ranked by the PRM; step-level beam search on the PRM; MCTS
 as its value model. Accuracy is plotted against policy tokens per problem as a multiple of
 greedy's. With `--trained` it also trains, from the same SFT and PRM checkpoints (copied into
 `<workdir>/seed<S>-<algo>`), outcome GRPO, process-supervised GRPO and the AlphaZero-style
-loop for `rl.iterations` each, and reports their greedy accuracy.
+loop for `rl.iterations` each, and reports their greedy accuracy. Extra `--config.a.b=v`
+arguments go to every run (e.g. the PRM's label source).
 
 Output: a markdown table (mean and range over seeds), `<workdir>/blueprint.json` (every row
 of every seed) and `<workdir>/blueprint.png`; the targets of the claim are checked at the end.
@@ -51,14 +53,14 @@ def train(config: str, seed: int, workdir: str, *overrides: str) -> dict:
     return json.load(f)
 
 
-def train_from(run: str, config: str, seed: int, algo: str) -> dict:
+def train_from(run: str, config: str, seed: int, algo: str, overrides=()) -> dict:
   """Phase 2 `algo` started from `run`'s SFT and value checkpoints."""
   out = f'{run}-{algo}'
   for phase in ('sft', 'value'):
     src, dst = os.path.join(run, 'ckpt', phase), os.path.join(out, 'ckpt', phase)
     if os.path.isdir(src) and not os.path.isdir(dst):
       shutil.copytree(src, dst)
-  return train(config, seed, out, f'--config.rl.algo={algo}')
+  return train(config, seed, out, *overrides, f'--config.rl.algo={algo}')
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -142,17 +144,20 @@ def main(argv=None):
   p.add_argument('--config', default=os.path.join('configs', 'blueprint.py'))
   p.add_argument('--problems', type=int, default=0, help='held-out problems searched (0: the run\'s eval.size)')
   p.add_argument('--trained', action='store_true', help='also train GRPO, process GRPO and AlphaZero from SFT')
-  args = p.parse_args(argv)
+  args, overrides = p.parse_known_args(argv)
+  bad = [o for o in overrides if not o.startswith('--config.')]
+  if bad:
+    p.error(f'unknown arguments: {" ".join(bad)} (only --config.a.b=v overrides are passed on)')
   seeds = [int(s) for s in args.seeds.split(',')]
   rows, trained = [], {a: [] for a in TRAINED} if args.trained else {}
   for seed in seeds:
     run = os.path.join(os.path.abspath(args.workdir), f'seed{seed}')
-    train(args.config, seed, run)
+    train(args.config, seed, run, *overrides)
     got = analysis.collect(run, phases=['sft'], budgets=BUDGETS, verifier=False, num_problems=args.problems,
                            num_trees=0, seed=seed)
     rows += [dict(r, seed=seed) for r in got.rows]
     for algo in trained:
-      trained[algo].append(train_from(run, args.config, seed, algo)['rl']['greedy/accuracy'])
+      trained[algo].append(train_from(run, args.config, seed, algo, overrides)['rl']['greedy/accuracy'])
   summary = summarise(rows)
   os.makedirs(args.workdir, exist_ok=True)
   with open(os.path.join(args.workdir, 'blueprint.json'), 'w') as f:
