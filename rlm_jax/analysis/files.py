@@ -34,6 +34,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from rlm_jax import jsonl
 from rlm_jax import metrics as metrics_lib
 
 ANALYSIS_DIR = 'analysis'
@@ -192,18 +193,11 @@ def read_outputs(workdir_or_file: str | os.PathLike) -> list[dict]:
   errors name the line."""
   path = _analysis_file(workdir_or_file, OUTPUTS_FILE)
   rows = []
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{lineno}: not valid JSON ({e})') from None
-      missing = [k for k in OUTPUT_KEYS if k not in row]
-      if missing:
-        raise ValueError(f'{path}:{lineno}: lacks {", ".join(missing)}')
-      rows.append(row)
+  for where, row in jsonl.records(path):
+    missing = [k for k in OUTPUT_KEYS if not isinstance(row, dict) or k not in row]
+    if missing:
+      raise ValueError(f'{where}: lacks {", ".join(missing)}')
+    rows.append(row)
   if not rows:
     raise ValueError(f'{path}: no records')
   return rows

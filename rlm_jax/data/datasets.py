@@ -34,6 +34,7 @@ import json
 import os
 from typing import Any, Iterable, Sequence
 
+from rlm_jax import jsonl
 from rlm_jax import tasks as tasks_lib
 from rlm_jax.data import encoding
 from rlm_jax.data.tokenizer import Tokenizer
@@ -98,15 +99,8 @@ class _Converter:
 
 
 def _read_jsonl(path: str, conv: _Converter) -> None:
-  with _open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except ValueError as e:
-        raise ValueError(f'{path}:{lineno}: not JSON ({e})') from None
-      conv.add(obj, f'{path}:{lineno}')
+  for where, obj in jsonl.records(path):
+    conv.add(obj, where)
 
 
 def _read_json(path: str, conv: _Converter) -> None:

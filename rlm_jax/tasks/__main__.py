@@ -17,6 +17,7 @@ import json
 import sys
 import time
 
+from rlm_jax import jsonl
 from rlm_jax.tasks import files, gsm8k, registry, rewards
 
 
@@ -59,17 +60,10 @@ def _generate(args) -> int:
 
 def _read_outputs(path: str) -> list[str]:
   outputs = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except ValueError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({e})") from None
-      if not isinstance(obj, dict) or not isinstance(obj.get("output"), str):
-        raise ValueError(f"{path}:{lineno}: expected {{\"output\": str}}")
-      outputs.append(obj["output"])
+  for where, obj in jsonl.records(path):
+    if not isinstance(obj, dict) or not isinstance(obj.get("output"), str):
+      raise ValueError(f"{where}: expected {{\"output\": str}}")
+    outputs.append(obj["output"])
   return outputs
 
 

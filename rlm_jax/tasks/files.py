@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any, Iterable
 
+from rlm_jax import jsonl
 from rlm_jax.tasks import gsm8k
 
 X1_VERSION = 1
@@ -61,23 +62,15 @@ def load_tasks(path: str | os.PathLike) -> list[dict]:
 
 def _load_jsonl(path: str) -> list[dict]:
   tasks, records = [], []
-  with _open(path, "r") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{lineno}"
+  for where, obj in jsonl.records(path):
+    if isinstance(obj, dict) and "type" not in obj and "question" in obj and "answer" in obj:
       try:
-        obj = json.loads(line)
+        tasks.append(gsm8k.record_to_task(obj))
       except ValueError as e:
-        raise ValueError(f"{where}: invalid JSON ({e})") from None
-      if isinstance(obj, dict) and "type" not in obj and "question" in obj and "answer" in obj:
-        try:
-          tasks.append(gsm8k.record_to_task(obj))
-        except ValueError as e:
-          raise ValueError(f"{where}: {e}") from None
-        records.append((len(tasks) - 1, obj))
-      else:
-        tasks.append(_check_task(obj, where))
+        raise ValueError(f"{where}: {e}") from None
+      records.append((len(tasks) - 1, obj))
+    else:
+      tasks.append(_check_task(obj, where))
   if records:  # GSM8K levels are ranks within the file
     idx = [i for i, _ in records]
     leveled = gsm8k.assign_levels([r for _, r in records], [tasks[i] for i in idx])

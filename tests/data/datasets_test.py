@@ -81,7 +81,7 @@ def test_tfds_missing_names_the_extra(monkeypatch):
 
 
 @pytest.mark.parametrize('name,content,match', [
-    ('train.jsonl', json.dumps(GSM[0]) + '\n{broken\n', r'train\.jsonl:2: not JSON'),
+    ('train.jsonl', json.dumps(GSM[0]) + '\n{broken\n', r'train\.jsonl:2: not valid JSON'),
     ('train.jsonl', '\n\n', r'train\.jsonl: no tasks \(empty\)'),
     ('train.jsonl', '[1, 2]\n', r'train\.jsonl:1: not a JSON object \(got list\)'),
     ('train.jsonl', json.dumps({**SAT, 'solution': 'not a formula'}) + '\n', r'train\.jsonl:1: '),

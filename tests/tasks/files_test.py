@@ -35,7 +35,7 @@ def test_gsm8k_jsonl_is_converted(tmp_path):
 
 
 @pytest.mark.parametrize("content,match", [
-    ('{"type": "SAT", "solution": "(x1|x2|x3)"}\n{broken\n', r"t\.jsonl:2: invalid JSON"),
+    ('{"type": "SAT", "solution": "(x1|x2|x3)"}\n{broken\n', r"t\.jsonl:2: not valid JSON"),
     ('{"type": "SAT", "solution": "(x1|x2|x3)"}\n\n{"type": "SAT"}\n', r"t\.jsonl:3: .*'solution'"),
     ('{"question": "q", "answer": "no final"}\n', r"t\.jsonl:1: .*####"),
 ])
