@@ -183,30 +183,30 @@ class Attention(nnx.Module):
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
     q = apply_rope(q, positions_BxL, cfg.rope_theta, rope)
-    k_BxKxDxT = apply_rope(k, positions_BxL, cfg.rope_theta, rope).transpose(0, 2, 3, 1)
-    v_BxKxTxD = v.transpose(0, 2, 1, 3)
+    k_BxJxDxT = apply_rope(k, positions_BxL, cfg.rope_theta, rope).transpose(0, 2, 3, 1)
+    v_BxJxTxD = v.transpose(0, 2, 1, 3)
     if kv_cache is not None:
       k_cache, v_cache = kv_cache
-      k_BxKxDxT = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxKxDxT.astype(k_cache.dtype), cache_index, axis=3)
-      v_BxKxTxD = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxKxTxD.astype(v_cache.dtype), cache_index, axis=2)
-      new_kv = (k_BxKxDxT, v_BxKxTxD)
+      k_BxJxDxT = jax.lax.dynamic_update_slice_in_dim(k_cache, k_BxJxDxT.astype(k_cache.dtype), cache_index, axis=3)
+      v_BxJxTxD = jax.lax.dynamic_update_slice_in_dim(v_cache, v_BxJxTxD.astype(v_cache.dtype), cache_index, axis=2)
+      new_kv = (k_BxJxDxT, v_BxJxTxD)
     else:
       new_kv = None
     b, l, h, dh = q.shape
     groups = h // cfg.n_kv_heads
-    q_BxKxGxLxD = q.reshape(b, l, cfg.n_kv_heads, groups, dh).transpose(0, 2, 3, 1, 4)
-    k_BxKxDxT, v_BxKxTxD = k_BxKxDxT.astype(dt), v_BxKxTxD.astype(dt)
+    q_BxJxRxLxD = q.reshape(b, l, cfg.n_kv_heads, groups, dh).transpose(0, 2, 3, 1, 4)
+    k_BxJxDxT, v_BxJxTxD = k_BxJxDxT.astype(dt), v_BxJxTxD.astype(dt)
     if l == 1:  # decode: broadcast-multiply-sum reads the cache in place (no per-step transposes)
-      scores = jnp.sum(q_BxKxGxLxD[..., None] * k_BxKxDxT[:, :, None, None], axis=-2, dtype=jnp.float32)
+      scores = jnp.sum(q_BxJxRxLxD[..., None] * k_BxJxDxT[:, :, None, None], axis=-2, dtype=jnp.float32)
     else:
-      scores = jnp.einsum('bkgld,bkdt->bkglt', q_BxKxGxLxD, k_BxKxDxT).astype(jnp.float32)
+      scores = jnp.einsum('bkgld,bkdt->bkglt', q_BxJxRxLxD, k_BxJxDxT).astype(jnp.float32)
     scores = scores * (dh**-0.5)
     scores = jnp.where(visible_BxLxT[:, None, None, :, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     if l == 1:
-      out = jnp.sum(probs[..., None] * v_BxKxTxD[:, :, None, None], axis=-2, dtype=dt)
+      out = jnp.sum(probs[..., None] * v_BxJxTxD[:, :, None, None], axis=-2, dtype=dt)
     else:
-      out = jnp.einsum('bkglt,bkth->bkglh', probs, v_BxKxTxD)
+      out = jnp.einsum('bkglt,bkth->bkglh', probs, v_BxJxTxD)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
     out = jnp.einsum('blhk,hkd->bld', out, self.wo[...].astype(dt))
     return out, new_kv

@@ -16,7 +16,7 @@ One round is ONE compiled program (`alphazero_round_jit`):
 The buffer is part of the state that the pipeline checkpoints each round, so a resumed run
 continues with exactly the buffer it stopped with (nothing is rebuilt).
 
-Shape legend: P problems per round, C buffer rows, L row tokens (prompt + D steps of K tokens),
+Shape legend: P problems per round, C buffer rows, L row tokens (prompt + D steps of T tokens),
 N rows per optimizer step, S steps per path (= D, the search's max_depth).
 """
 
@@ -254,9 +254,9 @@ def search_rows(tree: tree_lib.Tree, leaf_B, gamma: float, max_depth: int, pad_i
   tg = export.path_targets(tree, leaf_B, gamma, max_depth)
   b_BxS = jnp.broadcast_to(jnp.arange(b)[:, None], tg.node_BxS.shape)
   node_BxS = jnp.maximum(tg.node_BxS, 0)
-  steps_BxSxK = tree.step_tokens_BxNxL[b_BxS, node_BxS]
-  smask_BxSxK = tree_lib.step_mask(tree, b_BxS, node_BxS) & tg.valid_BxS[..., None]
-  rows = labels_lib.q_value_batch(tree.prompt_BxLp, tree.prompt_mask_BxLp, steps_BxSxK, smask_BxSxK,
+  steps_BxSxT = tree.step_tokens_BxNxL[b_BxS, node_BxS]
+  smask_BxSxT = tree_lib.step_mask(tree, b_BxS, node_BxS) & tg.valid_BxS[..., None]
+  rows = labels_lib.q_value_batch(tree.prompt_BxLp, tree.prompt_mask_BxLp, steps_BxSxT, smask_BxSxT,
                                   tg.q_BxS, tg.valid_BxS, pad_id)
   rows['solved'] = tg.terminal_B & (tree.reward_BxN[jnp.arange(b), leaf_B] >= 1.0)
   return rows
