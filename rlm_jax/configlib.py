@@ -158,6 +158,22 @@ def _convert(tp: Any, value: Any, path: str, strict: bool = False) -> Any:
   raise TypeError(f"config.{path}: unsupported annotation {tp!r}")
 
 
+def check_literals(obj: Any, where: str = "") -> None:
+  """Checks every `Literal[...]` field of the dataclass instance `obj` (call it from
+  `__post_init__`, so that direct construction validates like a config does: the allowed
+  values are written once, in the annotation).
+
+  Raises:
+    ValueError: naming the first bad field and its allowed values.
+  """
+  where = where or type(obj).__name__
+  for name, tp in typing.get_type_hints(type(obj)).items():
+    if typing.get_origin(tp) is typing.Literal:
+      value = getattr(obj, name)
+      if not any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
+        raise ValueError(f"{where}.{name}={value!r}: must be one of {_quote_all(typing.get_args(tp))}")
+
+
 def from_config(cls: type[T], cfg: ml_collections.ConfigDict | Mapping[str, Any],
                 where: str, *, strict: bool = False) -> T:
   """Builds the (frozen) dataclass `cls` from the sub-config `cfg`.

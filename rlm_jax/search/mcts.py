@@ -45,6 +45,8 @@ from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
+
+from rlm_jax import configlib
 from mctx._src import seq_halving  # Sequential Halving's schedule (not re-exported by mctx)
 
 from rlm_jax.search import expansion
@@ -98,7 +100,7 @@ class MCTSConfig:
   c1: float = 1.25
   c2: float = 19652.0
   uct_c: float = 1.0
-  prior: Literal['empirical', 'logprob', 'logprob_per_token', 'uniform'] = 'empirical'
+  prior: operators.Prior = 'empirical'
   prior_temperature: float = 1.0
   q_bounds: Literal['fixed', 'running'] = 'fixed'
   backup: Literal['td', 'mean'] = 'td'
@@ -116,12 +118,7 @@ class MCTSConfig:
     for name in ('num_simulations', 'num_children', 'num_walkers', 'max_depth'):
       if getattr(self, name) < 1:
         raise ValueError(f'mcts.{name}={getattr(self, name)}: must be >= 1')
-    choices = {'selection': ('puct', 'uct'), 'prior': operators.PRIORS, 'q_bounds': ('fixed', 'running'),
-               'backup': ('td', 'mean'), 'answer': ('best_terminal', 'most_visited'),
-               'root_selection': ('puct', 'gumbel')}
-    for name, allowed in choices.items():
-      if getattr(self, name) not in allowed:
-        raise ValueError(f"mcts.{name}='{getattr(self, name)}': must be one of {allowed}")
+    configlib.check_literals(self, 'mcts')
     if not 0.0 < self.gamma <= 1.0:
       raise ValueError(f'mcts.gamma={self.gamma}: must be in (0, 1]')
     if not 0.0 <= self.td_lambda <= 1.0:

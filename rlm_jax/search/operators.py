@@ -9,6 +9,7 @@ the running mean), Prune (keep the top k) and Aggregate (majority vote over fina
 from __future__ import annotations
 
 import collections
+import typing
 from typing import Callable, Hashable, Optional, Sequence
 
 import jax
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 _NEG = -1e30
 
 
-PRIORS = ('empirical', 'logprob', 'logprob_per_token', 'uniform')
+Prior = typing.Literal['empirical', 'logprob', 'logprob_per_token', 'uniform']
+PRIORS = typing.get_args(Prior)
 
 
 def merge_duplicates(tokens_MxKxL, valid_MxK):

@@ -8,14 +8,19 @@ Standard deviations are unbiased (Bessel's correction, divide by n - 1), as in T
 G = 2 and rewards (1, 0) this gives ±0.7071, not ±1. A group with one valid sample has std 0.
 """
 
+import typing
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 
 # MCTS step advantages live with the tree targets they come from; re-exported here.
 from rlm_jax.search.export import step_td_advantages  # noqa: F401
 
-SCALE_REWARDS = ("group", "batch", "none")
-EM_WEIGHT_KINDS = ("raw", "centered", "normalized")
+ScaleRewards = Literal["group", "batch", "none"]
+SCALE_REWARDS = typing.get_args(ScaleRewards)
+EmWeights = Literal["raw", "centered", "normalized"]
+EM_WEIGHT_KINDS = typing.get_args(EmWeights)
 
 
 def _f32(x):

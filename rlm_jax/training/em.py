@@ -13,7 +13,7 @@ is that of the tempered policy softmax(logits / T) the E-step samples from (T =
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +41,8 @@ class EMSetup:
   sampling: SamplingConfig
   reward: RewardConfig
   step_id: int
-  weights: Literal['raw', 'centered', 'normalized'] = 'raw'
-  normalize: Literal['sequence_sum', 'token_mean'] = 'sequence_sum'
+  weights: advantages.EmWeights = 'raw'
+  normalize: losses.EmNormalize = 'sequence_sum'
   num_m_steps: int = 1
   # Jittable verifier: (SampleOutput, batch with rows repeated G times) -> scores in {-1, 0, 1, 2}.
   # None: the final step must equal batch['answer'] (`rewards.final_step_score`).
@@ -141,8 +141,8 @@ em_iteration_jit = jax.jit(em_iteration, static_argnums=(0, 1, 2), donate_argnum
 class EMConfig:
   """`config.rl.em` (see `EMSetup` for the meaning of each knob)."""
 
-  weights: Literal['raw', 'centered', 'normalized'] = 'raw'
-  normalize: Literal['sequence_sum', 'token_mean'] = 'sequence_sum'
+  weights: advantages.EmWeights = 'raw'
+  normalize: losses.EmNormalize = 'sequence_sum'
   num_m_steps: int = 1
 
 

@@ -11,6 +11,7 @@ compare. Where the code differs from TRL, the docstring says so.
 """
 
 import dataclasses
+import typing
 from typing import Literal
 
 import jax
@@ -18,9 +19,12 @@ import jax.numpy as jnp
 
 from rlm_jax.training import advantages
 
-LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
-VALUE_MODES = ("mse", "bce")
-EM_NORMALIZE = ("sequence_sum", "token_mean")
+LossType = Literal["grpo", "dapo", "dr_grpo", "bnpo"]
+LOSS_TYPES = typing.get_args(LossType)
+ValueMode = Literal["mse", "bce"]
+VALUE_MODES = typing.get_args(ValueMode)
+EmNormalize = Literal["sequence_sum", "token_mean"]
+EM_NORMALIZE = typing.get_args(EmNormalize)
 
 
 def _check(ok, msg):
@@ -46,8 +50,8 @@ class GRPOConfig:
   rewards are all equal are masked out of the loss (their tokens stop counting in the token
   normalisers), but they are not replaced by newly sampled groups, so the batch shrinks.
   """
-  scale_rewards: Literal["group", "batch", "none"] = "group"
-  loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+  scale_rewards: advantages.ScaleRewards = "group"
+  loss_type: LossType = "dapo"
   epsilon: float = 0.2
   epsilon_high: float | None = None
   beta: float = 0.0

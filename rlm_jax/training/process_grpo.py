@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
@@ -33,7 +31,7 @@ class ProcessGRPOConfig:
   outcome_weight: weight of the verifier reward added to the final step (0: PRM only).
   """
 
-  loss_type: Literal['grpo', 'dapo', 'dr_grpo', 'bnpo'] = 'dapo'
+  loss_type: losses.LossType = 'dapo'
   epsilon: float = 0.2
   epsilon_high: float = 0.2
   beta: float = 0.0

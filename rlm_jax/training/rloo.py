@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
-
 import jax.numpy as jnp
 
 from rlm_jax.training import grpo, losses, phase
@@ -27,7 +25,7 @@ from rlm_jax.training import grpo, losses, phase
 class RLOOConfig:
   """`config.rl.rloo`; loss knobs as in `losses.GRPOConfig`."""
 
-  loss_type: Literal['grpo', 'dapo', 'dr_grpo', 'bnpo'] = 'dapo'
+  loss_type: losses.LossType = 'dapo'
   epsilon: float = 0.2
   epsilon_high: float = 0.2
   beta: float = 0.0
