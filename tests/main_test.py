@@ -210,3 +210,35 @@ def test_lora_pipeline_trains_only_the_adapters(tmp_path):
   moved = sorted(k for k in before if not np.array_equal(before[k], after[k]))
   assert moved == [f'adapters.layers.0.{w}.lora_{ab}' for w in ('attn.wq', 'mlp.w_up') for ab in 'ab']
   assert sum(k.startswith('base.') for k in before) > 5
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (('--config.sft.batch_size=100',),
+     'error: sft.batch_size=100: more than task.train_size=64 problems (each batch draws distinct problems)'),
+    (('--config.rl.prompts_per_iteration=500',),
+     'error: rl.prompts_per_iteration=500: more than the {n} problems of the phase-2 pool (task.rl_size=120)'),
+    (('--config.model.d_model=48',),
+     'error: config.model.d_model=48: the checkpoints in {w}/ckpt were written with 32; use another --workdir '
+     '(or the same config to resume)'),
+])
+def test_bad_inputs_are_one_line_at_start_up_and_write_nothing(tmp_path, overrides, message):
+  """Through the CLI: one line naming the key, exit status 2, before any step; a run folder
+  with checkpoints of another model keeps its config.json."""
+  work = tmp_path / 'run'
+  if 'd_model' in overrides[0]:  # a run folder of configs/tiny.py with a checkpoint in it
+    from rlm_jax import checkpoint, configlib
+    os.makedirs(work / 'ckpt' / 'sft' / '0')
+    checkpoint.write_config(str(work), configlib.load_config(os.path.join(REPO, 'configs', 'tiny.py')))
+  before = (work / 'config.json').read_text() if (work / 'config.json').exists() else None
+  res = _run(work, *overrides, timeout=600)
+  lines = [l for l in res.stderr.strip().splitlines() if l.strip() and not l.startswith('task.')]
+  assert res.returncode == 2, res.stderr[-2000:]
+  if '{n}' in message:  # the pool size depends on the generator's duplicates
+    assert lines[-1].startswith(message.split('{n}')[0]) and lines[-1].endswith(message.split('{n}')[1])
+  else:
+    assert lines[-1] == message.format(w=work)
+  assert not (work / 'metrics.jsonl').exists()
+  if before is not None:
+    assert (work / 'config.json').read_text() == before
+  else:
+    assert not (work / 'config.json').exists()
