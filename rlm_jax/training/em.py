@@ -21,7 +21,7 @@ import optax
 
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, logprob_temperature
 from rlm_jax.training import advantages, losses
-from rlm_jax.training.grpo import completion_logprobs, rollout
+from rlm_jax.training.rollout import completion_logprobs, rollout
 from rlm_jax.training.rewards import RewardConfig
 from rlm_jax.training.state import TrainState, all_finite, apply_gradients
 

@@ -36,16 +36,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rlm_jax import sharding
-from rlm_jax.models.transformer import positions_from_mask
-from rlm_jax.sampling.sampler import (SampleOutput, SamplingConfig, StopReason, generate,
-                                      logprob_temperature)
+from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, logprob_temperature
 from rlm_jax.training import advantages, losses
-from rlm_jax.training.rewards import RewardConfig, final_step_score, score_to_reward
+from rlm_jax.training.rollout import (answer_match_score, completion_logprobs, head_model,  # noqa: F401
+                                     rollout)
+from rlm_jax.training.rewards import RewardConfig, score_to_reward
 from rlm_jax.training.state import (TrainState, accumulate_gradients, all_finite, apply_gradients,
                                     map_microbatches)
 
@@ -84,67 +83,6 @@ class GRPOSetup:
       raise ValueError(f'GRPOSetup.logprob_chunk_tokens must be an int >= 0, got {self.logprob_chunk_tokens!r}')
     if not isinstance(self.recompute_old_logp, bool):
       raise ValueError(f'GRPOSetup.recompute_old_logp must be True or False, got {self.recompute_old_logp!r}')
-
-
-def answer_match_score(out: SampleOutput, batch: dict, step_id: int) -> jax.Array:
-  return final_step_score(out.tokens_BxT, out.lengths_B, out.stop_reason_B, batch['answer'],
-                          batch['answer_len'], step_id)
-
-
-def head_model(graphdef, params):
-  """The plain `Transformer` behind a policy (LoRA adapters folded into its weights), so
-  callers can run the trunk and the LM head separately."""
-  model = nnx.merge(graphdef, params)
-  if hasattr(model, 'effective_base'):  # LoraTransformer: W + scale·A·B, gradients reach A, B
-    model = nnx.merge(*model.effective_base())
-  return model
-
-
-def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int,
-                        temperature: float = 1.0, chunk_tokens: int = 1024):
-  """log π(completion tokens) and entropies for sequences laid out as [prompt | completion].
-
-  The LM head runs only over the positions that predict completion tokens, in chunks
-  (`losses.lm_head_logprobs`): no [B, L, V] logits.
-
-  Args:
-    graphdef, params: the policy.
-    seq_BxL, seq_mask_BxL: [prompt | completion] tokens and their mask.
-    prompt_len: Lp, the prompt width (static).
-    temperature: T of the policy softmax(logits / T) (static); the rollout's
-      `logprob_temperature(sampling)`.
-    chunk_tokens: positions per LM-head chunk (static; 0 = one chunk).
-
-  Returns:
-    (logp_BxT, entropy_BxT) float32, T = L - prompt_len columns.
-  """
-  model = head_model(graphdef, params)
-  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none')
-  return losses.lm_head_logprobs(out.hidden_BxLxD[:, prompt_len - 1 : -1], model.lm_head_DxV(),
-                                 seq_BxL[:, prompt_len:], temperature, chunk_tokens)
-
-
-def rollout(graphdef, params, batch: dict, key: jax.Array, setup: GRPOSetup) -> dict:
-  """Samples G completions per prompt and scores them. Rows are prompt-major: [B·G].
-
-  Each prompt is prefilled once and its KV cache shared by its G samples (`num_samples`).
-  """
-  out = generate(graphdef, params, batch['prompt'], batch['prompt_mask'], key, setup.sampling,
-                 num_samples=setup.group_size, tempered_logprobs=True)
-  batch = jax.tree.map(lambda x: jnp.repeat(x, setup.group_size, axis=0), batch)
-  prompt, prompt_mask = batch['prompt'], batch['prompt_mask']
-  if setup.score_fn is None:
-    score = answer_match_score(out, batch, setup.step_id)
-  else:
-    score = setup.score_fn(out, batch)
-  t = out.tokens_BxT.shape[1]
-  completion_mask = jnp.arange(t)[None] < out.lengths_B[:, None]
-  return {
-      'prompt': prompt, 'prompt_mask': prompt_mask, 'tokens': out.tokens_BxT,
-      'completion_mask': completion_mask, 'lengths': out.lengths_B,
-      'truncated': out.stop_reason_B == StopReason.LENGTH, 'score': score,
-      'reward': score_to_reward(score, setup.reward), 'sample_logprobs': out.logprobs_BxT,
-  }
 
 
 def grpo_update(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup, state: TrainState,

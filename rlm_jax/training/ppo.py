@@ -34,7 +34,7 @@ from flax import nnx
 from rlm_jax.models.transformer import positions_from_mask
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, logprob_temperature
 from rlm_jax.training import advantages, losses
-from rlm_jax.training.grpo import head_model, rollout
+from rlm_jax.training.rollout import head_model, rollout
 from rlm_jax.training.rewards import RewardConfig
 from rlm_jax.training.state import TrainState, all_finite, apply_gradients
 

@@ -1,0 +1,100 @@
+"""What GRPO, RLOO, PPO and EM-PG share: the on-policy rollout (G completions per prompt,
+scored) and the log-probs of its completions under the policy.
+
+Each prompt is prefilled once and its KV cache shared by its G samples (`num_samples`); rows
+come back prompt-major [B·G]. What it needs of the algorithm's static setup is the
+`RolloutSetup` protocol below (GRPOSetup, PPOSetup and EMSetup have these fields).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlm_jax.models.transformer import positions_from_mask
+from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, StopReason, generate
+from rlm_jax.training import losses
+from rlm_jax.training.rewards import RewardConfig, final_step_score, score_to_reward
+
+
+class RolloutSetup(Protocol):
+  group_size: int  # G samples per prompt
+  sampling: SamplingConfig
+  reward: RewardConfig  # verifier score -> reward
+  step_id: int  # step delimiter of the default final-step match
+  # Jittable verifier: (SampleOutput, batch with rows repeated G times) -> scores in {-1, 0, 1, 2};
+  # None: the final step must equal batch['answer'] (`answer_match_score`).
+  score_fn: Callable[[SampleOutput, dict], jax.Array] | None
+
+
+def answer_match_score(out: SampleOutput, batch: dict, step_id: int) -> jax.Array:
+  return final_step_score(out.tokens_BxT, out.lengths_B, out.stop_reason_B, batch['answer'],
+                          batch['answer_len'], step_id)
+
+
+def rollout(graphdef, params, batch: dict, key: jax.Array, setup: RolloutSetup) -> dict:
+  """Samples G completions per prompt and scores them. Rows are prompt-major: [B·G].
+
+  Args:
+    graphdef, params: the policy.
+    batch: prompt [B, Lp] (left-padded), prompt_mask, plus what the scorer reads (answer [B, A],
+      answer_len [B] for the default).
+    key: PRNG key of the sampler.
+    setup: a `RolloutSetup`.
+
+  Returns:
+    dict of [B·G, ...] rows: prompt, prompt_mask, tokens, completion_mask, lengths, truncated,
+    score, reward, sample_logprobs (tempered, as the losses use them).
+  """
+  out = generate(graphdef, params, batch['prompt'], batch['prompt_mask'], key, setup.sampling,
+                 num_samples=setup.group_size, tempered_logprobs=True)
+  batch = jax.tree.map(lambda x: jnp.repeat(x, setup.group_size, axis=0), batch)
+  prompt, prompt_mask = batch['prompt'], batch['prompt_mask']
+  if setup.score_fn is None:
+    score = answer_match_score(out, batch, setup.step_id)
+  else:
+    score = setup.score_fn(out, batch)
+  t = out.tokens_BxT.shape[1]
+  completion_mask = jnp.arange(t)[None] < out.lengths_B[:, None]
+  return {
+      'prompt': prompt, 'prompt_mask': prompt_mask, 'tokens': out.tokens_BxT,
+      'completion_mask': completion_mask, 'lengths': out.lengths_B,
+      'truncated': out.stop_reason_B == StopReason.LENGTH, 'score': score,
+      'reward': score_to_reward(score, setup.reward), 'sample_logprobs': out.logprobs_BxT,
+  }
+
+
+def head_model(graphdef, params):
+  """The plain `Transformer` behind a policy (LoRA adapters folded into its weights), so
+  callers can run the trunk and the LM head separately."""
+  model = nnx.merge(graphdef, params)
+  if hasattr(model, 'effective_base'):  # LoraTransformer: W + scale·A·B, gradients reach A, B
+    model = nnx.merge(*model.effective_base())
+  return model
+
+
+def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int,
+                        temperature: float = 1.0, chunk_tokens: int = 1024):
+  """log π(completion tokens) and entropies for sequences laid out as [prompt | completion].
+
+  The LM head runs only over the positions that predict completion tokens, in chunks
+  (`losses.lm_head_logprobs`): no [B, L, V] logits.
+
+  Args:
+    graphdef, params: the policy.
+    seq_BxL, seq_mask_BxL: [prompt | completion] tokens and their mask.
+    prompt_len: Lp, the prompt width (static).
+    temperature: T of the policy softmax(logits / T) (static); the rollout's
+      `logprob_temperature(sampling)`.
+    chunk_tokens: positions per LM-head chunk (static; 0 = one chunk).
+
+  Returns:
+    (logp_BxT, entropy_BxT) float32, T = L - prompt_len columns.
+  """
+  model = head_model(graphdef, params)
+  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none')
+  return losses.lm_head_logprobs(out.hidden_BxLxD[:, prompt_len - 1 : -1], model.lm_head_DxV(),
+                                 seq_BxL[:, prompt_len:], temperature, chunk_tokens)
