@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from typing import Any, NamedTuple
 
@@ -326,3 +327,22 @@ def load_run(workdir: str, phase: str | None = None, *, mesh=None, verbose: bool
     print(f'loaded {phase} step {step} from {workdir}' + (' with its value model' if value else ''),
           file=sys.stderr)
   return Run(cfg, config, tok, builder, policy, value, phase, step)
+
+
+# Tokenizer files of an HF folder, copied next to the exported weights.
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
+                   'vocab.json', 'merges.txt', 'chat_template.jinja', 'generation_config.json')
+
+
+def export_run(workdir: str, out: str, phase: str | None = None, dtype: str | None = None) -> str:
+  """Writes the policy of `workdir` (phase `phase`) to the HF folder `out`; returns `out`."""
+  run = load_run(workdir, phase)
+  graphdef, params = run.policy  # export_hf writes the LM weights only (PPO's value head stays behind)
+  template = run.cfg.hf_checkpoint or None
+  hf_lib.export_hf(graphdef, params, out, template, dtype=dtype)
+  tok_dir = run.cfg.tokenizer.path or run.cfg.hf_checkpoint
+  if run.cfg.tokenizer.kind == 'hf' and tok_dir:
+    for name in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(tok_dir, name)):
+        shutil.copy(os.path.join(tok_dir, name), os.path.join(out, name))
+  return out

@@ -36,8 +36,6 @@ def test_hf_lora_run_folder_loads_merged_and_exports_with_logit_parity(tmp_path)
   in transformers equal ours."""
   torch = pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
-  from rlm_jax import export
-
   src = _hf_folder(tmp_path / 'base')
   config = configlib.load_config(TINY, [f'hf_checkpoint={src}', 'lora.rank=2', 'rl.algo=none'])
   cfg = config_lib.parse(config)
@@ -62,7 +60,7 @@ def test_hf_lora_run_folder_loads_merged_and_exports_with_logit_parity(tmp_path)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
   assert np.abs(np.asarray(got) - np.asarray(base)).max() > 1e-3  # the adapters are in the weights
 
-  out = export.export_run(str(run_dir), str(tmp_path / 'hf'))
+  out = models_lib.export_run(str(run_dir), str(tmp_path / 'hf'))
   ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   with torch.no_grad():
     theirs = ref(input_ids=torch.tensor(np.asarray(tokens), dtype=torch.int64)).logits.numpy()
@@ -80,6 +78,16 @@ def test_builder_refuses_a_char_tokenizer_on_another_vocabulary(tmp_path):
     models_lib.ModelBuilder(parsed, tok)
   assert str(e.value) == (f"hf_checkpoint={tmp_path / 'big'}: a {tok.vocab_size + 100}-token vocabulary with "
                           f"tokenizer.kind='char' ({tok.vocab_size} ids); set tokenizer.kind='hf'")
+
+
+def test_export_cli_needs_a_run_folder_and_an_output():
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, '-m', 'rlm_jax.export', '--out=x'], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == ('error: --workdir (a run folder) and --out (the HF folder to '
+                                                  'write) are required')
 
 
 @pytest.mark.slow  # a whole alphazero smoke run (SFT, value phase, 2 rounds) then MCTS through solve
