@@ -99,3 +99,20 @@ def test_steps_on_the_smollm2_tokenizer(smollm2):
   got = steps_lib.step_end_mask(tables, np.asarray([ids[:-1]]), np.ones((1, len(ids) - 1), bool), tok.pad_id)
   np.testing.assert_array_equal(np.flatnonzero(np.asarray(got)[0]), ends[:-1])
   assert [tok.decode(ids[:e + 1]).endswith('\n\n') for e in ends[:-1]] == [True, True]
+
+
+@pytest.mark.slow  # LoRA GRPO of the 135M model end to end: ~3 min on 2 cores
+def test_gsm8k_smollm2_smoke_config_runs_end_to_end(smollm2, tmp_path):
+  import json
+  import subprocess
+  import sys
+  repo = os.path.join(os.path.dirname(__file__), '..', '..')
+  proc = subprocess.run([sys.executable, '-m', 'rlm_jax.main', '--config=configs/gsm8k_smollm2.py:smoke',
+                         f'--config.hf_checkpoint={smollm2}', f'--workdir={tmp_path}'], cwd=repo,
+                        capture_output=True, text=True, timeout=1800)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / 'results.json').read_text())
+  assert set(results) == {'sft', 'rl'} and 'self_consistency/accuracy' in results['rl']
+  rows = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  grpo = [r for r in rows if 'grpo/loss' in r]
+  assert len(grpo) == 1 and 'grpo/reward_fn/correctness' in grpo[0] and 'grpo/reward_fn/format' in grpo[0]
