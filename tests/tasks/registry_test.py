@@ -114,7 +114,8 @@ def test_verify_errors_and_guard(monkeypatch):
 
 
 def test_reward_api():
-  assert T.reward(2) == 1.0 and T.reward(-1) == -1.0
+  assert T.reward(2) == 1.0 and T.reward(-1) == 0.0  # the default table of RewardConfig
+  assert T.reward(-1, {-1: -1.0, 0: 0.0, 1: 0.0, 2: 1.0}) == -1.0
   assert T.reward(1, {-1: 0.0, 0: 0.0, 1: 0.5, 2: 1.0}) == 0.5
 
 
