@@ -11,7 +11,10 @@ held-out problems with greedy decoding, self-consistency, PRM-ranked best-of-N, 
 search and PRM-guided MCTS at several budgets, and (with --trained) trains outcome GRPO,
 process-supervised GRPO and the AlphaZero-style loop from the same SFT and PRM checkpoints.
 
-Hardware: the 2-core CPU of this project.
+Hardware: the 2-core CPU of this project; per seed ~10 min of training and ~15 min of search
+at load ~5. Measured (seeds 0, 1; README "Value-guided search"): SFT greedy 0.600 / 0.660, PRM
+step AUROC 0.706 / 0.689; PRM-guided MCTS 0.578 at 5x greedy's tokens, below greedy: the
+targets of the claim are not met with this PRM.
 """
 import ml_collections
 

@@ -17,9 +17,10 @@ GRPO with LoRA adapters (rank 16 on every projection) and host reward functions,
 correctness by the GSM8K verifier (exact numbers) plus a small format reward for an answer
 marker. Held-out accuracy greedy and with self-consistency before and after.
 
-Hardware: the 2-core CPU of this project (about a minute per iteration at this size); a GPU
-run would raise prompts_per_iteration / group_size and completion_len, and train on all of
-GSM8K train. Measured results are in the README ("A real model on GSM8K").
+Hardware: the 2-core CPU of this project. Measured there (load ~5): before training, greedy
+0.04 and self-consistency@4 0.02 on 50 GSM8K test problems; a GRPO iteration at these sizes
+takes longer than 20 minutes at that load, so the iterations are a GPU job (README "A real
+model on GSM8K"). `:smoke` runs the same path in 3 minutes.
 """
 import ml_collections
 
