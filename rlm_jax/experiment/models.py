@@ -219,7 +219,8 @@ def _raw_state(directory: str, step: int) -> dict:
   """A checkpointed state as saved (nested dicts of arrays), without a target tree."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   # Read-only: a plain manager (no tmp-directory cleanup) so a run still writing here is safe.
-  with ocp.CheckpointManager(directory, item_names=('state', 'extra')) as mngr:
+  # orbax wants an absolute path; a run folder is usually given relative (`--workdir=runs/x`).
+  with ocp.CheckpointManager(os.path.abspath(directory), item_names=('state', 'extra')) as mngr:
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   return out.state
 

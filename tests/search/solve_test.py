@@ -47,7 +47,7 @@ def test_load_run_rebuilds_the_latest_phase_from_the_run_folder(tmp_path):
   assert (run.phase, run.step, run.value) == ('grpo', 3, None)
   for a, b in zip(jax.tree.leaves(run.policy[1]), jax.tree.leaves(trained)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  sft = models_lib.load_run(str(tmp_path), 'sft')
+  sft = models_lib.load_run(os.path.relpath(tmp_path), 'sft')  # `--workdir=runs/x` style
   np.testing.assert_array_equal(np.asarray(jax.tree.leaves(sft.policy[1])[0]), np.asarray(jax.tree.leaves(fresh)[0]))
   with pytest.raises(configlib.ConfigError, match='--phase=ppo: the run in .* has the policy phases sft, grpo'):
     models_lib.load_run(str(tmp_path), 'ppo')
