@@ -12,9 +12,18 @@ The tables are host numpy arrays built once per tokenizer; `is_step_end` is the 
 sequences. Together they find the same ends as `HFTokenizer.encode_trace` does in SFT traces,
 except that a delimiter spread over three or more tokens is not seen (no vocabulary we use
 splits '\\n\\n' further than two '\\n').
+
+`StepEnds` bundles the three tables (`StepEnds.of(tok)`, cached per tokenizer) and is what the
+sampler, the RL step layouts, PRM targets, rewards and search take. Code that has only a
+delimiter id (toy search tasks, older call sites) passes the int: `as_step_ends(step_id)` is
+the table of that one id, so the test is then exactly `tokens == step_id`.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -118,3 +127,81 @@ def step_end_mask(tables, tokens_BxT: jnp.ndarray, mask_BxT: jnp.ndarray, pad_id
   init_B = jnp.full(tokens_TxB.shape[1:], pad_id, tokens_TxB.dtype)
   _, end_TxB = jax.lax.scan(body, init_B, (tokens_TxB, mask_TxB))
   return end_TxB.T
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: usable in static configs
+class StepEnds:
+  """The step-end tables of one tokenizer (a pytree; also hashable, as a static constant).
+
+  Attributes:
+    table_V: bool [V'], ids whose text contains the delimiter (V' <= V: ids past the table
+      are never ends).
+    ends_KxV, starts_KxV: bool [K, V] split tables (`split_tables`); K = 0 when the
+      delimiter is one token that never merges or splits (the character tokenizer).
+    pad_id: a special token (text '') standing for "no previous token in this step".
+  """
+
+  table_V: np.ndarray
+  ends_KxV: np.ndarray
+  starts_KxV: np.ndarray
+  pad_id: int
+
+  @classmethod
+  def of(cls, tok: Tokenizer) -> 'StepEnds':
+    """The tables of `tok`, built once per tokenizer object (an HF vocabulary is decoded once)."""
+    ends = _CACHE.get(tok)
+    if ends is None:
+      ends = cls(step_table(tok), *split_tables(tok), pad_id=int(tok.pad_id))
+      _CACHE[tok] = ends
+    return ends
+
+  @property
+  def splits(self) -> bool:
+    """Whether a delimiter can span two tokens (then the test needs the previous token)."""
+    return self.ends_KxV.shape[0] > 0
+
+  def is_end(self, prev_B: jax.Array, tok_B: jax.Array) -> jax.Array:
+    """`is_step_end` (jittable): bool [B]; `prev_B` is the previous token of the current step
+    (`pad_id` for its first token); out-of-vocabulary ids (e.g. -1 fillers) are never ends."""
+    end_B = jnp.take(jnp.asarray(self.table_V), tok_B, mode='fill', fill_value=False)
+    if self.splits:
+      ends_KxV, starts_KxV = jnp.asarray(self.ends_KxV), jnp.asarray(self.starts_KxV)
+      end_B = end_B | jnp.any(ends_KxV[:, prev_B] & starts_KxV[:, tok_B], axis=0)
+    return end_B
+
+  def mask(self, tokens_BxT: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
+    """`step_end_mask` (jittable): bool [B, T], True on each token that closes a delimiter.
+
+    Args:
+      tokens_BxT: tokens of steps (no prompt: each row starts a step at column 0).
+      mask_BxT: real tokens (None: all); padding never ends a step and restarts the next one.
+    """
+    tokens_BxT = jnp.asarray(tokens_BxT)
+    m_BxT = jnp.ones(tokens_BxT.shape, bool) if mask_BxT is None else jnp.asarray(mask_BxT, bool)
+    if not self.splits:  # one id per end: no scan over tokens
+      return jnp.take(jnp.asarray(self.table_V), tokens_BxT, mode='fill', fill_value=False) & m_BxT
+    return step_end_mask((self.table_V, self.ends_KxV, self.starts_KxV), tokens_BxT, m_BxT, self.pad_id)
+
+
+jax.tree_util.register_dataclass(StepEnds, data_fields=['table_V', 'ends_KxV', 'starts_KxV'],
+                                 meta_fields=['pad_id'])
+
+_CACHE: 'weakref.WeakKeyDictionary[Tokenizer, StepEnds]' = weakref.WeakKeyDictionary()
+
+
+@functools.lru_cache(maxsize=64)
+def _single(step_id: int) -> StepEnds:
+  table = np.zeros(max(step_id + 1, 1), bool)
+  if step_id >= 0:
+    table[step_id] = True
+  empty = np.zeros((0, table.shape[0]), bool)
+  return StepEnds(table, empty, empty, pad_id=-1)
+
+
+def as_step_ends(step: 'StepEnds | int') -> StepEnds:
+  """`step` itself, or for a delimiter id the tables of that one id (a negative id: no ends)."""
+  if isinstance(step, StepEnds):
+    return step
+  if isinstance(step, (int, np.integer)) and not isinstance(step, bool):
+    return _single(int(step))
+  raise TypeError(f'step delimiter must be a StepEnds or a token id, got {type(step).__name__}')

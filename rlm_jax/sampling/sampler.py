@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlm_jax.data.steps import StepEnds
 from rlm_jax.models.transformer import KVCache, positions_from_mask
 
 
@@ -38,7 +39,7 @@ class SamplingConfig:
   max_new_tokens: int
   eos_id: int
   pad_id: int
-  step_id: int = -1  # step delimiter; only used when stop_at_step (and no step_table_V)
+  step_id: int = -1  # step delimiter; only used when stop_at_step (and no step_ends / step_table_V)
   stop_at_step: bool = False
   greedy: bool = False
   temperature: float = 1.0
@@ -108,6 +109,7 @@ def generate(
     *,
     num_samples: int = 1,
     step_table_V: jax.Array | None = None,
+    step_ends: StepEnds | None = None,
     tempered_logprobs: bool = False,
 ) -> SampleOutput:
   """Samples up to `cfg.max_new_tokens` tokens for each left-padded prompt.
@@ -128,14 +130,20 @@ def generate(
     step_table_V: optional bool [V]: True for every token whose text contains the step
       delimiter (a BPE tokenizer merges it with its neighbours). With `cfg.stop_at_step` a
       row then stops after any such token instead of after `cfg.step_id`.
+    step_ends: optional `StepEnds` of the tokenizer (closed over as constants, or traced):
+      with `cfg.stop_at_step` a row stops where `step_ends.is_end` says a step ends, which
+      also catches a delimiter split over two tokens ('\n', '\n'). The prompt's last token
+      never completes a delimiter: each row starts a fresh step. Excludes `step_table_V`.
     tempered_logprobs: return log-probs of softmax(logits / T), T = `logprob_temperature(cfg)`
       (what RL losses need as π_old) instead of those of the untempered model (static).
 
   Returns:
     SampleOutput with B·N rows and T = cfg.max_new_tokens columns.
   """
-  if cfg.stop_at_step and cfg.step_id < 0 and step_table_V is None:
+  if cfg.stop_at_step and cfg.step_id < 0 and step_table_V is None and step_ends is None:
     raise ValueError('sampling.stop_at_step=True needs a step_id or a step_table_V')
+  if step_table_V is not None and step_ends is not None:
+    raise ValueError('generate: pass step_ends or step_table_V, not both')
   if not isinstance(num_samples, int) or num_samples < 1:
     raise ValueError(f'generate(num_samples={num_samples!r}): must be an int >= 1')
   model = nnx.merge(graphdef, state)
@@ -179,7 +187,14 @@ def generate(
     logp_B = jnp.where(c.done_B, 0.0, logp_B)
     live_B = ~c.done_B
     is_eos_B = live_B & (tok_B == cfg.eos_id)
-    if step_table_V is None:
+    if step_ends is not None:
+      if step_ends.splits:  # a row's previous token in this step (none at the first new token)
+        prev_B = jax.lax.dynamic_index_in_dim(c.tokens_BxT, jnp.maximum(c.i - 1, 0), 1, keepdims=False)
+        prev_B = jnp.where(c.i > 0, prev_B, step_ends.pad_id)
+      else:
+        prev_B = tok_B  # unused: every end is one token
+      is_step_B = live_B & step_ends.is_end(prev_B, tok_B) & cfg.stop_at_step
+    elif step_table_V is None:
       is_step_B = live_B & (tok_B == cfg.step_id) & cfg.stop_at_step
     else:
       is_step_B = live_B & step_table_V.astype(bool)[tok_B] & cfg.stop_at_step

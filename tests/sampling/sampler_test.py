@@ -1,4 +1,6 @@
 """Sampler tests: greedy and logprobs against full forwards, keys, stops, compile count."""
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from rlm_jax.data import steps as steps_lib
 from rlm_jax.data.tokenizer import pad_batch
 from rlm_jax.models import transformer as tfm
 from rlm_jax.sampling import sampler as smp
@@ -180,6 +183,51 @@ def test_step_table_stops_after_any_marked_token(model):
     smp.sample(gdef, state, *_batch(), jax.random.key(0), cfg)
   with pytest.raises(ValueError, match=r'step_table_V has shape \(5,\)'):
     smp.sample(gdef, state, *_batch(), jax.random.key(0), cfg, step_table_V=jnp.zeros((5,), bool))
+
+
+def _reference_step_stop(row, table, ends, starts, pad):
+  """First index where a step ends in `row` (None: none): a marked token, or a split pair
+  (ends[prev] & starts[tok]) whose first half is inside the step (not the prompt)."""
+  prev = pad
+  for t, tok in enumerate(row):
+    if table[tok] or (ends[0, prev] and starts[0, tok]):
+      return t
+    prev = tok
+  return None
+
+
+def test_step_ends_stop_at_a_delimiter_split_over_two_tokens(model):
+  """A hand-made split table ('\\n' ends a token, '\\n' starts the next): a row stops after
+  the second half of a pair, never at a first new token whose pair began in the prompt."""
+  gdef, state = model
+  free = smp.sample(gdef, state, *_batch(), jax.random.key(0),
+                    smp.SamplingConfig(max_new_tokens=8, eos_id=-1, pad_id=PAD, greedy=True))
+  rows = np.asarray(free.tokens_BxT).tolist()
+  v = CFG.vocab_size
+  table, ends, starts = np.zeros(v, bool), np.zeros((1, v), bool), np.zeros((1, v), bool)
+  ends[0, [rows[0][2], rows[1][4]]] = True  # pairs inside rows 0 and 1
+  starts[0, [rows[0][3], rows[1][5]]] = True
+  for r, prompt in enumerate(PROMPTS):  # prompt's last token + first new token: not a pair
+    ends[0, prompt[-1]] = True
+    starts[0, rows[r][0]] = True
+  ends[0, PAD] = starts[0, PAD] = False
+  step_ends = steps_lib.StepEnds(table, ends, starts, pad_id=PAD)
+  cfg = smp.SamplingConfig(max_new_tokens=8, eos_id=-1, pad_id=PAD, greedy=True, stop_at_step=True)
+  out = smp.sample(gdef, state, *_batch(), jax.random.key(0), cfg, step_ends=step_ends)
+  want = [_reference_step_stop(row, table, ends, starts, PAD) for row in rows]
+  assert want[0] is not None and want[0] <= 3 and want[1] is not None and want[1] <= 5
+  assert all(w != 0 for w in want)  # the prompt never completes a pair
+  for i in range(3):
+    n = 8 if want[i] is None else want[i] + 1
+    assert int(out.lengths_B[i]) == n, (i, rows[i], want)
+    assert int(out.stop_reason_B[i]) == (smp.StopReason.LENGTH if want[i] is None else smp.StopReason.STEP)
+    assert out.tokens_BxT[i, :n].tolist() == rows[i][:n]
+  # The character tokenizer's tables stop exactly where step_id does.
+  char = smp.sample(gdef, state, *_batch(), jax.random.key(0), cfg, step_ends=steps_lib.as_step_ends(rows[2][1]))
+  by_id = smp.sample(gdef, state, *_batch(), jax.random.key(0), dataclasses.replace(cfg, step_id=rows[2][1]))
+  for a, b in zip(char, by_id):
+    np.testing.assert_array_equal(a, b)
+  assert int(char.lengths_B[2]) <= 2
 
 
 def test_tempered_logprobs_are_those_of_logits_over_t(model):
