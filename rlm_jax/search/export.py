@@ -5,6 +5,9 @@
 PRM labels, and the one-step TD advantages Â(s_i) = r_i + gamma v(s_{i+1}) - v(s_i) with
 v(s_{i+1}) = q(s_i) / gamma (`step_td_advantages` below, same conventions as
 the tree: the q of a node is Q of the step into it, a terminal node's q is its reward).
+`node_targets` gives targets over every node instead of one path (expert iteration): the
+policy target of each step as its visit share (or softmax of q) among its siblings, and a
+Monte Carlo value of each node's state from the verified terminals below it.
 """
 
 from __future__ import annotations
@@ -164,3 +167,137 @@ def step_td_advantages(rewards_BxS, q_BxS, gamma, valid_BxS=None, v0_B=None, ter
   is_last_BxS = valid_BxS & ~next_valid_BxS
   succ_BxS = jnp.where(is_last_BxS & terminal_B[:, None], 0.0, q_BxS)
   return jnp.where(valid_BxS, r_BxS + succ_BxS - v_BxS, 0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Targets over every node of a tree (expert iteration: AlphaZero / ExIt / ReST-MCTS*).
+
+
+class NodeTargets(NamedTuple):
+  """Per-node training targets of B trees (`node_targets`).
+
+  weight_BxN: policy target of the step into each node: its share among its siblings (visit
+    share or softmax of q), 0 for the root, unused slots and children of ineligible parents.
+    The shares of an eligible parent's children sum to 1.
+  value_BxN: Monte Carlo value of each node's state (`mc_values`); 0 where value_valid is False.
+  value_valid_BxN: the node has a Monte Carlo value and enough visits (verified terminals
+    always: their return is exact).
+  solved_BxN: a verified solution (reward >= 1) lies in the node's subtree (the node is on a
+    solved path).
+  """
+
+  weight_BxN: jax.Array
+  value_BxN: jax.Array
+  value_valid_BxN: jax.Array
+  solved_BxN: jax.Array
+
+
+def _used(tree: tree_lib.Tree):
+  return jnp.arange(tree.num_slots)[None, :] < tree.num_nodes_B[:, None]
+
+
+def _scatter_to_parent(tree: tree_lib.Tree, x_BxN, op: str):
+  """Per-parent sum / max of `x_BxN` over each node's children, read back at the children:
+  out[b, c] = reduce over siblings c' of c (the root and unused slots get the identity)."""
+  b, n = x_BxN.shape
+  bb = jnp.arange(b)[:, None]
+  child = _used(tree) & (tree.parent_BxN >= 0)
+  tgt = jnp.where(child, tree.parent_BxN, n)  # n = dropped
+  if op == 'sum':
+    red = jnp.zeros((b, n), x_BxN.dtype).at[bb, tgt].add(jnp.where(child, x_BxN, 0), mode='drop')
+  else:
+    red = jnp.full((b, n), -jnp.inf, x_BxN.dtype).at[bb, tgt].max(jnp.where(child, x_BxN, -jnp.inf), mode='drop')
+  return red[bb, jnp.maximum(tree.parent_BxN, 0)], child
+
+
+def sibling_shares(tree: tree_lib.Tree, kind: str = 'visits', temperature: float = 1.0,
+                   min_parent_visits: int = 1) -> jax.Array:
+  """Policy targets over the children of every expanded node (jittable, no loop over nodes).
+
+  'visits' is AlphaZero's target: N(c) / sum of N over c's siblings (c included), which is
+  N(c) / (N(parent) - 1) in a finished tree. 'q_softmax' is softmax(q / temperature) over the
+  siblings: it sharpens towards the best-valued step whatever the visit budget was.
+
+  Args:
+    tree: search trees.
+    kind: 'visits' or 'q_softmax'.
+    temperature: softmax temperature of 'q_softmax' (> 0).
+    min_parent_visits: children of a node with fewer visits get weight 0 (a node expanded
+      once and never re-entered has uniform visit shares: no search happened below it).
+
+  Returns:
+    weight_BxN float32 (the root, unused slots and children of ineligible parents get 0).
+  """
+  if kind not in ('visits', 'q_softmax'):
+    raise ValueError(f"sibling_shares: kind='{kind}' must be 'visits' or 'q_softmax'")
+  if temperature <= 0:
+    raise ValueError(f'sibling_shares: temperature={temperature} must be > 0')
+  bb = jnp.arange(tree.batch_size)[:, None]
+  if kind == 'visits':
+    x_BxN = tree.visits_BxN.astype(jnp.float32)
+  else:
+    z_BxN = tree.q_BxN.astype(jnp.float32) / temperature
+    zmax_BxN, _ = _scatter_to_parent(tree, z_BxN, 'max')  # per-parent max: a stable softmax
+    x_BxN = jnp.exp(z_BxN - jnp.where(jnp.isfinite(zmax_BxN), zmax_BxN, 0.0))
+  total_BxN, child_BxN = _scatter_to_parent(tree, x_BxN, 'sum')
+  parent_visits_BxN = tree.visits_BxN[bb, jnp.maximum(tree.parent_BxN, 0)]
+  ok_BxN = child_BxN & (parent_visits_BxN >= min_parent_visits) & (total_BxN > 0)
+  return jnp.where(ok_BxN, x_BxN / jnp.where(ok_BxN, total_BxN, 1.0), 0.0)
+
+
+def mc_values(tree: tree_lib.Tree, gamma: float, max_depth: int):
+  """Monte Carlo value of every node's state from the verified terminals below it (jittable).
+
+  Each evaluation of a verified terminal t (reward not NaN; a re-visit evaluates it again, so
+  t counts N(t) times) backs its reward up to every ancestor s, discounted as the tree's q
+  is (a node's q is gamma times its state value, a terminal's q its reward):
+    V(s) = sum_t N(t) gamma^(d(t) - d(s) - 1) r(t) / sum_t N(t)   (s not terminal),
+    V(t) = r(t)                                                   (t terminal, verified).
+  With gamma = 1 this is the mean verified outcome of the subtree. Unlike the tree's q it
+  holds no value-model estimate: nodes with no verified terminal below have no value.
+
+  Args:
+    tree: search trees (rewards of terminals from the verifier).
+    gamma: the search's discount.
+    max_depth: the search's max_depth (D).
+
+  Returns:
+    (value_BxN, has_BxN, solved_BxN): the values (0 where has is False), whether a verified
+    terminal lies in the subtree, and whether one with reward >= 1 does.
+  """
+  b, n = tree.batch_size, tree.num_slots
+  r_BxN = tree.reward_BxN
+  term_BxN = _used(tree) & tree.terminal_BxN & ~jnp.isnan(r_BxN) & (jnp.arange(n)[None] > tree_lib.ROOT)
+  r_BxN = jnp.where(term_BxN, r_BxN, 0.0)
+  w_BxN = jnp.where(term_BxN, tree.visits_BxN, 0).astype(jnp.float32)
+  win_BxN = term_BxN & (r_BxN >= 1.0)
+  # Ancestors of every terminal: path_MxD[:, j] is the node at depth j + 1, the root is depth 0.
+  b_M = jnp.repeat(jnp.arange(b), n)
+  path_MxD = tree_lib.path_by_depth(tree, b_M, jnp.arange(b * n) % n, max_depth)
+  anc_MxD1 = jnp.concatenate([jnp.zeros((b * n, 1), jnp.int32), path_MxD], axis=1)
+  d_M = tree.depth_BxN.reshape(-1)
+  j_D1 = jnp.arange(max_depth + 1)
+  above_MxD1 = (j_D1[None] < d_M[:, None]) & term_BxN.reshape(-1)[:, None]  # strict ancestors
+  disc_MxD1 = jnp.asarray(gamma, jnp.float32) ** jnp.maximum(d_M[:, None] - j_D1[None] - 1, 0)
+  tgt_MxD1 = jnp.where(above_MxD1, anc_MxD1, n)  # n = dropped
+  b_MxD1 = jnp.broadcast_to(b_M[:, None], tgt_MxD1.shape)
+  add = lambda x_MxD1: jnp.zeros((b, n), jnp.float32).at[b_MxD1, tgt_MxD1].add(x_MxD1, mode='drop')
+  w_MxD1 = jnp.broadcast_to(w_BxN.reshape(-1)[:, None], tgt_MxD1.shape)
+  num_BxN = add(w_MxD1 * disc_MxD1 * r_BxN.reshape(-1)[:, None])
+  den_BxN = add(w_MxD1)
+  wins_BxN = add(jnp.broadcast_to(win_BxN.reshape(-1)[:, None], tgt_MxD1.shape).astype(jnp.float32))
+  has_BxN = (den_BxN > 0) | term_BxN
+  value_BxN = jnp.where(term_BxN, r_BxN, num_BxN / jnp.maximum(den_BxN, 1e-30))
+  return (jnp.where(has_BxN, value_BxN, 0.0), has_BxN, (wins_BxN > 0) | win_BxN)
+
+
+def node_targets(tree: tree_lib.Tree, gamma: float, max_depth: int, *, kind: str = 'visits',
+                 temperature: float = 1.0, min_visits: int = 1, min_parent_visits: int = 1) -> NodeTargets:
+  """Policy and value targets over every node of every tree (jittable; see `sibling_shares`
+  and `mc_values`). Non-terminal nodes with fewer than `min_visits` visits get no value
+  target (too few evaluations below them); verified terminals always do."""
+  weight_BxN = sibling_shares(tree, kind, temperature, min_parent_visits)
+  value_BxN, has_BxN, solved_BxN = mc_values(tree, gamma, max_depth)
+  exact_BxN = tree.terminal_BxN & ~jnp.isnan(tree.reward_BxN)
+  valid_BxN = has_BxN & ((tree.visits_BxN >= min_visits) | exact_BxN) & (jnp.arange(tree.num_slots)[None] > 0)
+  return NodeTargets(weight_BxN, jnp.where(valid_BxN, value_BxN, 0.0), valid_BxN, solved_BxN)
