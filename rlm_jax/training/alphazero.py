@@ -1,23 +1,36 @@
-"""AlphaZero-style training over reasoning steps: search -> replay buffer -> distill + fit value.
+"""AlphaZero-style training over reasoning steps (expert iteration): search -> replay buffer ->
+distill + fit value.
 
 One round is ONE compiled program (`alphazero_round_jit`):
 
   1. Search: MCTS (`search.mcts.mcts_search`) over P training problems with the current policy,
      the value model for non-terminal children (optional) and the verifier reward (the final
      step must equal the canonical answer) for terminal ones.
-  2. Restructure: each tree's training path (its best terminal: a solved path whenever the
-     search found one, else the most-visited path) becomes one row, prompt + the path's steps,
-     with every step's q mapped to P(correct) = (q + 1) / 2 on the step's last token
-     (`search_rows`, through `export.path_targets` and `labels.q_value_batch`).
-  3. Replay: the P rows enter a fixed-size FIFO buffer of device arrays (`ReplayBuffer`).
-  4. Policy distillation: `distill_steps` SFT steps on buffer rows whose path was solved.
-  5. Value / PRM regression: `value_steps` steps on every buffer row (q targets).
+  2. Restructure (`tree_rows`), by `policy_target`:
+     * 'visits' / 'q_softmax' (AlphaZero, ExIt, ReST-MCTS*): every node of every tree is a row,
+       prompt + the steps to its parent + its own step. Its policy weight is the step's visit
+       share among its siblings (or softmax of q), so the tree's whole search distribution is
+       distilled: several verified paths per problem, and steps into failed subtrees with the
+       small weight their visits give them. Its value target (`value_target='mc'`) is the
+       Monte Carlo value of the node's state, the discounted mean verified outcome of its
+       subtree, for nodes with at least `min_visits` visits (`export.node_targets`).
+     * 'best_path' (rejection-sampling fine-tuning): one row per tree, its best terminal path
+       (a solved path whenever the search found one, else the most-visited path), weight 1
+       when solved, each step's q (or Monte Carlo value) on its last token (`search_rows`).
+     Labels are P(correct) = (v + 1) / 2, on the step's last token.
+  3. Replay: the rows enter a fixed-size FIFO buffer of device arrays (`ReplayBuffer`).
+  4. Policy distillation: `distill_steps` steps on buffer rows drawn in proportion to their
+     weight (so the expected loss is the weighted cross-entropy), plus `kl_beta` times the KL
+     of the policy to the frozen start policy on the rows' path positions (an anchor against
+     forgetting what SFT taught).
+  5. Value / PRM regression: `value_steps` steps on the buffer rows that carry a target.
 
 The buffer is part of the state that the pipeline checkpoints each round, so a resumed run
 continues with exactly the buffer it stopped with (nothing is rebuilt).
 
 Shape legend: P problems per round, C buffer rows, L row tokens (prompt + D steps of T tokens),
-N rows per optimizer step, S steps per path (= D, the search's max_depth).
+N rows per optimizer step (tree nodes in `tree_rows`), S steps per path (= D, the search's
+max_depth), M candidate rows of a round, V vocabulary.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rlm_jax import configlib
 from rlm_jax import sharding
 from rlm_jax.search import export
 from rlm_jax.search import lm
@@ -38,8 +52,7 @@ from rlm_jax.search import mcts as mcts_lib
 from rlm_jax.search import tree as tree_lib
 from rlm_jax.training import labels as labels_lib
 from rlm_jax.training import losses
-from rlm_jax.training.sft import sft_step
-from rlm_jax.training.state import OptimConfig, TrainState
+from rlm_jax.training.state import OptimConfig, TrainState, accumulate_gradients, all_finite, apply_gradients
 from rlm_jax.training.value import value_step
 
 
@@ -62,6 +75,21 @@ class AlphaZeroConfig:
     distill_steps, distill_batch: SFT steps per round and rows per step (solved rows only).
     value_steps, value_batch: value steps per round and rows per step (all rows).
     value_optim: optimizer of the value model in this loop.
+    policy_target: 'visits' (each node's step weighted by its visit share among its
+      siblings: AlphaZero), 'q_softmax' (softmax of the siblings' q / q_temperature) or
+      'best_path' (the best terminal path of each solved tree, weight 1: rejection-sampling
+      fine-tuning).
+    q_temperature: temperature of 'q_softmax'.
+    policy_min_visits: children of a node with fewer visits get no policy weight (a node
+      expanded once and never re-entered has uniform shares); 1 keeps every expanded node.
+    solved_trees_only: policy rows only from trees in which the search verified a solution
+      (the shares of an unsolved tree follow the value model alone).
+    value_target: 'mc' (Monte Carlo value from the verified terminals below the node) or 'q'
+      (the tree's backed-up q, which mixes in the value model's own estimates).
+    min_visits: with 'mc', non-terminal nodes with fewer visits get no value target
+      (verified terminals always do: their return is exact).
+    kl_beta: weight of KL(policy || start policy) in the distillation loss (0: no anchor and
+      no reference forward pass).
   """
 
   mcts: mcts_lib.MCTSConfig = mcts_lib.MCTSConfig(num_simulations=8, num_children=4, num_walkers=2,
@@ -74,14 +102,26 @@ class AlphaZeroConfig:
   value_steps: int = 4
   value_batch: int = 32
   value_optim: OptimConfig = OptimConfig()
+  policy_target: Literal['visits', 'q_softmax', 'best_path'] = 'visits'
+  q_temperature: float = 0.5
+  policy_min_visits: int = 1
+  solved_trees_only: bool = True
+  value_target: Literal['mc', 'q'] = 'mc'
+  min_visits: int = 2
+  kl_beta: float = 0.0
 
   def __post_init__(self):
-    for name in ('step_tokens', 'buffer_size', 'distill_batch', 'value_batch'):
+    for name in ('step_tokens', 'buffer_size', 'distill_batch', 'value_batch', 'policy_min_visits', 'min_visits'):
       if getattr(self, name) < 1:
         raise ValueError(f'alphazero.{name}={getattr(self, name)}: must be >= 1')
     for name in ('distill_steps', 'value_steps'):
       if getattr(self, name) < 0:
         raise ValueError(f'alphazero.{name}={getattr(self, name)}: must be >= 0')
+    configlib.check_literals(self, 'alphazero')
+    if self.q_temperature <= 0:
+      raise ValueError(f'alphazero.q_temperature={self.q_temperature}: must be > 0')
+    if self.kl_beta < 0:
+      raise ValueError(f'alphazero.kl_beta={self.kl_beta}: must be >= 0')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +143,13 @@ class AZSetup:
   distill_batch: int
   value_steps: int
   value_batch: int
+  policy_target: str = 'visits'
+  q_temperature: float = 0.5
+  policy_min_visits: int = 1
+  solved_trees_only: bool = True
+  value_target: str = 'mc'
+  min_visits: int = 2
+  kl_beta: float = 0.0
 
   def row_len(self) -> int:
     """L of a buffer row: the prompt and max_depth step slots."""
@@ -118,12 +165,17 @@ class ReplayBuffer:
   """C rows of step-labelled paths (device arrays, fixed shape).
 
   Rows use the layout of `labels.q_value_batch`: [left-padded prompt (Lp) | steps packed
-  left | padding]; targets hold P(correct) on each step's last token, target_mask marks them.
+  left | padding]; targets hold P(correct) on each labelled step's last token, target_mask
+  marks them; policy_mask marks the positions whose next token the policy learns (aligned
+  like `sft.sft_step`'s loss_mask) and weight_C how much the row counts.
 
   Attributes:
     tokens_CxL, mask_CxL: the sequences and their real tokens.
     targets_CxL, target_mask_CxL: value / PRM labels (float32).
-    solved_C: the path ends in a verified-correct final step (distillation rows).
+    policy_mask_CxL: bool, t where token t + 1 is a policy target (a node row: its last
+      step; a path row: the whole path).
+    weight_C: policy weight (0: not a distillation row).
+    solved_C: the row's last step lies on a verified-correct path.
     valid_C: the slot holds a row.
     next_: slot the next row goes to (FIFO: the oldest row is overwritten first).
     added: rows added since the start (the buffer holds min(added, C)).
@@ -133,6 +185,8 @@ class ReplayBuffer:
   mask_CxL: jax.Array
   targets_CxL: jax.Array
   target_mask_CxL: jax.Array
+  policy_mask_CxL: jax.Array
+  weight_C: jax.Array
   solved_C: jax.Array
   valid_C: jax.Array
   next_: jax.Array
@@ -150,15 +204,18 @@ def empty_buffer(capacity: int, length: int, pad_id: int) -> ReplayBuffer:
   zeros = lambda dtype: jnp.zeros((capacity, length), dtype)
   return ReplayBuffer(
       tokens_CxL=jnp.full((capacity, length), pad_id, jnp.int32), mask_CxL=zeros(bool),
-      targets_CxL=zeros(jnp.float32), target_mask_CxL=zeros(jnp.float32),
-      solved_C=jnp.zeros((capacity,), bool), valid_C=jnp.zeros((capacity,), bool),
-      next_=jnp.zeros((), jnp.int32), added=jnp.zeros((), jnp.int32))
+      targets_CxL=zeros(jnp.float32), target_mask_CxL=zeros(jnp.float32), policy_mask_CxL=zeros(bool),
+      weight_C=jnp.zeros((capacity,), jnp.float32), solved_C=jnp.zeros((capacity,), bool),
+      valid_C=jnp.zeros((capacity,), bool), next_=jnp.zeros((), jnp.int32), added=jnp.zeros((), jnp.int32))
 
 
 def _replicated(x):
   # The buffer is small: keep it whole on every device, so each round returns it in the layout
   # it came in (no retrace of the round when the state goes around again).
   return sharding.constrain(x, (None,) * x.ndim)
+
+
+ROW_KEYS = ('tokens', 'mask', 'targets', 'target_mask', 'policy_mask', 'weight', 'solved')
 
 
 def buffer_add(buffer: ReplayBuffer, rows: dict, keep_P) -> ReplayBuffer:
@@ -168,13 +225,17 @@ def buffer_add(buffer: ReplayBuffer, rows: dict, keep_P) -> ReplayBuffer:
 
   Args:
     buffer: the buffer.
-    rows: dict tokens, mask, targets, target_mask ([P, L]) and solved [P] (`search_rows`).
+    rows: dict tokens, mask, targets, target_mask, policy_mask ([P, L]), weight and solved
+      [P] (`tree_rows`).
     keep_P: bool, which rows to add.
 
   Returns:
     The updated buffer.
   """
   c = buffer.capacity
+  missing = [k for k in ROW_KEYS if k not in rows]
+  if missing:
+    raise ValueError(f'buffer_add: rows lack {missing}')
   if rows['tokens'].shape[1] != buffer.tokens_CxL.shape[1]:
     raise ValueError(f"buffer_add: rows of {rows['tokens'].shape[1]} tokens, the buffer holds "
                      f'{buffer.tokens_CxL.shape[1]}')
@@ -183,25 +244,28 @@ def buffer_add(buffer: ReplayBuffer, rows: dict, keep_P) -> ReplayBuffer:
   rank_P = jnp.cumsum(keep_P, dtype=jnp.int32) - 1
   keep_P &= rank_P >= n_keep - c  # the last C kept rows
   dest_P = jnp.where(keep_P, (buffer.next_ + rank_P - jnp.maximum(n_keep - c, 0)) % c, c)
-  put = lambda arr, new: _replicated(arr.at[dest_P].set(new.astype(arr.dtype), mode='drop'))
+  put = lambda arr, new: _replicated(arr.at[dest_P].set(jnp.asarray(new).astype(arr.dtype), mode='drop'))
   written = jnp.minimum(n_keep, c)
   return ReplayBuffer(
       tokens_CxL=put(buffer.tokens_CxL, rows['tokens']), mask_CxL=put(buffer.mask_CxL, rows['mask']),
       targets_CxL=put(buffer.targets_CxL, rows['targets']),
       target_mask_CxL=put(buffer.target_mask_CxL, rows['target_mask']),
-      solved_C=put(buffer.solved_C, rows['solved']),
+      policy_mask_CxL=put(buffer.policy_mask_CxL, rows['policy_mask']),
+      weight_C=put(buffer.weight_C, rows['weight']), solved_C=put(buffer.solved_C, rows['solved']),
       valid_C=put(buffer.valid_C, jnp.ones_like(keep_P)),
       next_=(buffer.next_ + written) % c, added=buffer.added + n_keep)
 
 
-def sample_rows(eligible_C, key: jax.Array, num: int):
-  """`num` row indices drawn uniformly, with replacement, among the eligible rows. Jittable.
+def sample_rows(eligible_C, key: jax.Array, num: int, weight_C=None):
+  """`num` row indices drawn with replacement among the eligible rows: uniformly, or in
+  proportion to `weight_C` (> 0 on eligible rows). Jittable.
 
   Returns:
     (index_N int32, ok): ok is False when no row is eligible (the indices are then arbitrary
     and the caller must not learn from them).
   """
-  logits_C = jnp.where(eligible_C, 0.0, -jnp.inf)
+  score_C = 0.0 if weight_C is None else jnp.log(jnp.maximum(weight_C, 1e-30))
+  logits_C = jnp.where(eligible_C, score_C, -jnp.inf)
   ok = jnp.any(eligible_C)
   logits_C = jnp.where(ok, logits_C, 0.0)
   return jax.random.categorical(key, logits_C, shape=(num,)).astype(jnp.int32), ok
@@ -216,9 +280,11 @@ def path_loss_mask(mask_NxL, prompt_len: int):
 
 
 def sft_rows(buffer: ReplayBuffer, index_N, prompt_len: int) -> dict:
-  """SFT batch of buffer rows (`sft.sft_step` layout): the loss covers the path's tokens."""
+  """Distillation batch of buffer rows: `sft.sft_step` layout (the loss covers the rows'
+  policy targets) and kl_mask, the whole path after the prompt (where the anchor applies)."""
   tokens, mask = buffer.tokens_CxL[index_N], buffer.mask_CxL[index_N]
-  return {'tokens': tokens, 'mask': mask, 'loss_mask': path_loss_mask(mask, prompt_len)}
+  return {'tokens': tokens, 'mask': mask, 'loss_mask': buffer.policy_mask_CxL[index_N],
+          'kl_mask': path_loss_mask(mask, prompt_len)}
 
 
 def value_rows(buffer: ReplayBuffer, index_N) -> dict:
@@ -262,9 +328,101 @@ def search_rows(tree: tree_lib.Tree, leaf_B, gamma: float, max_depth: int, pad_i
   return rows
 
 
-def search(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, setup: AZSetup,
-           policy_params, value_params, batch: dict, key: jax.Array):
-  """MCTS over a batch of problems and the training row of each tree. Traceable.
+def _node_targets(tree: tree_lib.Tree, setup: AZSetup) -> export.NodeTargets:
+  kind = setup.policy_target if setup.policy_target != 'best_path' else 'visits'
+  return export.node_targets(tree, setup.search.gamma, setup.search.max_depth, kind=kind,
+                             temperature=setup.q_temperature, min_visits=setup.min_visits,
+                             min_parent_visits=setup.policy_min_visits)
+
+
+def path_rows(tree: tree_lib.Tree, setup: AZSetup, targets: export.NodeTargets) -> dict:
+  """Rejection-sampling rows: each tree's best terminal path (`search_rows`), weight 1 when
+  solved, its steps labelled with q (value_target='q') or their Monte Carlo values ('mc',
+  steps without one unlabelled). Jittable.
+
+  Returns:
+    dict of `ROW_KEYS` ([B, L] / [B]) and keep [B] (all True).
+  """
+  d, pad = setup.search.max_depth, setup.ids.pad_id
+  leaf_B = training_leaf(tree, setup.search)
+  rows = search_rows(tree, leaf_B, setup.search.gamma, d, pad)
+  if setup.value_target == 'mc':
+    b = leaf_B.shape[0]
+    node_BxS = tree_lib.path_by_depth(tree, jnp.arange(b), leaf_B, d)
+    bi = jnp.arange(b)[:, None]
+    nc = jnp.maximum(node_BxS, 0)
+    on_BxS = node_BxS >= 0
+    steps, smask = tree_lib.path_steps(tree, jnp.arange(b), node_BxS)
+    mc = labels_lib.q_value_batch(tree.prompt_BxLp, tree.prompt_mask_BxLp, steps, smask,
+                                  targets.value_BxN[bi, nc], on_BxS, pad)
+    # The same packing with q = +1 / -1 for labelled / unlabelled steps marks which step ends
+    # keep a label (its tokens stay in the row either way).
+    has = labels_lib.q_value_batch(tree.prompt_BxLp, tree.prompt_mask_BxLp, steps, smask,
+                                   jnp.where(targets.value_valid_BxN[bi, nc], 1.0, -1.0), on_BxS, pad)
+    tmask = mc['target_mask'] * has['targets']
+    rows['targets'], rows['target_mask'] = mc['targets'] * tmask, tmask
+  rows['policy_mask'] = path_loss_mask(rows['mask'], setup.prompt_len)
+  rows['weight'] = rows['solved'].astype(jnp.float32)
+  rows['keep'] = jnp.ones(rows['solved'].shape, bool)
+  return rows
+
+
+def node_rows(tree: tree_lib.Tree, setup: AZSetup, targets: export.NodeTargets) -> dict:
+  """Every non-root node of every tree as a row: prompt + the steps to its parent + its step.
+  Jittable; rows are node-major (node 1 of every tree, then node 2, ...), so when a round
+  yields more rows than the buffer holds, the early (shallow) nodes of every tree stay.
+
+  The row's policy target is its last step, with weight `targets.weight_BxN` (0 outside a
+  solved tree when `solved_trees_only`); its value target, on the last step's last token, is
+  the node's Monte Carlo value ('mc', where valid) or its q ('q').
+
+  Returns:
+    dict of `ROW_KEYS` ([M, L] / [M], M = B (N - 1)) and keep [M]: the node exists and the
+    row carries a policy weight or a value target.
+  """
+  b, n = tree.batch_size, tree.num_slots
+  d, pad, lp = setup.search.max_depth, setup.ids.pad_id, setup.prompt_len
+  c_M = jnp.repeat(jnp.arange(1, n, dtype=jnp.int32), b)
+  b_M = jnp.tile(jnp.arange(b, dtype=jnp.int32), n - 1)
+  used_M = c_M < tree.num_nodes_B[b_M]
+  path_MxS = tree_lib.path_by_depth(tree, b_M, c_M, d)
+  steps, smask = tree_lib.path_steps(tree, b_M, path_MxS)
+  if setup.value_target == 'mc':
+    v_M, has_M = targets.value_BxN[b_M, c_M], targets.value_valid_BxN[b_M, c_M]
+  else:
+    v_M, has_M = tree.q_BxN[b_M, c_M], jnp.ones_like(used_M)
+  on_MxS = path_MxS >= 0
+  rows = labels_lib.q_value_batch(tree.prompt_BxLp[b_M], tree.prompt_mask_BxLp[b_M], steps, smask,
+                                  jnp.broadcast_to(v_M[:, None], on_MxS.shape), on_MxS, pad)
+  l = rows['tokens'].shape[1]
+  pos_L = jnp.arange(l)[None]
+  end_M = lp + smask.sum(axis=(1, 2)) - 1  # the node's step ends the row
+  len_M = smask[jnp.arange(b_M.shape[0]), jnp.maximum(tree.depth_BxN[b_M, c_M] - 1, 0)].sum(-1)
+  last_MxL = (pos_L == end_M[:, None]) & (has_M & used_M)[:, None]
+  rows['target_mask'] = rows['target_mask'] * last_MxL
+  rows['targets'] = rows['targets'] * rows['target_mask']
+  rows['policy_mask'] = (pos_L >= (end_M - len_M)[:, None]) & (pos_L < end_M[:, None]) & used_M[:, None]
+  weight_M = jnp.where(used_M, targets.weight_BxN[b_M, c_M], 0.0)
+  if setup.solved_trees_only:
+    weight_M = jnp.where(targets.solved_BxN[b_M, 0], weight_M, 0.0)
+  rows['weight'] = weight_M
+  rows['solved'] = targets.solved_BxN[b_M, c_M] & used_M
+  rows['keep'] = used_M & ((weight_M > 0) | (rows['target_mask'].sum(1) > 0))
+  return rows
+
+
+def tree_rows(tree: tree_lib.Tree, setup: AZSetup) -> dict:
+  """The buffer rows of a round's trees (`setup.policy_target`: `node_rows` or `path_rows`),
+  and the round's solved_B (the tree holds a verified solution). Jittable."""
+  targets = _node_targets(tree, setup)
+  rows = path_rows(tree, setup, targets) if setup.policy_target == 'best_path' else node_rows(tree, setup, targets)
+  rows['solved_B'] = targets.solved_BxN[:, 0]
+  return rows
+
+
+def search_tree(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, setup: AZSetup,
+                policy_params, value_params, batch: dict, key: jax.Array):
+  """MCTS over a batch of problems. Traceable.
 
   Args:
     policy_graphdef, policy_params: the policy.
@@ -275,14 +433,24 @@ def search(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, s
     key: PRNG key of the search.
 
   Returns:
-    (SearchResult, rows) with rows as `search_rows`.
+    SearchResult (its tree holds the verifier's rewards at terminals).
   """
   model = lm.make_search_model(policy_graphdef, setup.lm, setup.ids, value_graphdef=value_graphdef,
                                reward_fn=lm.answer_reward_fn(setup.ids))
   params = lm.LMParams(policy=policy_params, value=value_params if value_graphdef is not None else None,
                        reward=lm.AnswerTable(batch['answer'], batch['answer_len']))
-  res = mcts_lib.mcts_search(params, key, batch['prompt'], batch['prompt_mask'], model=model,
-                             config=setup.search)
+  return mcts_lib.mcts_search(params, key, batch['prompt'], batch['prompt_mask'], model=model,
+                              config=setup.search)
+
+
+def search(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | None, setup: AZSetup,
+           policy_params, value_params, batch: dict, key: jax.Array):
+  """`search_tree` and the best-path row of each tree (`search_rows`: q targets). Traceable.
+
+  Returns:
+    (SearchResult, rows) with rows as `search_rows`.
+  """
+  res = search_tree(policy_graphdef, value_graphdef, setup, policy_params, value_params, batch, key)
   leaf_B = training_leaf(res.tree, setup.search)
   rows = search_rows(res.tree, leaf_B, setup.search.gamma, setup.search.max_depth, setup.ids.pad_id)
   return res, rows
@@ -299,42 +467,94 @@ search_rows_jit = jax.jit(_search_rows_only, static_argnums=(0, 1, 2))
 # Learning from the buffer.
 
 
-def _fit(step_fn, state: TrainState, eligible_C, make_batch, key, num_steps: int, batch_size: int):
-  """`num_steps` optimizer steps on rows drawn from the eligible ones (lax.scan); a round whose
-  buffer has no eligible row leaves the state unchanged."""
+def anchor_kl(logits_NxLxV, ref_logits_NxLxV, mask_NxL):
+  """KL(pi || pi_ref) per position, summed over the vocabulary, mean over the mask: the exact
+  divergence of the next-token distributions (not a sampled estimate), 0 iff they agree."""
+  logp = jax.nn.log_softmax(logits_NxLxV.astype(jnp.float32), axis=-1)
+  ref_logp = jax.nn.log_softmax(ref_logits_NxLxV.astype(jnp.float32), axis=-1)
+  kl_NxL = jnp.sum(jnp.exp(logp) * (logp - ref_logp), axis=-1)
+  m = mask_NxL.astype(jnp.float32)
+  return jnp.sum(kl_NxL * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def distill_loss_fn(graphdef: nnx.GraphDef, params, batch: dict, ref_params=None, kl_beta: float = 0.0):
+  """Cross-entropy of the rows' policy targets + kl_beta * KL to the reference policy.
+
+  Args:
+    graphdef, params: the policy.
+    batch: tokens, mask, loss_mask (`sft_rows`: policy targets) and kl_mask (path positions).
+    ref_params: the frozen start policy (same graphdef); used only when kl_beta > 0.
+    kl_beta: static weight of the anchor.
+
+  Returns:
+    (loss, aux) with aux = {'ce', 'kl', 'accuracy'}.
+  """
+  model = nnx.merge(graphdef, params)
+  logits_NxLxV = model(batch['tokens'], mask_BxL=batch['mask']).logits_BxLxV[:, :-1]
+  ce, aux = losses.sft_loss(logits_NxLxV, batch['tokens'][:, 1:], batch['loss_mask'][:, :-1])
+  kl = jnp.zeros((), jnp.float32)
+  if kl_beta > 0:
+    ref = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
+    ref_logits_NxLxV = ref(batch['tokens'], mask_BxL=batch['mask']).logits_BxLxV[:, :-1]
+    kl = anchor_kl(logits_NxLxV, ref_logits_NxLxV, batch['kl_mask'][:, :-1])
+  return ce + kl_beta * kl, {'ce': ce, 'kl': kl, 'accuracy': aux['accuracy']}
+
+
+def distill_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState, batch: dict,
+                 ref_params=None, kl_beta: float = 0.0):
+  """One optimizer step of `distill_loss_fn`; a non-finite loss or gradient leaves the state
+  unchanged. Returns (state, metrics: loss, ce, kl, finite)."""
+  loss_fn = lambda p, b: distill_loss_fn(graphdef, p, b, ref_params, kl_beta)
+  (loss, aux), grads = accumulate_gradients(loss_fn, state.params, batch, 1)
+  finite = jnp.isfinite(loss) & all_finite(grads)
+  new = apply_gradients(state, grads, tx)
+  new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+  return new, {'loss': loss, 'ce': aux['ce'], 'kl': aux['kl'], 'finite': finite}
+
+
+def _fit(step_fn, state: TrainState, eligible_C, make_batch, key, num_steps: int, batch_size: int,
+         weight_C=None):
+  """`num_steps` optimizer steps on rows drawn from the eligible ones (lax.scan; in proportion
+  to weight_C when given); a round whose buffer has no eligible row leaves the state
+  unchanged. Returns (state, metrics of every step stacked [num_steps], all finite, ok)."""
 
   def body(st, i):
-    idx, ok = sample_rows(eligible_C, jax.random.fold_in(key, i), batch_size)
+    idx, ok = sample_rows(eligible_C, jax.random.fold_in(key, i), batch_size, weight_C)
     new, m = step_fn(st, make_batch(idx))
     new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
-    return new, (m['loss'], m['finite'] | ~ok, ok)
+    return new, (m, m['finite'] | ~ok, ok)
 
-  state, (loss_T, finite_T, ok_T) = jax.lax.scan(body, state, jnp.arange(num_steps))
-  return state, loss_T, jnp.all(finite_T), jnp.all(ok_T)
+  state, (m_T, finite_T, ok_T) = jax.lax.scan(body, state, jnp.arange(num_steps))
+  return state, m_T, jnp.all(finite_T), jnp.all(ok_T)
 
 
 def distill(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState,
-            buffer: ReplayBuffer, key: jax.Array, *, num_steps: int, batch_size: int, prompt_len: int):
-  """Policy distillation: SFT steps on solved buffer rows. Traceable.
+            buffer: ReplayBuffer, key: jax.Array, *, num_steps: int, batch_size: int, prompt_len: int,
+            ref_params=None, kl_beta: float = 0.0):
+  """Policy distillation: steps on buffer rows drawn in proportion to their weight (the
+  expected loss is the weighted cross-entropy), with the KL anchor. Traceable.
 
   Returns:
-    (state, loss_T, finite, ok): per-step SFT loss, all steps finite, solved rows existed.
+    (state, metrics_T, finite, ok): per-step loss / ce / kl, all steps finite, weighted rows
+    existed.
   """
-  step = lambda st, b: sft_step(graphdef, tx, st, b)
+  step = lambda st, b: distill_step(graphdef, tx, st, b, ref_params, kl_beta)
   make = lambda idx: sft_rows(buffer, idx, prompt_len)
-  return _fit(step, state, buffer.valid_C & buffer.solved_C, make, key, num_steps, batch_size)
+  return _fit(step, state, buffer.valid_C & (buffer.weight_C > 0), make, key, num_steps, batch_size,
+              buffer.weight_C)
 
 
 def fit_value(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState,
               buffer: ReplayBuffer, key: jax.Array, *, num_steps: int, batch_size: int, mode: str):
-  """Value / PRM regression on every buffer row's q targets. Traceable.
+  """Value / PRM regression on the buffer rows that carry a target. Traceable.
 
   Returns:
-    (state, loss_T, finite, ok) as `distill`.
+    (state, metrics_T, finite, ok) as `distill`.
   """
   step = lambda st, b: value_step(graphdef, tx, st, b, mode)
   make = lambda idx: value_rows(buffer, idx)
-  return _fit(step, state, buffer.valid_C, make, key, num_steps, batch_size)
+  eligible = buffer.valid_C & (jnp.sum(buffer.target_mask_CxL, axis=1) > 0)
+  return _fit(step, state, eligible, make, key, num_steps, batch_size)
 
 
 # ------------------------------------------------------------------------------------------
@@ -356,7 +576,7 @@ def _mean(x_T):
 
 def alphazero_round(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef,
                     policy_tx: optax.GradientTransformation, value_tx: optax.GradientTransformation,
-                    setup: AZSetup, state: AZState, batch: dict, key: jax.Array):
+                    setup: AZSetup, state: AZState, batch: dict, key: jax.Array, ref_params=None):
   """Search -> buffer -> distillation -> value regression (see the module docstring).
 
   Args:
@@ -364,32 +584,42 @@ def alphazero_round(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef,
     policy_tx, value_tx: optimizers (static).
     setup: static settings.
     state: AZState (donated by `alphazero_round_jit`).
-    batch: the round's problems, as for `search`.
+    batch: the round's problems, as for `search_tree`.
     key: PRNG key of the round (search, distillation and value draws use split keys).
+    ref_params: the frozen start policy of the KL anchor (needed when setup.kl_beta > 0).
 
   Returns:
     (state, metrics): solve_rate (fraction of the round's problems with a verified path),
-    buffer_size, buffer_solved, sft_loss (mean over the round's steps; 0 while no solved row
-    exists), value_loss (mean), value_loss_first / value_loss_last, policy_tokens (per
-    problem, search), finite.
+    policy_rows / value_labels (rows with a policy weight / value targets added this round),
+    buffer_size, buffer_solved (rows on solved paths), sft_loss (mean cross-entropy over the
+    round's steps; 0 while no weighted row exists), kl (mean anchor KL), value_loss (mean),
+    value_loss_first / value_loss_last, policy_tokens (per problem, search), finite.
   """
+  if setup.kl_beta > 0 and ref_params is None:
+    raise ValueError(f'alphazero_round: kl_beta={setup.kl_beta} needs ref_params (the start policy)')
   k_search, k_distill, k_value = jax.random.split(key, 3)
   value_gd = value_graphdef if setup.use_value_model else None
-  res, rows = search(policy_graphdef, value_gd, setup, state.policy.params, state.value.params, batch, k_search)
-  buffer = buffer_add(state.buffer, rows, jnp.ones(rows['solved'].shape, bool))
-  policy, sft_loss_T, sft_finite, sft_ok = distill(
+  res = search_tree(policy_graphdef, value_gd, setup, state.policy.params, state.value.params, batch, k_search)
+  rows = tree_rows(res.tree, setup)
+  buffer = buffer_add(state.buffer, rows, rows['keep'])
+  policy, d_T, sft_finite, sft_ok = distill(
       policy_graphdef, policy_tx, state.policy, buffer, k_distill, num_steps=setup.distill_steps,
-      batch_size=setup.distill_batch, prompt_len=setup.prompt_len)
-  value, v_loss_T, v_finite, _ = fit_value(
+      batch_size=setup.distill_batch, prompt_len=setup.prompt_len, ref_params=ref_params, kl_beta=setup.kl_beta)
+  value, v_T, v_finite, _ = fit_value(
       value_graphdef, value_tx, state.value, buffer, k_value, num_steps=setup.value_steps,
       batch_size=setup.value_batch, mode=setup.value_mode)
+  v_loss_T = v_T['loss']
   first = lambda x_T: x_T[0] if x_T.shape[0] else jnp.zeros((), jnp.float32)
   last = lambda x_T: x_T[-1] if x_T.shape[0] else jnp.zeros((), jnp.float32)
+  keep = rows['keep']
   metrics = {
-      'solve_rate': jnp.mean(rows['solved'].astype(jnp.float32)),
+      'solve_rate': jnp.mean(rows['solved_B'].astype(jnp.float32)),
+      'policy_rows': jnp.sum(keep & (rows['weight'] > 0)).astype(jnp.int32),
+      'value_labels': jnp.sum(jnp.where(keep[:, None], rows['target_mask'], 0.0)).astype(jnp.int32),
       'buffer_size': jnp.sum(buffer.valid_C).astype(jnp.int32),
       'buffer_solved': jnp.sum(buffer.valid_C & buffer.solved_C).astype(jnp.int32),
-      'sft_loss': jnp.where(sft_ok, _mean(sft_loss_T), 0.0),
+      'sft_loss': jnp.where(sft_ok, _mean(d_T['ce']), 0.0),
+      'kl': jnp.where(sft_ok, _mean(d_T['kl']), 0.0),
       'value_loss': _mean(v_loss_T),
       'value_loss_first': first(v_loss_T),
       'value_loss_last': last(v_loss_T),
@@ -409,7 +639,10 @@ def make_setup(cfg: AlphaZeroConfig, ids: lm.TokenIds, prompt_len: int, completi
                       top_k=top_k, top_p=top_p)
   return AZSetup(search=cfg.mcts, lm=opts, ids=ids, prompt_len=prompt_len, value_mode=value_mode,
                  use_value_model=cfg.use_value_model, distill_steps=cfg.distill_steps,
-                 distill_batch=cfg.distill_batch, value_steps=cfg.value_steps, value_batch=cfg.value_batch)
+                 distill_batch=cfg.distill_batch, value_steps=cfg.value_steps, value_batch=cfg.value_batch,
+                 policy_target=cfg.policy_target, q_temperature=cfg.q_temperature,
+                 policy_min_visits=cfg.policy_min_visits, solved_trees_only=cfg.solved_trees_only,
+                 value_target=cfg.value_target, min_visits=cfg.min_visits, kl_beta=cfg.kl_beta)
 
 
 def path_logprob(graphdef: nnx.GraphDef, params: Any, rows: dict, prompt_len: int) -> jax.Array:
@@ -426,7 +659,8 @@ def path_logprob(graphdef: nnx.GraphDef, params: Any, rows: dict, prompt_len: in
 
 def build_phase(ctx, section: AlphaZeroConfig):
   """Rounds over the phase-2 pool. The value model is phase 1's when there is one, else a new
-  one (`ModelBuilder.value_model`); the replay buffer is part of the checkpointed state."""
+  one (`ModelBuilder.value_model`); the replay buffer is part of the checkpointed state, the
+  KL anchor's reference is the phase-1 policy."""
   from rlm_jax.training import phase  # pylint: disable=g-import-not-at-top
   from rlm_jax.training.state import create_train_state, make_optimizer  # pylint: disable=g-import-not-at-top
   rl, tok = ctx.rl, ctx.tok
@@ -440,8 +674,11 @@ def build_phase(ctx, section: AlphaZeroConfig):
   copy = lambda t: jax.tree.map(jnp.copy, t)  # the round donates its state
   state = AZState(policy=create_train_state(copy(policy_params), ptx, ctx.mesh, ctx.rules),
                   value=create_train_state(copy(vparams), vtx, ctx.mesh, ctx.rules), buffer=buffer)
+  # The anchor's reference is the phase-1 policy, which a resumed run gets back from phase 1's
+  # checkpoint: it is not part of the round's state.
+  ref = policy_params if section.kl_beta > 0 else None
   step = lambda st, b, i: alphazero_round_jit(graphdef, vgd, ptx, vtx, setup, st, b,
-                                              phase.iteration_key(ctx.seed, 5, i))
+                                              phase.iteration_key(ctx.seed, 5, i), ref)
   return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),
                      policy=lambda st: (graphdef, st.policy.params), value=lambda st: (vgd, st.value.params))
 
