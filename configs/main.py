@@ -71,7 +71,11 @@ def get_config() -> ml_collections.ConfigDict:
                     gamma=0.96, td_lambda=1.0, virtual_loss=1.0, merge_duplicates=True, num_rollouts=0,
                     rollout_weight=0.5, answer='best_terminal'),
           step_tokens=16, use_value_model=True, buffer_size=256, distill_steps=4, distill_batch=32,
-          value_steps=4, value_batch=32, value_optim=_optim(b2=0.98)))
+          value_steps=4, value_batch=32, value_optim=_optim(b2=0.98),
+          # Targets: every node's step by its visit share, Monte Carlo values ('best_path' + 'q':
+          # rejection-sampling fine-tuning on each tree's best path); kl_beta anchors to the start policy.
+          policy_target='visits', q_temperature=0.5, policy_min_visits=1, solved_trees_only=True,
+          value_target='mc', min_visits=2, kl_beta=0.0))
   c.eval = dict(size=400, batch_size=200, strategies=('greedy', 'self_consistency'),
                 num_samples=8, temperature=0.7, prm_scorer='prm_min', beam_width=4, beam_expansions=4,
                 step_tokens=16, max_depth=6)
