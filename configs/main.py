@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
       reward=dict(correct=1.0, wrong=0.0, invalid=0.0),
       microbatches=1, rollout_mesh=None, reward_on='device',
       reward_fns=(), reward_weights=(),  # host reward functions (reward_on='host'), e.g. ('correctness', 'format')
+      # LM-head chunk of the updates' log-prob passes (0 = all at once); π_old recomputed by a
+      # forward pass instead of the sampler's log-probs (grpo family, num_iterations > 1).
+      logprob_chunk_tokens=1024, recompute_old_logp=False,
       # One section per algorithm (`--config.rl.algo=NAME` picks one; training/algorithms.py).
       # grpo's max_completion_length is task.completion_len.
       grpo=dict(scale_rewards='group', loss_type='dapo', epsilon=0.2, epsilon_high=0.28, beta=0.0,
@@ -64,7 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
       ppo=dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,
                kl_coef=0.05, num_ppo_epochs=4, whiten_rewards=False, num_minibatches=1,
                whiten_advantages=True),
-      em=dict(weights='raw', normalize='sequence_sum', num_m_steps=1),
+      # neg_logp_floor: negatively weighted tokens stop being pushed below this log-prob (None: never).
+      em=dict(weights='raw', normalize='sequence_sum', num_m_steps=1, neg_logp_floor=-5.0),
       alphazero=dict(
           mcts=dict(num_simulations=8, num_children=4, num_walkers=2, max_depth=6, selection='puct',
                     c1=1.25, c2=19652.0, uct_c=1.0, prior='empirical', prior_temperature=1.0, q_bounds='fixed', root_selection='puct', gumbel_scale=1.0, backup='td',

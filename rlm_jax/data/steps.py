@@ -155,6 +155,10 @@ class StepEnds:
       _CACHE[tok] = ends
     return ends
 
+  def __repr__(self):
+    return (f'StepEnds(V={self.table_V.shape[0]}, ends={int(np.asarray(self.table_V).sum())} ids, '
+            f'K={self.ends_KxV.shape[0]}, pad_id={self.pad_id})')
+
   @property
   def splits(self) -> bool:
     """Whether a delimiter can span two tokens (then the test needs the previous token)."""
@@ -163,7 +167,7 @@ class StepEnds:
   def is_end(self, prev_B: jax.Array, tok_B: jax.Array) -> jax.Array:
     """`is_step_end` (jittable): bool [B]; `prev_B` is the previous token of the current step
     (`pad_id` for its first token); out-of-vocabulary ids (e.g. -1 fillers) are never ends."""
-    end_B = jnp.take(jnp.asarray(self.table_V), tok_B, mode='fill', fill_value=False)
+    end_B = _lookup(self.table_V, tok_B)
     if self.splits:
       ends_KxV, starts_KxV = jnp.asarray(self.ends_KxV), jnp.asarray(self.starts_KxV)
       end_B = end_B | jnp.any(ends_KxV[:, prev_B] & starts_KxV[:, tok_B], axis=0)
@@ -179,8 +183,16 @@ class StepEnds:
     tokens_BxT = jnp.asarray(tokens_BxT)
     m_BxT = jnp.ones(tokens_BxT.shape, bool) if mask_BxT is None else jnp.asarray(mask_BxT, bool)
     if not self.splits:  # one id per end: no scan over tokens
-      return jnp.take(jnp.asarray(self.table_V), tokens_BxT, mode='fill', fill_value=False) & m_BxT
+      return _lookup(self.table_V, tokens_BxT) & m_BxT
     return step_end_mask((self.table_V, self.ends_KxV, self.starts_KxV), tokens_BxT, m_BxT, self.pad_id)
+
+
+def _lookup(table_V, ids):
+  """table_V[ids], False for ids outside [0, V) (jnp.take would wrap negative ids)."""
+  table_V = jnp.asarray(table_V)
+  v = table_V.shape[0]
+  ids = jnp.asarray(ids)
+  return table_V[jnp.clip(ids, 0, v - 1)] & (ids >= 0) & (ids < v)
 
 
 jax.tree_util.register_dataclass(StepEnds, data_fields=['table_V', 'ends_KxV', 'starts_KxV'],

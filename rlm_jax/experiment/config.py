@@ -180,6 +180,12 @@ class RLConfig:
   # their weights (() = all 1) when reward_on='host'; () = the verifier score through `reward`.
   reward_fns: tuple[str, ...]
   reward_weights: tuple[float, ...]
+  # Positions per LM-head chunk in the updates' log-prob passes (GRPO, RLOO, process GRPO, PPO,
+  # EM; `losses.lm_head_logprobs`): bounds the [rows, chunk, V] logits; 0 = the whole completion.
+  logprob_chunk_tokens: int = 1024
+  # GRPO, RLOO, process GRPO with num_iterations > 1: π_old from a forward pass over the rollout
+  # instead of the sampler's log-probs (for a rollout whose numerics differ from the update's).
+  recompute_old_logp: bool = False
   # The typed `rl.<name>` sections present in the config, as (name, section) pairs (filled by
   # `parse`; a tuple so the config stays hashable).
   sections: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), metadata={'derived': True})
@@ -197,7 +203,7 @@ class RLConfig:
     if self.reward_weights and len(self.reward_weights) != len(self.reward_fns):
       raise ValueError(f'rl.reward_weights has {len(self.reward_weights)} entries for '
                        f'{len(self.reward_fns)} rl.reward_fns')
-    for name in ('iterations',):
+    for name in ('iterations', 'logprob_chunk_tokens'):
       if getattr(self, name) < 0:
         raise ValueError(f'rl.{name}={getattr(self, name)}: must be >= 0')
     for name in ('prompts_per_iteration', 'group_size'):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlm_jax.data.steps import StepEnds
 from rlm_jax.sampling.sampler import SamplingConfig, sample
 from rlm_jax.search import lm as search_lm
 from rlm_jax.training import alphazero as az_lib
@@ -45,7 +46,7 @@ def value_data(exp, graphdef, policy_params) -> dict[str, np.ndarray]:
     records = labels_lib.solver_labels([exp.train.tasks[i] for i in idx], cfg.seed, v.negatives_per_task)
     enc = labels_lib.encode_step_labels(tok, records, cfg.task.prompt_len + cfg.task.completion_len, v.max_steps)
     rows = value_lib.prm_batch(enc['tokens'], enc['mask'], enc['completion_start'], enc['step_labels'],
-                               enc['step_valid'], tok.step_id, tok.eos_id)
+                               enc['step_valid'], StepEnds.of(tok), tok.eos_id)
     return {k: np.asarray(jax.device_get(rows[k])) for k in KEYS}
   key = jax.random.key(cfg.seed + 17)
   parts = []
@@ -53,7 +54,7 @@ def value_data(exp, graphdef, policy_params) -> dict[str, np.ndarray]:
     scfg = SamplingConfig(max_new_tokens=cfg.task.completion_len, eos_id=tok.eos_id, pad_id=tok.pad_id,
                           step_id=tok.step_id, temperature=v.temperature)
     setup = labels_lib.MCLabelSetup(num_rollouts=v.mc_rollouts, max_steps=v.max_steps, sampling=scfg,
-                                    step_id=tok.step_id)
+                                    step_id=tok.step_id, step_ends=StepEnds.of(tok))
     for c, real, batch in label_chunks(exp, idx):
       k_trace, k_roll = jax.random.split(jax.random.fold_in(key, c))
       out = sample(graphdef, policy_params, batch['prompt'], batch['prompt_mask'], k_trace, scfg)
@@ -61,7 +62,7 @@ def value_data(exp, graphdef, policy_params) -> dict[str, np.ndarray]:
       batch = dict(batch, completion=out.tokens_BxT,
                    completion_mask=jnp.arange(t)[None] < out.lengths_B[:, None])
       lab = labels_lib.mc_rollout_labels_jit(graphdef, policy_params, setup, batch, k_roll)
-      rows = labels_lib.trace_prm_batch(batch, lab['labels'], lab['valid'], tok.step_id, tok.eos_id)
+      rows = labels_lib.trace_prm_batch(batch, lab['labels'], lab['valid'], StepEnds.of(tok), tok.eos_id)
       parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in KEYS})
   else:  # mcts: the search of the AlphaZero loop, without a value model (none exists yet)
     rl = cfg.rl
@@ -120,7 +121,7 @@ def prm_quality(exp, value, max_problems: int = 256) -> dict:
   records = labels_lib.solver_labels(tasks, cfg.seed + 1, 1)
   enc = labels_lib.encode_step_labels(tok, records, cfg.task.prompt_len + cfg.task.completion_len, v.max_steps)
   rows = value_lib.prm_batch(enc['tokens'], enc['mask'], enc['completion_start'], enc['step_labels'],
-                             enc['step_valid'], tok.step_id, tok.eos_id)
+                             enc['step_valid'], StepEnds.of(tok), tok.eos_id)
   vgd, vparams = value
   preds = []
   size = v.label_batch

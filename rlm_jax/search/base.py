@@ -22,6 +22,8 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol
 import chex
 import jax
 
+from rlm_jax.data.steps import StepEnds
+
 Params = Any
 
 
@@ -84,6 +86,8 @@ class SearchModel(NamedTuple):
     reward_fn: verifier reward of finished solutions ("training mode"); None scores terminal
       nodes with `value_fn` (inference without a verifier).
     pad_id, eos_id, step_id: special tokens of the tokenizer.
+    step_ends: the tokenizer's step-end tables (`data.steps.StepEnds`; a BPE delimiter merges
+      or splits); None: a step ends at `step_id` only.
   """
 
   policy_fn: PolicyFn
@@ -92,6 +96,7 @@ class SearchModel(NamedTuple):
   pad_id: int
   eos_id: int
   step_id: int
+  step_ends: Optional[StepEnds] = None
 
 
 @chex.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Literal, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from rlm_jax.data.steps import as_step_ends
 from rlm_jax.search import expansion
 from rlm_jax.search import operators
 from rlm_jax.search import tree as tree_lib
@@ -70,7 +71,9 @@ def score_completions(params: Params, model: SearchModel, roots: NodeBatch, comp
     r = model.reward_fn(params, _flat(comp.tokens_BxNxL), _flat(comp.mask_BxNxL), problem)
     return r.reshape(b, n).astype(jnp.float32), jnp.zeros((b, n), jnp.int32)
   tok = _flat(comp.tokens_BxNxL)
-  is_end = _flat(comp.mask_BxNxL) & ((tok == model.step_id) | (tok == model.eos_id))
+  step = model.step_id if model.step_ends is None else model.step_ends
+  c_mask = _flat(comp.mask_BxNxL)
+  is_end = c_mask & (as_step_ends(step).mask(tok, c_mask) | (tok == model.eos_id))
   p_tok = jnp.repeat(roots.tokens_MxT, n, axis=0)
   p_mask = jnp.repeat(roots.mask_MxT, n, axis=0)
   full, full_mask, _ = tree_lib.pack(jnp.concatenate([p_tok, tok], 1),

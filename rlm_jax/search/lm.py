@@ -9,7 +9,9 @@
   once and its KV cache shared by its `num` rows (M * num rows, node-major; rows differ
   because every row draws its own tokens). A row whose state is empty (an idle walker) is
   done before decoding. `to_end=False` stops a
-  row at the step delimiter, `to_end=True` at EOS. The step's prior comes from the sampler's
+  row at a step end (`TokenIds.step_ends`: where the delimiter text is completed, even when a
+  BPE tokenizer merges it with its neighbours or splits it over two tokens), `to_end=True` at
+  EOS. The step's prior comes from the sampler's
   untempered log-probs.
 * Value: a separate value model (`value_graphdef`), or the policy's own value head
   (`value_from_policy=True`, actor-critic), read at every position. A 'logit' head (P(correct))
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlm_jax.data.steps import StepEnds, as_step_ends
 from rlm_jax.data.tokenizer import Tokenizer, pad_batch
 from rlm_jax.models.transformer import positions_from_mask
 from rlm_jax.sampling import sampler as sampler_lib
@@ -69,13 +72,23 @@ class LMOptions:
 
 
 class TokenIds(NamedTuple):
+  """Special tokens of the tokenizer, and its step-end tables (static: hashed by identity).
+
+  `step_ends` None: a step ends at `step_id` only (scripted vocabularies); `of(tok)` fills it.
+  """
+
   pad_id: int
   eos_id: int
   step_id: int
+  step_ends: Optional[StepEnds] = None
 
   @classmethod
   def of(cls, tok: Tokenizer) -> 'TokenIds':
-    return cls(tok.pad_id, tok.eos_id, tok.step_id)
+    return cls(tok.pad_id, tok.eos_id, tok.step_id, StepEnds.of(tok))
+
+  @property
+  def step(self) -> StepEnds | int:
+    return self.step_id if self.step_ends is None else self.step_ends
 
 
 def _values(graphdef, state, tokens_MxT, mask_MxT) -> jax.Array:
@@ -115,7 +128,7 @@ def make_search_model(policy_graphdef: nnx.GraphDef, options: LMOptions, ids: To
         eos_id=ids.eos_id, pad_id=ids.pad_id, step_id=ids.step_id, stop_at_step=not to_end,
         greedy=greedy, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
     out = sampler_lib.generate(policy_graphdef, params.policy, nodes.tokens_MxT, nodes.mask_MxT, key, cfg,
-                               num_samples=num)
+                               num_samples=num, step_ends=ids.step_ends)
     shape = lambda x: x.reshape((m, num) + x.shape[1:])
     return Steps(tokens_MxKxL=shape(out.tokens_BxT), lengths_MxK=shape(out.lengths_B),
                  logprob_MxK=shape(out.logprobs_BxT.sum(axis=1)),
@@ -131,7 +144,7 @@ def make_search_model(policy_graphdef: nnx.GraphDef, options: LMOptions, ids: To
   if reward_fn is not None:
     search_reward = lambda params, tokens, mask, problem: reward_fn(params.reward, tokens, mask, problem)
   return SearchModel(policy_fn=policy_fn, value_fn=value_fn, reward_fn=search_reward,
-                     pad_id=ids.pad_id, eos_id=ids.eos_id, step_id=ids.step_id)
+                     pad_id=ids.pad_id, eos_id=ids.eos_id, step_id=ids.step_id, step_ends=ids.step_ends)
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,7 +177,7 @@ def answer_reward_fn(ids: TokenIds) -> Callable[..., jax.Array]:
     pos = jnp.arange(l)
     last = jnp.take_along_axis(tokens_BxL, jnp.clip(n_B - 1, 0, l - 1)[:, None], axis=1)[:, 0]
     finished = (n_B > 0) & (last == ids.eos_id)
-    delim = (tokens_BxL == ids.step_id) & (pos[None] < (n_B - 1)[:, None])
+    delim = as_step_ends(ids.step).mask(tokens_BxL, pos[None] < (n_B - 1)[:, None])
     start = jnp.max(jnp.where(delim, pos[None], -1), axis=1) + 1
     seg = jnp.take_along_axis(tokens_BxL, jnp.clip(start[:, None] + jnp.arange(a), 0, l - 1), axis=1)
     ans, ans_len = table.answer_PxA[problem_B], table.answer_len_P[problem_B]

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlm_jax.data.steps import StepEnds
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, logprob_temperature
 from rlm_jax.training import advantages, losses
 from rlm_jax.training.rollout import completion_logprobs, rollout
@@ -52,6 +53,9 @@ class EMSetup:
   neg_logp_floor: float | None = -5.0
   # Positions per LM-head chunk in the M-step's log-prob pass (`losses.lm_head_logprobs`).
   logprob_chunk_tokens: int = 1024
+  # The tokenizer's step-end tables for the default final-step match (`StepEnds.of(tok)`: a BPE
+  # delimiter merges or splits); None: a step ends at `step_id` only.
+  step_ends: StepEnds | None = None
 
   def __post_init__(self):
     if not isinstance(self.logprob_chunk_tokens, int) or self.logprob_chunk_tokens < 0:
@@ -144,6 +148,11 @@ class EMConfig:
   weights: advantages.EmWeights = 'raw'
   normalize: losses.EmNormalize = 'sequence_sum'
   num_m_steps: int = 1
+  neg_logp_floor: float | None = -5.0
+
+  def __post_init__(self):
+    if self.neg_logp_floor is not None and not self.neg_logp_floor < 0:
+      raise ValueError(f'rl.em.neg_logp_floor={self.neg_logp_floor!r}: must be < 0 or None')
 
 
 def build_phase(ctx, section: EMConfig):
@@ -153,7 +162,9 @@ def build_phase(ctx, section: EMConfig):
   graphdef, params = ctx.policy
   tx = ctx.models.optimizer(rl.optim, params)
   setup = EMSetup(group_size=rl.group_size, sampling=ctx.sampling, reward=rl.reward, step_id=ctx.tok.step_id,
-                  weights=section.weights, normalize=section.normalize, num_m_steps=section.num_m_steps)
+                  step_ends=StepEnds.of(ctx.tok), weights=section.weights, normalize=section.normalize,
+                  num_m_steps=section.num_m_steps, neg_logp_floor=section.neg_logp_floor,
+                  logprob_chunk_tokens=rl.logprob_chunk_tokens)
   state = create_train_state(params, tx, ctx.mesh, ctx.rules)
   step = lambda st, b, i: em_iteration_jit(graphdef, tx, setup, st, b, phase.iteration_key(ctx.seed, 3, i))
   return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),

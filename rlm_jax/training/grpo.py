@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rlm_jax import sharding
+from rlm_jax.data.steps import StepEnds
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, logprob_temperature
 from rlm_jax.training import advantages, losses
 from rlm_jax.training.rollout import (answer_match_score, completion_logprobs, head_model,  # noqa: F401
@@ -75,6 +76,9 @@ class GRPOSetup:
   # Positions per LM-head chunk in the update's log-prob passes (`losses.lm_head_logprobs`);
   # 0 = the whole completion at once.
   logprob_chunk_tokens: int = 1024
+  # The tokenizer's step-end tables for the default final-step match (`StepEnds.of(tok)`: a BPE
+  # delimiter merges or splits); None: a step ends at `step_id` only.
+  step_ends: StepEnds | None = None
 
   def __post_init__(self):
     if not isinstance(self.microbatches, int) or self.microbatches < 1:
@@ -354,7 +358,9 @@ def build_phase(ctx, section: losses.GRPOConfig, advantage_fn=None):
   tx = ctx.models.optimizer(rl.optim, params)
   extra = {} if advantage_fn is None else {'advantage_fn': advantage_fn}
   setup = GRPOSetup(group_size=rl.group_size, loss=section, sampling=ctx.sampling, reward=rl.reward,
-                    step_id=ctx.tok.step_id, microbatches=rl.microbatches, **extra)
+                    step_id=ctx.tok.step_id, step_ends=StepEnds.of(ctx.tok), microbatches=rl.microbatches,
+                    recompute_old_logp=rl.recompute_old_logp, logprob_chunk_tokens=rl.logprob_chunk_tokens,
+                    **extra)
   # The policy state is donated; the reference keeps its own copy.
   ref = jax.tree.map(jnp.copy, params) if section.beta > 0 else None
   state = create_train_state(params, tx, ctx.mesh, ctx.rules)

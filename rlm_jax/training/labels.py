@@ -26,6 +26,7 @@ from flax import nnx
 
 from rlm_jax import tasks as tasks_lib
 from rlm_jax.data import encoding
+from rlm_jax.data.steps import StepEnds, as_step_ends
 from rlm_jax.data.tokenizer import Tokenizer, pad_batch
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, StopReason, generate
 from rlm_jax.training import value as value_lib
@@ -153,6 +154,8 @@ class MCLabelSetup:
   sampling: how continuations are sampled; max_new_tokens is the budget for the rest of the
     solution (its stop_at_step must be False).
   step_id: the step delimiter.
+  step_ends: the tokenizer's step-end tables (`StepEnds.of(tok)`); None: only step_id ends a
+    step. Used for the step ends of the traces and the default final-step match.
   score_fn: jittable (SampleOutput, batch rows repeated) -> verifier score; None = the final
     step must equal batch['answer'] (`final_step_score`). Score 2 counts as correct.
   """
@@ -162,6 +165,11 @@ class MCLabelSetup:
   sampling: SamplingConfig
   step_id: int
   score_fn: Callable[[SampleOutput, dict], jax.Array] | None = None
+  step_ends: StepEnds | None = None
+
+  @property
+  def step(self) -> StepEnds | int:
+    return self.step_id if self.step_ends is None else self.step_ends
 
   def __post_init__(self):
     if self.num_rollouts < 1 or self.max_steps < 1:
@@ -175,17 +183,21 @@ def _score(setup: MCLabelSetup, out: SampleOutput, batch: dict) -> jax.Array:
   if setup.score_fn is not None:
     return setup.score_fn(out, batch)
   return final_step_score(out.tokens_BxT, out.lengths_B, out.stop_reason_B, batch['answer'],
-                          batch['answer_len'], setup.step_id)
+                          batch['answer_len'], setup.step)
 
 
-def step_ends(completion_BxT, completion_mask_BxT, step_id: int, eos_id: int, max_steps: int):
+def step_ends(completion_BxT, completion_mask_BxT, step_id: StepEnds | int, eos_id: int, max_steps: int):
   """Index of the token closing each step (step delimiter or EOS), in order.
+
+  `step_id` is the tokenizer's `StepEnds` (a delimiter merged into or split over tokens ends a
+  step at the token completing it) or the delimiter id.
 
   Returns:
     (ends_BxS int32 (T where the step does not exist), valid_BxS bool).
   """
   t = completion_BxT.shape[1]
-  is_sep_BxT = completion_mask_BxT.astype(bool) & ((completion_BxT == step_id) | (completion_BxT == eos_id))
+  mask_BxT = completion_mask_BxT.astype(bool)
+  is_sep_BxT = mask_BxT & (as_step_ends(step_id).mask(completion_BxT, mask_BxT) | (completion_BxT == eos_id))
   pos_BxT = jnp.where(is_sep_BxT, jnp.arange(t)[None], t)
   ends_BxT = jnp.sort(pos_BxT, axis=1)
   if max_steps > t:
@@ -224,7 +236,7 @@ def mc_rollout_labels(graphdef: nnx.GraphDef, params: nnx.State, setup: MCLabelS
   s, m = setup.max_steps, setup.num_rollouts
   w = lp + t
 
-  ends_BxS, valid_BxS = step_ends(comp_BxT, comp_mask_BxT, setup.step_id, sc.eos_id, s)
+  ends_BxS, valid_BxS = step_ends(comp_BxT, comp_mask_BxT, setup.step, sc.eos_id, s)
   ends_c_BxS = jnp.minimum(ends_BxS, t - 1)
   is_final_BxS = valid_BxS & (jnp.take_along_axis(comp_BxT, ends_c_BxS, axis=1) == sc.eos_id)
 
@@ -260,7 +272,7 @@ def mc_rollout_labels(graphdef: nnx.GraphDef, params: nnx.State, setup: MCLabelS
 mc_rollout_labels_jit = jax.jit(mc_rollout_labels, static_argnums=(0, 2))
 
 
-def trace_prm_batch(batch: dict, step_labels_BxS, step_valid_BxS, step_id: int, eos_id: int) -> dict:
+def trace_prm_batch(batch: dict, step_labels_BxS, step_valid_BxS, step_id: StepEnds | int, eos_id: int) -> dict:
   """PRM batch over [prompt | completion] rows of a rollout-style batch (as for
   `mc_rollout_labels`): step k's label on the token that closes step k. Jittable."""
   lp = batch['prompt'].shape[1]

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rlm_jax.data.steps import StepEnds
 from rlm_jax.models.transformer import positions_from_mask
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, logprob_temperature
 from rlm_jax.training import advantages, losses
@@ -62,6 +63,9 @@ class PPOSetup:
   score_fn: Callable[[SampleOutput, dict], jax.Array] | None = None
   # Positions per LM-head chunk in the log-prob passes (`losses.lm_head_logprobs`); 0 = all.
   logprob_chunk_tokens: int = 1024
+  # The tokenizer's step-end tables for the default final-step match (`StepEnds.of(tok)`: a BPE
+  # delimiter merges or splits); None: a step ends at `step_id` only.
+  step_ends: StepEnds | None = None
 
   def __post_init__(self):
     if not isinstance(self.logprob_chunk_tokens, int) or self.logprob_chunk_tokens < 0:
@@ -259,8 +263,9 @@ def build_phase(ctx, section: PPOSection):
   tx = ctx.models.optimizer(rl.optim, params)
   ref = jax.tree.map(jnp.copy, params) if section.kl_coef > 0 else None
   setup = PPOSetup(loss=section, sampling=ctx.sampling, reward=rl.reward, step_id=ctx.tok.step_id,
-                   group_size=rl.group_size, num_minibatches=section.num_minibatches,
-                   whiten_advantages=section.whiten_advantages)
+                   step_ends=StepEnds.of(ctx.tok), group_size=rl.group_size,
+                   num_minibatches=section.num_minibatches, whiten_advantages=section.whiten_advantages,
+                   logprob_chunk_tokens=rl.logprob_chunk_tokens)
   state = create_train_state(params, tx, ctx.mesh, ctx.rules)
   step = lambda st, b, i: ppo_iteration_jit(graphdef, tx, setup, st, ref, b, phase.iteration_key(ctx.seed, 3, i))
   return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),

@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rlm_jax.data.steps import StepEnds, as_step_ends
 from rlm_jax.training import advantages, grpo, losses, phase
 from rlm_jax.training import value as value_lib
 
@@ -44,15 +45,21 @@ class ProcessGRPOConfig:
       raise ValueError(f'process_grpo.max_steps={self.max_steps}: must be >= 1')
 
 
-def step_layout(tokens_BxT, mask_BxT, step_id: int, eos_id: int, max_steps: int):
+def step_layout(tokens_BxT, mask_BxT, step_id: StepEnds | int, eos_id: int, max_steps: int):
   """Where the steps of right-padded completions end.
+
+  Args:
+    tokens_BxT, mask_BxT: completions (no prompt: column 0 starts the first step).
+    step_id: the tokenizer's `StepEnds` (delimiters found in decoded text) or the delimiter id.
+    eos_id: EOS closes the final step.
+    max_steps: S.
 
   Returns:
     end_BxT: bool, the token that closes a step (delimiter, EOS, or a cut completion's last token).
     token_step_BxT: int, the step of each token (clipped to max_steps − 1); −1 on padding.
   """
   mask_BxT = jnp.asarray(mask_BxT, bool)
-  closes = (tokens_BxT == step_id) | (tokens_BxT == eos_id)
+  closes = as_step_ends(step_id).mask(tokens_BxT, mask_BxT) | (tokens_BxT == eos_id)
   last_BxT = mask_BxT & ~jnp.concatenate([mask_BxT[:, 1:], jnp.zeros_like(mask_BxT[:, :1])], axis=1)
   end_BxT = mask_BxT & (closes | last_BxT)
   before_BxT = jnp.cumsum(end_BxT, axis=1) - end_BxT  # step ends strictly before t
@@ -71,7 +78,7 @@ def step_rewards(values_BxT, end_BxT, token_step_BxT, max_steps: int):
   return r_BxS1[:, :max_steps], valid_BxS1[:, :max_steps]
 
 
-def score_steps(value_graphdef, value_params, ro: dict, step_id: int, eos_id: int, max_steps: int,
+def score_steps(value_graphdef, value_params, ro: dict, step_id: StepEnds | int, eos_id: int, max_steps: int,
                 outcome_weight: float) -> dict:
   """The rollout `ro` with its step rewards from the PRM (jittable; one forward pass)."""
   seq = jnp.concatenate([ro['prompt'], ro['tokens']], axis=1)
@@ -106,6 +113,7 @@ def build_phase(ctx, section: ProcessGRPOConfig):
   if ctx.value is None:
     raise ValueError("rl.algo='process_grpo' needs a PRM: set value.enabled=True")
   rl, tok = ctx.rl, ctx.tok
+  step_ends = StepEnds.of(tok)
   vgd, vparams = ctx.value
   if nnx_head(vgd, vparams) == 'logit':  # 'bce' value models: map P(correct) logits to [-1, 1] first
     raise ValueError("rl.algo='process_grpo' reads PRM values in reward units: use value.mode='mse'")
@@ -115,13 +123,15 @@ def build_phase(ctx, section: ProcessGRPOConfig):
                            epsilon_high=section.epsilon_high, beta=section.beta,
                            num_iterations=section.num_iterations, max_completion_length=ctx.task.completion_len)
   setup = grpo.GRPOSetup(group_size=rl.group_size, loss=loss, sampling=ctx.sampling, reward=rl.reward,
-                         step_id=tok.step_id, microbatches=rl.microbatches, advantage_fn=process_advantage_fn)
+                         step_id=tok.step_id, step_ends=step_ends, microbatches=rl.microbatches,
+                         recompute_old_logp=rl.recompute_old_logp, logprob_chunk_tokens=rl.logprob_chunk_tokens,
+                         advantage_fn=process_advantage_fn)
   ref = jax.tree.map(jnp.copy, params) if section.beta > 0 else None
   state = create_train_state(params, tx, ctx.mesh, ctx.rules)
 
   def step(st, b, i):
     ro = grpo.rollout_jit(graphdef, st.params, b, phase.iteration_key(ctx.seed, 3, i), setup)
-    ro = _score_steps_jit(vgd, vparams, ro, tok.step_id, tok.eos_id, section.max_steps, section.outcome_weight)
+    ro = _score_steps_jit(vgd, vparams, ro, step_ends, tok.eos_id, section.max_steps, section.outcome_weight)
     st, m = grpo.grpo_update_jit(graphdef, tx, setup, st, ref, ro)
     return st, dict(m, step_reward=jnp.sum(ro['step_reward']) / jnp.maximum(jnp.sum(ro['step_valid']), 1),
                     steps=jnp.mean(jnp.sum(ro['step_valid'], axis=1)))

@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from rlm_jax.data.steps import StepEnds, as_step_ends
 from rlm_jax.sampling.sampler import StopReason
 from rlm_jax.tasks.rewards import DEFAULT_REWARDS
 
@@ -35,7 +36,7 @@ def final_step_score(
     stop_reason_B: jax.Array,
     answer_BxA: jax.Array,
     answer_len_B: jax.Array,
-    step_id: int,
+    step_id: StepEnds | int,
 ) -> jax.Array:
   """Verifier score of each completion: 2 if its last step equals the answer tokens.
 
@@ -45,7 +46,8 @@ def final_step_score(
     stop_reason_B: `StopReason` codes; only EOS-terminated rows can be correct.
     answer_BxA: right-padded token ids of the canonical final step.
     answer_len_B: its length.
-    step_id: the step delimiter token.
+    step_id: the tokenizer's `StepEnds` (a delimiter that merges with or splits across
+      tokens), or the step delimiter token.
 
   Returns:
     int32 scores in {-1, 0, 2}.
@@ -54,7 +56,7 @@ def final_step_score(
   a = answer_BxA.shape[1]
   pos_T = jnp.arange(t)
   body_end_B = lengths_B - 1  # index of EOS
-  is_delim_BxT = (tokens_BxT == step_id) & (pos_T[None] < body_end_B[:, None])
+  is_delim_BxT = as_step_ends(step_id).mask(tokens_BxT, pos_T[None] < body_end_B[:, None])
   last_delim_B = jnp.max(jnp.where(is_delim_BxT, pos_T[None], -1), axis=1)
   start_B = last_delim_B + 1
   idx_BxA = jnp.clip(start_B[:, None] + jnp.arange(a)[None], 0, t - 1)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlm_jax.data.steps import StepEnds
 from rlm_jax.models.transformer import positions_from_mask
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, StopReason, generate
 from rlm_jax.training import losses
@@ -25,12 +26,18 @@ class RolloutSetup(Protocol):
   sampling: SamplingConfig
   reward: RewardConfig  # verifier score -> reward
   step_id: int  # step delimiter of the default final-step match
+  step_ends: StepEnds | None  # the tokenizer's step-end tables (None: only step_id ends a step)
   # Jittable verifier: (SampleOutput, batch with rows repeated G times) -> scores in {-1, 0, 1, 2};
   # None: the final step must equal batch['answer'] (`answer_match_score`).
   score_fn: Callable[[SampleOutput, dict], jax.Array] | None
 
 
-def answer_match_score(out: SampleOutput, batch: dict, step_id: int) -> jax.Array:
+def step_ends_of(setup: RolloutSetup) -> StepEnds | int:
+  """What ends a step for `setup`: its `step_ends` tables, else its `step_id`."""
+  return setup.step_id if setup.step_ends is None else setup.step_ends
+
+
+def answer_match_score(out: SampleOutput, batch: dict, step_id: StepEnds | int) -> jax.Array:
   return final_step_score(out.tokens_BxT, out.lengths_B, out.stop_reason_B, batch['answer'],
                           batch['answer_len'], step_id)
 
@@ -54,7 +61,7 @@ def rollout(graphdef, params, batch: dict, key: jax.Array, setup: RolloutSetup) 
   batch = jax.tree.map(lambda x: jnp.repeat(x, setup.group_size, axis=0), batch)
   prompt, prompt_mask = batch['prompt'], batch['prompt_mask']
   if setup.score_fn is None:
-    score = answer_match_score(out, batch, setup.step_id)
+    score = answer_match_score(out, batch, step_ends_of(setup))
   else:
     score = setup.score_fn(out, batch)
   t = out.tokens_BxT.shape[1]

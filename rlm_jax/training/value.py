@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rlm_jax.data.steps import StepEnds, as_step_ends
 from rlm_jax.models.transformer import positions_from_mask
 from rlm_jax.training import losses
 from rlm_jax.training.state import TrainState, all_finite, apply_gradients
@@ -40,19 +41,22 @@ def _check_mode(mode: str, value_head: str):
 
 
 def prm_batch(tokens_BxL, mask_BxL, completion_start_B, step_labels_BxS, step_valid_BxS,
-              step_id: int, eos_id: int) -> dict:
+              step_id: StepEnds | int, eos_id: int) -> dict:
   """PRM batch: step k's label on the k-th separator of the completion (TRL PRM layout).
 
-  The completion's separators are its step tokens and its final EOS (the last step ends with
-  EOS, not with the step token). Separators inside the prompt (the prompt ends with one) are
-  not counted. Jittable.
+  The completion's separators are the tokens that close its steps (the step token, or with a
+  BPE tokenizer's `StepEnds` the token that completes a merged or split delimiter) and its
+  final EOS (the last step ends with EOS, not with a delimiter). Separators inside the prompt
+  (the prompt ends with one) are not counted, and the completion's first token never
+  completes a delimiter begun in the prompt. Jittable.
 
   Args:
     tokens_BxL, mask_BxL: [prompt | completion] sequences and their real tokens.
     completion_start_B: int index of each row's first completion token.
     step_labels_BxS: P(correct) of each step, in [0, 1].
     step_valid_BxS: bool, which labels exist (steps past a row's end are ignored anyway).
-    step_id, eos_id: token ids.
+    step_id: the tokenizer's `StepEnds`, or the step delimiter id.
+    eos_id: EOS id.
 
   Returns:
     dict(tokens, mask, targets, target_mask) of [B, L] arrays (targets/target_mask float32).
@@ -60,11 +64,11 @@ def prm_batch(tokens_BxL, mask_BxL, completion_start_B, step_labels_BxS, step_va
   l = tokens_BxL.shape[1]
   mask_BxL = jnp.asarray(mask_BxL, bool)
   in_completion_BxL = (jnp.arange(l)[None] >= jnp.asarray(completion_start_B)[:, None]) & mask_BxL
-  is_sep_BxL = in_completion_BxL & ((tokens_BxL == step_id) | (tokens_BxL == eos_id))
-  # prm_targets counts occurrences of one id: mark separators with step_id, hide all else.
-  sep_tokens_BxL = jnp.where(is_sep_BxL, step_id, -1)
-  targets_BxL, target_mask_BxL = losses.prm_targets(sep_tokens_BxL, step_id, step_labels_BxS,
-                                                    step_valid_BxS)
+  ends_BxL = as_step_ends(step_id).mask(tokens_BxL, in_completion_BxL)
+  is_sep_BxL = in_completion_BxL & (ends_BxL | (tokens_BxL == eos_id))
+  # prm_targets counts occurrences of one id: mark separators with 1, hide all else.
+  sep_tokens_BxL = jnp.where(is_sep_BxL, 1, -1)
+  targets_BxL, target_mask_BxL = losses.prm_targets(sep_tokens_BxL, 1, step_labels_BxS, step_valid_BxS)
   return {'tokens': tokens_BxL, 'mask': mask_BxL, 'targets': targets_BxL,
           'target_mask': target_mask_BxL}
 

@@ -78,3 +78,36 @@ def test_a_delimiter_is_counted_once(split_bpe):
   np.testing.assert_array_equal(np.asarray(got), [[0, 1, 0, 1, 0], [1, 0, 0, 0, 1]])
   one = steps_lib.is_step_end(tables, jnp.array([t.pad_id, nl, x]), jnp.array([nl, nl, nl]))
   np.testing.assert_array_equal(np.asarray(one), [False, True, False])
+
+
+@pytest.mark.parametrize('which', ['split', 'merge', 'char'])
+def test_step_ends_object_matches_the_tables(which, split_bpe, merge_bpe):
+  """`StepEnds.of(tok)` is built once per tokenizer and finds the trace ends, also as a jit
+  argument (a pytree) and as a closed-over constant."""
+  t = {'split': lambda: tk.HFTokenizer(split_bpe), 'merge': lambda: tk.HFTokenizer(merge_bpe),
+       'char': tk.CharTokenizer}[which]()
+  ends = steps_lib.StepEnds.of(t)
+  assert steps_lib.StepEnds.of(t) is ends and ends.splits == (which != 'char')
+  rows = [t.encode_trace(TRACE), t.encode_trace(TRACE[1:])]
+  length = max(len(ids) for ids, _ in rows) + 2
+  tokens, mask = tk.pad_batch([ids for ids, _ in rows], length, t.pad_id, side='right')
+  want = np.zeros_like(mask)
+  for i, (_, e) in enumerate(rows):
+    want[i, e[:-1]] = True
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda s, x, m: s.mask(x, m))(ends, tokens, mask)), want)
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda x, m: ends.mask(x, m))(tokens, mask)), want)
+
+
+def test_a_single_id_is_exactly_token_equality():
+  """`as_step_ends(id)` (the character tokenizer, scripted vocabularies) is `tokens == id`,
+  out-of-range fillers included; a negative id never ends a step."""
+  tokens = jnp.array([[3, 5, -1, 3, 99, 0], [0, 3, 3, 7, 2, -1]])
+  mask = jnp.array([[1, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 1]], bool)
+  got = steps_lib.as_step_ends(3).mask(tokens, mask)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray((tokens == 3) & mask))
+  assert not np.asarray(steps_lib.as_step_ends(-1).mask(tokens)).any()
+  assert steps_lib.as_step_ends(3) is steps_lib.as_step_ends(3)
+  char = tk.CharTokenizer()
+  np.testing.assert_array_equal(np.asarray(steps_lib.StepEnds.of(char).mask(tokens, mask)), np.asarray(got))
+  with pytest.raises(TypeError, match='StepEnds or a token id, got str'):
+    steps_lib.as_step_ends('\n\n')

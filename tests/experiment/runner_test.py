@@ -182,3 +182,58 @@ def test_host_rewards_weight_the_reward_functions_and_report_each():
   np.testing.assert_array_equal(score, [2, 0, 2, 2])
   np.testing.assert_allclose(reward, [1.5, 0.5, 1.0, 1.0])  # rows 3-4 solve it without an 'Answer:' line
   assert metrics == {'reward_fn/correctness': 0.75, 'reward_fn/format': 0.5}
+
+
+def test_logprob_and_old_logp_knobs_reach_the_compiled_setups(tmp_path, monkeypatch):
+  """rl.logprob_chunk_tokens, rl.recompute_old_logp and rl.em.neg_logp_floor set away from their
+  defaults arrive in the static setups the GRPO / RLOO / process-GRPO / PPO / EM steps compile,
+  together with the tokenizer's step-end tables."""
+  import dataclasses
+
+  import jax
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from rlm_jax import configlib
+  from rlm_jax.data.steps import StepEnds
+  from rlm_jax.models import transformer as tfm
+  from rlm_jax.training import em, grpo, ppo, process_grpo, rloo
+
+  base = configlib.load_config('configs/tiny.py', ['rl.logprob_chunk_tokens=7', 'rl.recompute_old_logp=True',
+                                                   'rl.em.neg_logp_floor=-2.5', 'sft.steps=0'])
+  cfg = config_lib.parse(base)
+  assert (cfg.rl.logprob_chunk_tokens, cfg.rl.recompute_old_logp) == (7, True)
+  exp = runner.Experiment(cfg, str(tmp_path))
+  # Small replicated models stand in for the run's (whose sharded inits take most of the time).
+  mcfg = exp.models.model_cfg
+  on_mesh = lambda m: (m[0], jax.device_put(m[1], NamedSharding(exp.mesh, PartitionSpec())))
+  policy = on_mesh(nnx.split(tfm.init_model(mcfg, seed=0)))
+  seen = {}
+
+  def capture(pos):
+    def fn(*args, **kw):
+      seen['last'] = args[pos]
+      raise StopIteration  # the setup is all this test needs
+    return fn
+
+  monkeypatch.setattr(grpo, 'grpo_iteration_jit', capture(2))
+  monkeypatch.setattr(ppo, 'ppo_iteration_jit', capture(2))
+  monkeypatch.setattr(em, 'em_iteration_jit', capture(2))
+  monkeypatch.setattr(grpo, 'rollout_jit', capture(4))
+  sections = dict(cfg.rl.sections)
+  value = on_mesh(nnx.split(tfm.init_model(dataclasses.replace(mcfg, value_head='sigmoid'), seed=1)))  # a PRM
+  # PPO's actor-critic (a fresh value head on the policy) is not what this test is about.
+  monkeypatch.setattr(exp.models, 'actor_critic', lambda params, head: policy)
+  for name, module in [('grpo', grpo), ('rloo', rloo), ('ppo', ppo), ('em', em), ('process_grpo', process_grpo)]:
+    ctx = exp.phase_context(policy, value if name == 'process_grpo' else None)
+    phase = module.ALGORITHM.build(ctx, sections[name])
+    with pytest.raises(StopIteration):
+      phase.step(phase.state, None, 0)
+    seen[name] = seen.pop('last')
+  assert {k: s.logprob_chunk_tokens for k, s in seen.items()} == dict.fromkeys(seen, 7)
+  assert set(seen) == {'grpo', 'rloo', 'ppo', 'em', 'process_grpo'}
+  assert all(seen[k].recompute_old_logp for k in ('grpo', 'rloo', 'process_grpo'))
+  assert seen['em'].neg_logp_floor == -2.5
+  assert all(s.step_ends is StepEnds.of(exp.tok) for s in seen.values())
+  with pytest.raises(configlib.ConfigError, match='rl.em.neg_logp_floor=0.5'):
+    config_lib.parse(configlib.load_config('configs/tiny.py', ['rl.em.neg_logp_floor=0.5']))

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from rlm_jax.data.tokenizer import CharTokenizer, pad_batch
-from rlm_jax.models.transformer import ModelConfig, Transformer, positions_from_mask
+from rlm_jax.models.transformer import ModelConfig, ModelOutput, Transformer, positions_from_mask
 from rlm_jax.sampling import sampler as sampler_lib
 from rlm_jax.search import config as search_config
 from rlm_jax.search import lm
@@ -132,3 +132,60 @@ def test_strategy_end_to_end(name):
     stored = np.where(used, t.step_len_BxN, 0).sum(1)
     assert (r.policy_tokens_B >= stored).all()
     assert (r.policy_tokens_B <= k * expanded * OPTS.step_tokens).all()
+
+
+class _ScriptedLM(nnx.Module):
+  """Forced logits: the token after position p is script[p + 1] (the last entry past its end),
+  whatever was sampled: a policy that always writes one known trace after its prompt."""
+
+  def __init__(self, cfg: ModelConfig, script):
+    self.cfg = cfg
+    self.script = tuple(int(t) for t in script)
+
+  def __call__(self, tokens_BxL, positions_BxL, mask_BxL, *, cache=None, cache_index=0, logits='all'):
+    del mask_BxL, cache_index, logits
+    script = jnp.asarray(self.script, jnp.int32)
+    next_BxL = script[jnp.clip(positions_BxL + 1, 0, len(self.script) - 1)]
+    logits_BxLxV = jnp.where(jax.nn.one_hot(next_BxL, self.cfg.vocab_size) > 0, 0.0, -1e9)
+    hidden = jnp.zeros(tokens_BxL.shape + (self.cfg.d_model,), jnp.float32)
+    return ModelOutput(logits_BxLxV, None, hidden, cache)
+
+
+@pytest.mark.parametrize('which', ['split', 'merge'])
+def test_beam_steps_end_at_bpe_delimiters(which, split_bpe, merge_bpe):
+  """Beam search with an HF tokenizer: every expansion stops where `encode_trace` ends a step
+  (the second '\\n' of a split pair, or a token merging '\\n\\n' with its neighbours), so the
+  tree's steps are the trace's; with the step id alone the first step runs to the length cap."""
+  from rlm_jax.data import tokenizer as tk
+  from rlm_jax.search.beam import BeamConfig, beam_search
+  tok = tk.HFTokenizer(split_bpe if which == 'split' else merge_bpe)
+  steps = ['He buys 2 more.', 'The end.', 'Answer: 5']
+  trace, ends = tok.encode_trace(steps)
+  prompt = tok.encode('Tom has 3 apples.', bos=True)
+  cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=8, d_ff=8)
+  gd, st = nnx.split(_ScriptedLM(cfg, prompt + trace))
+  p, m = (jnp.asarray(x) for x in pad_batch([prompt], len(prompt) + 2, tok.pad_id))
+  opts = lm.LMOptions(step_tokens=8, completion_tokens=24)
+  config = BeamConfig(beam_width=1, expansions=2, max_depth=4)
+
+  def run(ids):
+    model = lm.make_search_model(gd, opts, ids)
+    return jax.jit(functools.partial(beam_search, model=model, config=config))(
+        lm.LMParams(policy=st), jax.random.key(0), p, m)
+
+  res = run(lm.TokenIds.of(tok))
+  n = int(res.lengths_B[0])
+  assert n == len(trace) and bool(res.terminal_B[0])
+  assert np.asarray(res.tokens_BxL[0, :n]).tolist() == trace
+  tree = jax.device_get(res.tree)
+  spans = [trace[a + 1:b + 1] for a, b in zip([-1] + ends[:-1], ends)]
+  used = np.flatnonzero(tree.parent_BxN[0] >= 0)
+  assert len(used) >= len(steps)
+  for node in used:
+    k, d = int(tree.step_len_BxN[0, node]), int(tree.depth_BxN[0, node])
+    assert np.asarray(tree.step_tokens_BxNxL[0, node, -k:]).tolist() == spans[d - 1], (node, d)
+  if which == 'merge':
+    return
+  old = jax.device_get(run(lm.TokenIds(tok.pad_id, tok.eos_id, tok.step_id)).tree)
+  first = np.flatnonzero(old.depth_BxN[0] == 1)
+  assert int(old.step_len_BxN[0, first[0]]) == 8 != len(spans[0])

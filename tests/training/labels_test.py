@@ -187,3 +187,28 @@ def test_q_value_batch_packs_steps_and_maps_q_to_probabilities():
   np.testing.assert_allclose(np.asarray(b['targets'][1, [4, 6]]), [0.5, 1.0])
   with pytest.raises(ValueError, match='q_max=0 must be > q_min=1'):
     labels.q_value_batch(prompt, prompt > 0, steps, smask, q, valid, PAD, q_min=1, q_max=0)
+
+
+@pytest.mark.parametrize('which', ['split', 'merge'])
+def test_bpe_solver_labels_land_on_the_trace_step_ends(which, split_bpe, merge_bpe):
+  """With a BPE tokenizer the PRM labels sit on the tokens `encode_trace` closes steps with
+  (the second '\\n' of a split pair, a merged '.\\n\\nHe ' token, EOS), and `step_ends` finds them."""
+  from rlm_jax.data import encoding
+  from rlm_jax.data import steps as steps_lib
+  from rlm_jax.data import tokenizer as tk
+  tok = tk.HFTokenizer(split_bpe if which == 'split' else merge_bpe)
+  rec = {'problem': 'Tom has 3 apples.', 'steps': ['He buys 2 more.', 'The end.', 'Answer: 5'],
+         'labels': [1.0, 0.0, 0.0]}
+  enc = labels.encode_step_labels(tok, [rec], length=40, max_steps=4)
+  start = int(enc['completion_start'][0])
+  _, ends = tok.encode_trace(rec['steps'])
+  arrays = [jnp.asarray(enc[k]) for k in ('tokens', 'mask', 'completion_start', 'step_labels', 'step_valid')]
+  b = value.prm_batch(*arrays, steps_lib.StepEnds.of(tok), tok.eos_id)
+  where = np.flatnonzero(np.asarray(b['target_mask'][0]))
+  np.testing.assert_array_equal(where, start + np.asarray(ends))
+  np.testing.assert_allclose(np.asarray(b['targets'][0, where]), [1.0, 0.0, 0.0])
+  assert start == len(encoding.prompt_ids(tok, rec))
+  comp = jnp.asarray(enc['tokens'][:, start:])
+  got, valid = labels.step_ends(comp, jnp.asarray(enc['mask'][:, start:]), steps_lib.StepEnds.of(tok), tok.eos_id, 4)
+  np.testing.assert_array_equal(np.asarray(got[0, :3]), ends)
+  np.testing.assert_array_equal(np.asarray(valid[0]), [True, True, True, False])

@@ -78,3 +78,24 @@ def test_registry_algorithm_runs_one_iteration(tmp_path, algo):
   assert len(rows) == 2 and all(np.isfinite(r[f'{algo}/loss']) for r in rows)
   if algo == 'process_grpo':
     assert all(r['process_grpo/steps'] >= 1 for r in rows)
+
+
+@pytest.mark.parametrize('which', ['split', 'merge'])
+def test_step_layout_on_bpe_completions_follows_the_trace_spans(which, split_bpe, merge_bpe):
+  """On a BPE tokenizer ('\\n\\n' split into '\\n', '\\n' or merged into '.\\n\\nHe ') the steps
+  of a completion are those `HFTokenizer.encode_trace` delimits; comparing with step_id finds none."""
+  from rlm_jax.data import steps as steps_lib
+  from rlm_jax.data import tokenizer as tk
+  tok = tk.HFTokenizer(split_bpe if which == 'split' else merge_bpe)
+  traces = [['Tom has 3 apples.', 'He buys 2 more.', 'Answer: 5'], ['done', 'The end.', 'The cat.']]
+  rows = [tok.encode_trace(t) for t in traces]
+  width = max(len(ids) for ids, _ in rows) + 3
+  tokens, mask = (jnp.asarray(x) for x in tk.pad_batch([ids for ids, _ in rows], width, tok.pad_id, side='right'))
+  end, step = process_grpo.step_layout(tokens, mask, steps_lib.StepEnds.of(tok), tok.eos_id, max_steps=8)
+  for i, (ids, ends) in enumerate(rows):
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(end[i])), ends)
+    want = [sum(e < j for e in ends) for j in range(len(ids))] + [-1] * (width - len(ids))
+    np.testing.assert_array_equal(np.asarray(step[i]), want)
+  assert [len(e) for _, e in rows] == [3, 3]
+  old_end, _ = process_grpo.step_layout(tokens, mask, tok.step_id, tok.eos_id, max_steps=8)
+  assert int(np.asarray(old_end).sum()) == 2  # only the two EOS

@@ -4,6 +4,7 @@ import numpy as np
 
 from rlm_jax import tasks as tasks_lib
 from rlm_jax.data.encoding import completion_ids, encode_answers
+from rlm_jax.data import tokenizer as tk
 from rlm_jax.data.tokenizer import CharTokenizer, pad_batch
 from rlm_jax.sampling.sampler import StopReason
 from rlm_jax.training.rewards import RewardConfig, final_step_score, score_to_reward
@@ -53,3 +54,18 @@ def test_agrees_with_host_verifier_on_solver_traces_and_corruptions():
 def test_score_to_reward_mapping():
   r = score_to_reward(jnp.asarray([2, 0, -1, 1]), RewardConfig(correct=1.0, wrong=-0.5, invalid=-1.0))
   np.testing.assert_allclose(r, [1.0, -0.5, -1.0, -1.0])
+
+
+def test_final_step_score_on_a_bpe_tokenizer(split_bpe):
+  """SmolLM2-style BPE writes '\\n\\n' inside text as '\\n', '\\n': the final step starts after the
+  split pair, so the answer matches; with the step id alone the whole text would be 'the last step'."""
+  from rlm_jax.data import steps as steps_lib
+  tok = tk.HFTokenizer(split_bpe)
+  ans, ans_len = encode_answers(tok, ['Answer: 5', 'Answer: 6'], 8)
+  rows = [completion_ids(tok, ['Tom has 3 apples.', 'He buys 2 more.', 'Answer: 5'])] * 2
+  toks, _ = pad_batch(rows, 24, tok.pad_id, side='right')
+  args = (jnp.asarray(toks), jnp.asarray([len(r) for r in rows], jnp.int32), jnp.full((2,), StopReason.EOS),
+          jnp.asarray(ans), jnp.asarray(ans_len))
+  assert tok.step_id not in rows[0] and rows[0][-7:-5] == tok.encode('\n') * 2
+  assert final_step_score(*args, steps_lib.StepEnds.of(tok)).tolist() == [2, 0]
+  assert final_step_score(*args, tok.step_id).tolist() == [0, 0]
