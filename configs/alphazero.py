@@ -2,19 +2,25 @@
 
 Command:
   python -m rlm_jax.main --config=configs/alphazero.py --workdir=runs/alphazero
-  (`--config=configs/alphazero.py:smoke` is a seconds-scale version for tests)
+  (`:rft` is rejection-sampling fine-tuning on each tree's best path, the loop as it was
+  first measured; `:smoke` is a seconds-scale version for tests)
 
 Phases: policy SFT (ckpt/sft) -> value / PRM training on solver-labelled traces (ckpt/value)
 -> rl.iterations AlphaZero rounds (ckpt/alphazero: policy, value model and replay buffer):
 each round runs MCTS over 64 problems of the phase-2 pool (value model for open steps,
-verifier reward at final steps), adds each tree's best path with its per-step q-values to the
-replay buffer,
-then takes distillation (SFT on solved paths) and value-regression steps on the buffer.
-Metrics per round in metrics.jsonl: alphazero/solve_rate, buffer_size, sft_loss, value_loss.
+verifier reward at final steps). Expert iteration (the default here): every node of every
+solved tree becomes a replay row weighted by its visit share among its siblings (several
+solved paths per problem; steps into failed subtrees get the small share their visits give
+them), every node with 2+ visits and a verified terminal below gets its Monte Carlo value as
+value target, and distillation carries a KL anchor (beta 0.05) to the SFT policy.
+Metrics per round in metrics.jsonl: alphazero/solve_rate, policy_rows, value_labels,
+buffer_size, sft_loss, kl, value_loss.
 Held-out evaluation after phase 1 and after the loop, including two value-guided strategies
 (best-of-8 ranked by the PRM, step-level beam search on the value model).
 
-Hardware: 2-core CPU shared with other jobs (load ~6): 8 min wall. Printed (seed 0):
+Not yet measured: the expert-iteration default. Measured with `:rft` (the loop before it
+had node targets). Hardware: 2-core CPU shared with other jobs (load ~6): 8 min wall. Printed
+(seed 0):
   | after | greedy | self_consistency | prm_best_of_n | prm_beam |
   | SFT | 0.185 | 0.160 | 0.135 | 0.160 |
   | ALPHAZERO | 0.170 | 0.145 | 0.180 | 0.115 |
@@ -43,16 +49,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Few, small distillation steps per round: the solved paths are few and are revisited every
   # round while they stay in the buffer (3e-4 and 8 steps per round memorised them, sft_loss
   # ~0.02, and halved held-out accuracy).
-  c.rl.optim.update(learning_rate=5e-5, warmup_steps=0, decay_steps=0)
+  c.rl.optim.update(learning_rate=1e-4, warmup_steps=0, decay_steps=0)
   c.rl.alphazero = dict(
       mcts=dict(num_simulations=8, num_children=4, num_walkers=2, max_depth=5, selection='puct',
                 c1=1.25, c2=19652.0, uct_c=1.0, prior='empirical', prior_temperature=1.0, q_bounds='fixed', root_selection='puct', gumbel_scale=1.0, backup='td',
                 gamma=0.96, td_lambda=1.0, virtual_loss=1.0, merge_duplicates=True, num_rollouts=0,
                 rollout_weight=0.5, answer='best_terminal'),
-      step_tokens=12, use_value_model=True, buffer_size=512,
-      distill_steps=2, distill_batch=32, value_steps=8, value_batch=32,
+      # A round yields up to 64 trees x 64 nodes = 4096 rows: the buffer holds two rounds.
+      step_tokens=12, use_value_model=True, buffer_size=8192,
+      distill_steps=8, distill_batch=64, value_steps=8, value_batch=64,
       value_optim=dict(learning_rate=3e-4, warmup_steps=0, decay_steps=0, end_lr_factor=1.0,
-                       weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0))
+                       weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0),
+      # Parents need one re-entry after their expansion (1 + K + 1 visits): the shares of a node
+      # expanded once are uniform over its unique samples, no search signal.
+      policy_target='visits', q_temperature=0.5, policy_min_visits=6, solved_trees_only=True,
+      value_target='mc', min_visits=2, kl_beta=0.05)
   c.eval.update(size=200, batch_size=200, num_samples=8, temperature=0.7,
                 strategies=('greedy', 'self_consistency', 'prm_best_of_n', 'prm_beam'))
   c.eval.prm_scorer = 'prm_min'
@@ -61,7 +72,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.step_tokens = 12
   c.eval.max_depth = 5
   c.checkpoint.update(save_every=50, keep=2)
-  if arg == 'smoke':  # seconds: every phase runs, nothing is learnt
+  if arg == 'rft':  # rejection-sampling fine-tuning: best path of each solved tree, q targets
+    c.rl.optim.update(learning_rate=5e-5)
+    c.rl.alphazero.update(policy_target='best_path', value_target='q', buffer_size=512, distill_steps=2,
+                          distill_batch=32, value_batch=32, kl_beta=0.0)
+  elif arg == 'smoke':  # seconds: every phase runs, nothing is learnt
     c.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
     c.task.update(levels=(1,), train_size=32, rl_size=0, prompt_len=20, completion_len=24, answer_len=10)
     c.sft.update(steps=3, batch_size=8)
@@ -71,10 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rl.update(iterations=2, prompts_per_iteration=4)
     c.rl.alphazero.mcts.update(num_simulations=2, num_children=2, num_walkers=1, max_depth=3)
     c.rl.alphazero.update(step_tokens=6, buffer_size=8, distill_steps=1, distill_batch=4, value_steps=1,
-                          value_batch=4)
+                          value_batch=4, policy_target='best_path')  # one row per tree: the buffer test counts them
     c.eval.update(size=4, batch_size=8, num_samples=2, beam_width=2, beam_expansions=2, step_tokens=6,
                   max_depth=3)
     c.checkpoint.update(save_every=1, keep=2)
   elif arg:
-    raise ValueError(f"configs/alphazero.py: unknown argument '{arg}' (allowed: 'smoke')")
+    raise ValueError(f"configs/alphazero.py: unknown argument '{arg}' (allowed: 'rft', 'smoke')")
   return c
