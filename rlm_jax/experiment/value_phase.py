@@ -109,7 +109,8 @@ def prm_quality(exp, value, max_problems: int = 256) -> dict:
   corrupted copy, wrong from the corrupted step on).
 
   Returns:
-    {'prm/auroc', 'prm/accuracy', 'prm/num_steps', 'prm/num_positive'} (`training.prm_metrics`,
+    {'prm/auroc', 'prm/auroc_within', 'prm/accuracy', 'prm/num_steps', 'prm/num_positive'}
+    (`training.prm_metrics`; `auroc_within` pairs only steps of the same problem,
     P(correct) > 0.5 counts as predicting a right step); {} when the held-out problems have no
     solution steps (e.g. answer-only datasets).
   """
@@ -134,6 +135,7 @@ def prm_quality(exp, value, max_problems: int = 256) -> dict:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   head = nnx.merge(vgd, vparams).cfg.value_head
   p_NxL = np.asarray(value_lib.prob_correct(jnp.asarray(values_NxL), head))
+  problem_NxL = np.broadcast_to(np.asarray([r['task'] for r in records])[:, None], p_NxL.shape)
   m = prm_metrics.step_metrics(p_NxL, np.asarray(rows['targets']), np.asarray(rows['target_mask']) > 0,
-                               scale='prob')
+                               scale='prob', groups=problem_NxL)
   return {f'prm/{k}': v for k, v in m.items()}

@@ -2,6 +2,13 @@
 
     m = prm_metrics.step_metrics(values_BxS, labels_BxS, valid_BxS, scale='reward')
     # {'auroc': 0.81, 'accuracy': 0.74, 'num_steps': 512, 'num_positive': 301}
+    m = prm_metrics.step_metrics(values_BxS, labels_BxS, valid_BxS, groups=problem_BxS)
+    # ... plus 'auroc_within': the AUROC over (right, wrong) step pairs of the same problem
+
+The pooled AUROC mixes problems: a value model that only knows how hard each problem is (easy
+problems high, hard ones low) scores well above 0.5 on it while it cannot rank two solutions of
+one problem, which is what best-of-N, beam search and MCTS ask of it. `auroc_within` counts
+only pairs that share a problem, so problem difficulty cancels.
 
 Inputs are per-step arrays of any (equal) shape, numpy or jax: the model's predicted value of
 each step, the step's label (1 / -1 or 1 / 0 from a solver, a Monte Carlo success fraction, an
@@ -65,6 +72,26 @@ def auroc(scores_N, positive_N) -> float:
   return float(u / (n_pos * n_neg))
 
 
+def grouped_auroc(scores_N, positive_N, groups_N) -> float:
+  """AUROC over the (positive, negative) pairs that share a group (e.g. a problem).
+
+  Pooled over pairs: sum over groups of the Mann-Whitney U, divided by the number of
+  within-group pairs; ties count 1/2. nan when no group holds both classes.
+  """
+  scores_N = np.asarray(scores_N, np.float64).reshape(-1)
+  positive_N = np.asarray(positive_N, bool).reshape(-1)
+  groups_N = np.asarray(groups_N).reshape(-1)
+  u_sum, pairs = 0.0, 0
+  for g in np.unique(groups_N):
+    sel = groups_N == g
+    n_pos = int(positive_N[sel].sum())
+    n_neg = int(sel.sum()) - n_pos
+    if n_pos and n_neg:
+      u_sum += auroc(scores_N[sel], positive_N[sel]) * n_pos * n_neg
+      pairs += n_pos * n_neg
+  return u_sum / pairs if pairs else float('nan')
+
+
 def step_auroc(values, labels, valid: Optional[Any] = None, scale: str = 'reward') -> float:
   """Step-level AUROC of predicted values against thresholded labels.
 
@@ -94,19 +121,31 @@ def step_accuracy(values, labels, valid: Optional[Any] = None, scale: str = 'rew
   return float(np.mean((pred > t) == (label > t)))
 
 
-def step_metrics(values, labels, valid: Optional[Any] = None, scale: str = 'reward') -> dict:
-  """Everything at once: {'auroc', 'accuracy', 'num_steps', 'num_positive'} (floats / ints).
+def step_metrics(values, labels, valid: Optional[Any] = None, scale: str = 'reward',
+                 groups: Optional[Any] = None) -> dict:
+  """Everything at once: {'auroc', 'accuracy', 'num_steps', 'num_positive'} (floats / ints),
+  and 'auroc_within' (`grouped_auroc`) when `groups` is given.
 
-  Args/shapes as `step_auroc`; `num_steps` counts the valid steps, `num_positive` those whose
-  label is above the threshold. Call it once per label source (solver, MC rollouts, MCTS q)
-  to compare them on the same held-out traces.
+  Args/shapes as `step_auroc`; `groups`: the problem (any hashable id) of each step, same
+  shape. `num_steps` counts the valid steps, `num_positive` those whose label is above the
+  threshold. Call it once per label source (solver, MC rollouts, MCTS q) to compare them on
+  the same held-out traces.
   """
   t = _threshold(scale)
   pred, label = _flat_valid(values, labels, valid)
   positive = label > t
-  return {
+  out = {
       'auroc': auroc(pred, positive),
       'accuracy': float(np.mean((pred > t) == positive)) if pred.size else float('nan'),
       'num_steps': int(pred.size),
       'num_positive': int(positive.sum()),
   }
+  if groups is not None:
+    groups = np.asarray(groups)
+    if groups.shape != np.shape(values):
+      raise ValueError(f'prm_metrics: groups {groups.shape} and values {np.shape(values)} differ in shape')
+    keep = np.isfinite(np.asarray(values, np.float64)) & np.isfinite(np.asarray(labels, np.float64))
+    if valid is not None:
+      keep &= np.asarray(valid, bool)
+    out['auroc_within'] = grouped_auroc(pred, positive, groups[keep])
+  return out

@@ -144,3 +144,4 @@ def test_prm_quality_counts_held_out_steps_and_flips_with_a_negated_head(tmp_pat
   head['b2'].value = -head['b2'].value
   flipped = value_phase.prm_quality(exp, (vgd, neg))
   assert abs(flipped['prm/auroc'] - (1.0 - got['prm/auroc'])) < 1e-6
+  assert abs(flipped['prm/auroc_within'] - (1.0 - got['prm/auroc_within'])) < 1e-6

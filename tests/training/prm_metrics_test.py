@@ -70,3 +70,28 @@ def test_bad_arguments_name_the_culprit():
     prm_metrics.step_accuracy(VALUES, LABELS[:4])
   with pytest.raises(ValueError, match='valid mask'):
     prm_metrics.step_metrics(VALUES, LABELS, [True])
+
+
+def test_within_problem_auroc_ignores_problem_difficulty():
+  """A value that only knows each problem's difficulty ranks well pooled and at chance within
+  problems; one that ranks inside each problem is perfect within."""
+  # Problem 0 (easy): values 0.9 on every step; problem 1 (hard): 0.1 on every step.
+  # Labels: problem 0 has 3 right steps and 1 wrong, problem 1 has 1 right and 3 wrong.
+  labels = np.array([1, 1, 1, -1, 1, -1, -1, -1], float)
+  groups = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+  difficulty = np.array([0.9] * 4 + [0.1] * 4)
+  m = prm_metrics.step_metrics(difficulty, labels, groups=groups)
+  # Pooled: pairs (pos, neg) = 4 x 4 = 16; pos in problem 0 beat the 3 negatives of problem 1
+  # (3 x 3 = 9 wins), ties inside a problem count 1/2 (3 x 1 + 1 x 3 = 6 ties), and the
+  # positive of problem 1 loses to the negative of problem 0: (9 + 3) / 16 = 0.75.
+  assert m['auroc'] == pytest.approx(0.75)
+  assert m['auroc_within'] == pytest.approx(0.5)  # every within-problem pair tied
+  ranks = np.array([0.8, 0.7, 0.9, 0.2, 0.3, 0.1, 0.0, 0.25])
+  # Within: problem 0 all 3 pairs right; problem 1: 0.3 beats 0.1, 0.0, 0.25 -> 3 of 3.
+  assert prm_metrics.grouped_auroc(ranks, labels > 0, groups) == 1.0
+  # Invalid steps are dropped before grouping; a group with one class adds no pairs.
+  valid = np.array([1, 1, 1, 1, 1, 0, 0, 0], bool)
+  assert prm_metrics.step_metrics(ranks, labels, valid, groups=groups)['auroc_within'] == 1.0
+  assert math.isnan(prm_metrics.grouped_auroc([0.1, 0.2], [True, False], [0, 1]))
+  with pytest.raises(ValueError, match='groups'):
+    prm_metrics.step_metrics(ranks, labels, groups=groups[:3])
