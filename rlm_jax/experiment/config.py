@@ -123,13 +123,16 @@ class ValueConfig:
     mc      one trace per problem sampled from the SFT policy, each step labelled by the
             fraction of `mc_rollouts` completions from it that end correct (O-PRM);
     mcts    MCTS with the SFT policy and the verifier (the search knobs of rl.alphazero), the
-            best path's per-step q-values.
+            best path's per-step q-values;
+    policy  `samples_per_task` traces per problem sampled from the SFT policy, a step right
+            while the trace follows the solver's (or when the answer is verified correct):
+            the policy's own mistakes as negatives (`labels.follow_labels`).
   The label set is rebuilt deterministically from (seed, SFT checkpoint) when the phase
   (re)starts; `label_batch` problems go through one compiled labelling call.
   """
 
   enabled: bool
-  labels: Literal['solver', 'mc', 'mcts']
+  labels: Literal['solver', 'mc', 'mcts', 'policy']
   mode: Literal['mse', 'bce']
   init: Literal['policy', 'random']
   value_hidden: int  # value-head MLP width (0: d_model)
@@ -140,11 +143,12 @@ class ValueConfig:
   negatives_per_task: int
   max_steps: int  # steps labelled per trace
   mc_rollouts: int
-  temperature: float  # sampling of mc traces and rollouts
+  temperature: float  # sampling of mc / policy traces and rollouts
   optim: OptimConfig
+  samples_per_task: int = 4  # policy labels: traces sampled per problem (default: older runs)
 
   def __post_init__(self):
-    for name in ('batch_size', 'num_traces', 'label_batch', 'max_steps', 'mc_rollouts'):
+    for name in ('batch_size', 'num_traces', 'label_batch', 'max_steps', 'mc_rollouts', 'samples_per_task'):
       if getattr(self, name) < 1:
         raise ValueError(f'value.{name}={getattr(self, name)}: must be >= 1')
     if self.steps < 0 or self.negatives_per_task < 0:

@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlm_jax.data import encoding
 from rlm_jax.data.steps import StepEnds
 from rlm_jax.sampling.sampler import SamplingConfig, sample
 from rlm_jax.search import lm as search_lm
 from rlm_jax.training import alphazero as az_lib
 from rlm_jax.training import labels as labels_lib
 from rlm_jax.training import value as value_lib
+from rlm_jax.training.rewards import final_step_score
 
 KEYS = ('tokens', 'mask', 'targets', 'target_mask')
 
@@ -64,6 +66,29 @@ def value_data(exp, graphdef, policy_params) -> dict[str, np.ndarray]:
       lab = labels_lib.mc_rollout_labels_jit(graphdef, policy_params, setup, batch, k_roll)
       rows = labels_lib.trace_prm_batch(batch, lab['labels'], lab['valid'], StepEnds.of(tok), tok.eos_id)
       parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in KEYS})
+  elif v.labels == 'policy':  # the SFT policy's own samples, checked against the solver's trace
+    scfg = SamplingConfig(max_new_tokens=cfg.task.completion_len, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                          step_id=tok.step_id, temperature=v.temperature)
+    m, ends = v.samples_per_task, StepEnds.of(tok)
+    for c, real, batch in label_chunks(exp, idx):
+      out = sample(graphdef, policy_params, batch['prompt'], batch['prompt_mask'], jax.random.fold_in(key, c), scfg,
+                   num_samples=m)
+      t = out.tokens_BxT.shape[1]
+      rep = jax.tree.map(lambda x: jnp.repeat(x, m, axis=0), batch)
+      comp_mask = jnp.arange(t)[None] < out.lengths_B[:, None]
+      correct = final_step_score(out.tokens_BxT, out.lengths_B, out.stop_reason_B, rep['answer'],
+                                 rep['answer_len'], ends) == 2
+      rows_idx = idx[c * v.label_batch:c * v.label_batch + real]
+      reference = np.full((len(rows_idx), t), -1, np.int64)
+      for r, i in enumerate(rows_idx):
+        ids = encoding.completion_ids(tok, exp.train.tasks[i]['steps'])[:t]
+        reference[r, :len(ids)] = ids
+      reference = np.concatenate([reference, np.repeat(reference[:1], len(batch['prompt']) - real, axis=0)])
+      lab = labels_lib.follow_labels(out.tokens_BxT, comp_mask, jnp.asarray(np.repeat(reference, m, axis=0)),
+                                     correct, ends, tok.eos_id, v.max_steps)
+      rows = labels_lib.trace_prm_batch(dict(rep, completion=out.tokens_BxT, completion_mask=comp_mask),
+                                        lab['labels'], lab['valid'], ends, tok.eos_id)
+      parts.append({k: np.asarray(jax.device_get(rows[k]))[:real * m] for k in KEYS})
   else:  # mcts: the search of the AlphaZero loop, without a value model (none exists yet)
     rl = cfg.rl
     az = dict(cfg.rl.sections)['alphazero']

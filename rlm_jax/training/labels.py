@@ -283,6 +283,40 @@ def trace_prm_batch(batch: dict, step_labels_BxS, step_valid_BxS, step_id: StepE
                              step_id, eos_id)
 
 
+# --- (b') the policy's own samples, checked against the solver ---------------------------
+
+def follow_labels(completion_BxT, completion_mask_BxT, reference_BxT, correct_B, step_id: StepEnds | int,
+                  eos_id: int, max_steps: int) -> dict:
+  """Step labels of sampled traces from the solver's trace of the same problem (jittable).
+
+  A step is right while the sample still agrees token for token with the solver's trace up to
+  the token that closes it; from the first differing token on, every step is wrong. A sample
+  whose final answer the verifier accepts (`correct_B`) is right at every step (another valid
+  route). So the negatives are the policy's own mistakes, where it first left the solution,
+  which a PRM must rank for best-of-N and search, unlike the corruptions of `solver_labels`.
+  For domains whose solvers admit many equally valid orders of steps a deviation is not always
+  an error: there this labels some right steps wrong.
+
+  Args:
+    completion_BxT, completion_mask_BxT: sampled completions (right-padded) and their tokens.
+    reference_BxT: the solver's completion of each row's problem (same tokenizer; any id that
+      no sample produces, e.g. -1, beyond its end).
+    correct_B: bool, the sample is verified correct.
+    step_id: the tokenizer's `StepEnds` or the delimiter id; eos_id: EOS.
+    max_steps: S, steps labelled per trace.
+
+  Returns:
+    dict labels [B, S] float32 (1 right, 0 wrong or invalid), valid [B, S] bool,
+    first_diff [B] int32 (T when the sample equals the reference over all its tokens).
+  """
+  t = completion_BxT.shape[1]
+  ends_BxS, valid_BxS = step_ends(completion_BxT, completion_mask_BxT, step_id, eos_id, max_steps)
+  differ_BxT = completion_mask_BxT.astype(bool) & (completion_BxT != reference_BxT)
+  first_diff_B = jnp.where(differ_BxT.any(axis=1), jnp.argmax(differ_BxT, axis=1), t).astype(jnp.int32)
+  right_BxS = (ends_BxS < first_diff_B[:, None]) | jnp.asarray(correct_B, bool)[:, None]
+  return {'labels': (right_BxS & valid_BxS).astype(jnp.float32), 'valid': valid_BxS, 'first_diff': first_diff_B}
+
+
 # --- (c) MCTS q-values --------------------------------------------------------------------
 
 def q_value_batch(prompt_BxLp, prompt_mask_BxLp, step_tokens_BxSxK, step_mask_BxSxK, q_BxS,

@@ -101,13 +101,14 @@ def test_alphazero_rounds_resume_with_the_checkpointed_buffer(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('source', ['solver', 'mc', 'mcts'])
+@pytest.mark.parametrize('source', ['solver', 'mc', 'mcts', 'policy'])
 def test_label_sources_give_step_labels_in_unit_range(tmp_path, source):
   cfg = _cfg(f'value.labels={source}', 'value.num_traces=6', 'value.label_batch=4')
   exp = runner.Experiment(cfg, str(tmp_path))
   graphdef, params = exp.models.init_policy()
   data = value_phase.value_data(exp, graphdef, params)
-  rows = 12 if source == 'solver' else 6  # solver: a positive and a corrupted trace per task
+  # solver: a positive and a corrupted trace per task; policy: value.samples_per_task per task
+  rows = {'solver': 12, 'policy': 6 * cfg.value.samples_per_task}.get(source, 6)
   assert data['tokens'].shape[0] == rows
   m = data['target_mask'] > 0
   assert np.all((data['targets'][m] >= 0) & (data['targets'][m] <= 1)) and np.all(data['targets'][~m] == 0)
@@ -117,9 +118,9 @@ def test_label_sources_give_step_labels_in_unit_range(tmp_path, source):
   tok = exp.tok
   closing = np.isin(data['tokens'], [tok.step_id, tok.eos_id]) & data['mask']
   if source == 'mcts':  # one label per path step; a step cut at step_tokens has it on its last token
-    assert np.all((m.sum(1) >= 1) & (m.sum(1) <= cfg.rl.sections[-1][1].mcts.max_depth))
+    assert np.all((m.sum(1) >= 1) & (m.sum(1) <= dict(cfg.rl.sections)['alphazero'].mcts.max_depth))
   else:  # on the tokens that close steps; a random policy's trace may close none
-    assert np.all(closing[m]) and (source == 'mc' or m.any(axis=1).all())
+    assert np.all(closing[m]) and (source in ('mc', 'policy') or m.any(axis=1).all())
   if source == 'solver':  # the positive traces are right at every step
     assert np.all(data['targets'][0][m[0]] == 1.0)
 

@@ -212,3 +212,25 @@ def test_bpe_solver_labels_land_on_the_trace_step_ends(which, split_bpe, merge_b
   got, valid = labels.step_ends(comp, jnp.asarray(enc['mask'][:, start:]), steps_lib.StepEnds.of(tok), tok.eos_id, 4)
   np.testing.assert_array_equal(np.asarray(got[0, :3]), ends)
   np.testing.assert_array_equal(np.asarray(valid[0]), [True, True, True, False])
+
+
+def test_follow_labels_mark_steps_right_until_the_sample_leaves_the_solver_trace():
+  """Steps of 3 tokens (2 = delimiter, 9 = EOS). Row 0 equals the reference: all right.
+  Row 1 differs at token 4 (inside step 1): step 0 right, steps 1 and 2 wrong. Row 2 differs
+  at token 1 (inside step 0): every step wrong. Row 3 differs at token 4 but its answer is
+  verified: all right (another route). Slot 9 is padding (-1 in the reference)."""
+  sep, eos = 2, 9
+  ref = np.array([5, 6, sep, 7, 8, sep, 3, 4, eos, -1])
+  rows = np.stack([ref.copy(), ref.copy(), ref.copy(), ref.copy()])
+  rows[1, 4] = 1
+  rows[2, 1] = 1
+  rows[3, 4] = 1
+  rows = np.where(rows < 0, 0, rows)
+  mask = np.arange(10)[None] < 9
+  correct = np.array([True, False, False, True])
+  out = labels.follow_labels(jnp.asarray(rows), jnp.asarray(np.repeat(mask, 4, 0)), jnp.asarray(np.stack([ref] * 4)),
+                             jnp.asarray(correct), sep, eos, 4)
+  np.testing.assert_array_equal(np.asarray(out['valid']), [[1, 1, 1, 0]] * 4)
+  np.testing.assert_array_equal(np.asarray(out['labels']),
+                                [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 0]])
+  np.testing.assert_array_equal(np.asarray(out['first_diff']), [10, 4, 1, 4])
