@@ -248,6 +248,8 @@ def prepare_workdir(path: str) -> str:
 # Config keys that fix the shapes of what a run checkpoints: a run resumed with other values
 # cannot restore its checkpoints.
 SHAPE_KEYS = ('model', 'tokenizer', 'hf_checkpoint', 'lora', 'value.mode', 'value.value_hidden')
+# Keys under SHAPE_KEYS that only change how the model computes (a resumed run may set them).
+COMPUTE_KEYS = ('model.remat',)
 
 
 def _lookup(d: Any, dotted: str) -> Any:
@@ -288,6 +290,8 @@ def check_resumable(workdir: str, config) -> None:
   new = json.loads(config.to_json_best_effort())
   for key in SHAPE_KEYS:
     for where, was, now in _differences(_lookup(old, key), _lookup(new, key), f'config.{key}'):
+      if where.removeprefix('config.') in COMPUTE_KEYS:
+        continue
       raise configlib.ConfigError(f'{where}={now!r}: the checkpoints in {root}/ckpt were written with {was!r}; '
                                   'use another --workdir (or the same config to resume)')
 

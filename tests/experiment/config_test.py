@@ -97,6 +97,7 @@ def test_resuming_a_run_folder_with_another_model_is_refused_before_anything_is_
   ckpt_lib.check_resumable(str(tmp_path), _config('model.d_model=256'))  # no checkpoint yet: fine
   (tmp_path / 'ckpt' / 'sft').mkdir(parents=True)
   ckpt_lib.check_resumable(str(tmp_path), _config('sft.steps=5'))  # other keys may change
+  ckpt_lib.check_resumable(str(tmp_path), _config("model.remat='full'"))  # compute only
   saved = (tmp_path / 'config.json').read_text()
   with pytest.raises(configlib.ConfigError) as e:
     ckpt_lib.check_resumable(str(tmp_path), _config('model.d_model=256'))
