@@ -96,11 +96,7 @@ def is_step_end(tables, prev_B: jnp.ndarray, tok_B: jnp.ndarray) -> jnp.ndarray:
   Returns:
     bool [B].
   """
-  table_V, ends_KxV, starts_KxV = (jnp.asarray(x) for x in tables)
-  end_B = table_V[tok_B]
-  if ends_KxV.shape[0]:
-    end_B = end_B | jnp.any(ends_KxV[:, prev_B] & starts_KxV[:, tok_B], axis=0)
-  return end_B
+  return StepEnds(*tables, pad_id=-1).is_end(prev_B, tok_B)
 
 
 def step_end_mask(tables, tokens_BxT: jnp.ndarray, mask_BxT: jnp.ndarray, pad_id: int) -> jnp.ndarray:
@@ -155,9 +151,9 @@ class StepEnds:
       _CACHE[tok] = ends
     return ends
 
-  def __repr__(self):
-    return (f'StepEnds(V={self.table_V.shape[0]}, ends={int(np.asarray(self.table_V).sum())} ids, '
-            f'K={self.ends_KxV.shape[0]}, pad_id={self.pad_id})')
+  def __repr__(self):  # the tables are too long to print (V ~ 50k for real vocabularies)
+    ids = f', ends={int(self.table_V.sum())} ids' if isinstance(self.table_V, np.ndarray) else ''
+    return f'StepEnds(V={self.table_V.shape[0]}{ids}, K={self.ends_KxV.shape[0]}, pad_id={self.pad_id})'
 
   @property
   def splits(self) -> bool:
@@ -170,7 +166,10 @@ class StepEnds:
     end_B = _lookup(self.table_V, tok_B)
     if self.splits:
       ends_KxV, starts_KxV = jnp.asarray(self.ends_KxV), jnp.asarray(self.starts_KxV)
-      end_B = end_B | jnp.any(ends_KxV[:, prev_B] & starts_KxV[:, tok_B], axis=0)
+      v = ends_KxV.shape[1]
+      in_vocab_B = (tok_B >= 0) & (tok_B < v) & (prev_B >= 0) & (prev_B < v)
+      pair_KxB = ends_KxV[:, jnp.clip(prev_B, 0, v - 1)] & starts_KxV[:, jnp.clip(tok_B, 0, v - 1)]
+      end_B = end_B | (jnp.any(pair_KxB, axis=0) & in_vocab_B)
     return end_B
 
   def mask(self, tokens_BxT: jax.Array, mask_BxT: jax.Array | None = None) -> jax.Array:
