@@ -36,6 +36,22 @@ def test_prm_batch_puts_labels_on_completion_separators_only():
   np.testing.assert_allclose(b['targets'], want_t)
 
 
+def test_prm_batch_on_a_split_bpe_delimiter(split_bpe):
+  """SmolLM2-style BPE: '\\n', '\\n' closes a step on its second '\\n'; a prompt that ends with
+  '\\n' does not turn the completion's first '\\n' into a step end."""
+  from rlm_jax.data import steps as steps_lib
+  from rlm_jax.data import tokenizer as tk
+  tok = tk.HFTokenizer(split_bpe)
+  nl, x, e, p = tok.encode('\n')[0], tok.encode('x')[0], tok.eos_id, tok.pad_id
+  # prompt = x '\n' | completion = '\n' x '\n' '\n' x EOS, padded
+  tokens = jnp.array([[x, nl, nl, x, nl, nl, x, e, p]])
+  mask = tokens != p
+  labels = jnp.array([[0.75, 0.25, 0.0]])
+  b = value.prm_batch(tokens, mask, jnp.array([2]), labels, jnp.ones((1, 3), bool), steps_lib.StepEnds.of(tok), e)
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(b['target_mask'][0])), [5, 7])
+  np.testing.assert_allclose(np.asarray(b['targets'][0, [5, 7]]), [0.75, 0.25])
+
+
 def test_orm_batch_labels_the_last_real_token():
   tokens = jnp.array([[BOS, STEP, 5, EOS, PAD], [BOS, STEP, 5, STEP, EOS]])
   b = value.orm_batch(tokens, tokens != PAD, jnp.array([1.0, 0.0]))
