@@ -220,9 +220,11 @@ def self_consistency(params: Params, key: jax.Array, prompt_BxLp, prompt_mask_Bx
     check_scorer(model, 'orm')
   roots = _roots(prompt_BxLp, prompt_mask_BxLp, problem_B, model)
   comp = sample_completions(params, key, model, roots, n, greedy=False)
-  spans, found = operators.answer_spans(
-      _flat(comp.tokens_BxNxL), _flat(comp.mask_BxNxL), config.answer_marker_ids, config.answer_len,
-      pad_id=model.pad_id, stop_ids=(model.eos_id, model.step_id))
+  tok_MxL, mask_MxL = _flat(comp.tokens_BxNxL), _flat(comp.mask_BxNxL)
+  ends_MxL = None if model.step_ends is None else model.step_ends.mask(tok_MxL, mask_MxL)  # BPE delimiters
+  spans, found = operators.answer_spans(tok_MxL, mask_MxL, config.answer_marker_ids, config.answer_len,
+                                        pad_id=model.pad_id, stop_ids=(model.eos_id, model.step_id),
+                                        stop_mask_MxL=ends_MxL)
   spans = spans.reshape(b, n, -1)
   valid = found.reshape(b, n)
   if config.only_finished:

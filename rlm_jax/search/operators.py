@@ -159,7 +159,7 @@ def prune(scores_BxM, valid_BxM, k: int):
 
 
 def answer_spans(tokens_MxL, mask_MxL, marker_ids: Sequence[int], span_len: int, *, pad_id: int,
-                 stop_ids: Sequence[int]):
+                 stop_ids: Sequence[int], stop_mask_MxL: Optional[jax.Array] = None):
   """The final-answer token span of each completion, for device-side voting.
 
   The span starts after the last occurrence of `marker_ids` (e.g. the tokens of 'Answer:'),
@@ -174,6 +174,8 @@ def answer_spans(tokens_MxL, mask_MxL, marker_ids: Sequence[int], span_len: int,
     span_len: width of the returned span.
     pad_id: filler.
     stop_ids: tokens that end a span (EOS, step delimiter).
+    stop_mask_MxL: optional extra stop positions, e.g. `StepEnds.mask` of a BPE tokenizer,
+      whose step delimiter merges into or splits over tokens (no single delimiter id).
 
   Returns:
     (span_MxS, found_M): the spans (pad-filled) and whether a marker was found (always True
@@ -184,6 +186,8 @@ def answer_spans(tokens_MxL, mask_MxL, marker_ids: Sequence[int], span_len: int,
   is_stop = jnp.zeros((m, l), bool)
   for s in stop_ids:
     is_stop |= tokens_MxL == s
+  if stop_mask_MxL is not None:
+    is_stop |= jnp.asarray(stop_mask_MxL, bool)
   pos_L = jnp.arange(l)
   if marker_ids:
     n = len(marker_ids)

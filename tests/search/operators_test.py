@@ -110,6 +110,13 @@ def test_answer_spans_marker_and_last_step():
   none, found = operators.answer_spans(toks, mask, (99,), 2, pad_id=pad, stop_ids=(eos, step))
   assert not bool(found.any())
   np.testing.assert_array_equal(none, jnp.full((2, 2), pad))
+  # A BPE delimiter has no id of its own: token 50 ends a step only by the stop mask.
+  bpe = jnp.array([[10, 50, 40, 41, 7, eos, pad, pad]])
+  span, _ = operators.answer_spans(bpe, bpe != pad, (), 4, pad_id=pad, stop_ids=(eos, step))
+  np.testing.assert_array_equal(span, [[10, 50, 40, 41]])  # without it: the whole trace
+  span, _ = operators.answer_spans(bpe, bpe != pad, (), 4, pad_id=pad, stop_ids=(eos, step),
+                                   stop_mask_MxL=bpe == 50)
+  np.testing.assert_array_equal(span, [[40, 41, 7, pad]])
 
 
 def test_majority_vote_counts_and_weights():
