@@ -20,11 +20,14 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rlm_jax import sharding
 
 _NEG_INF = -1e30
+DECODE_PHASES = 4  # cache sizes a decode grows through (`decode_spans`)
+MIN_PHASE_SLOTS = 32  # shorter phases save less attention than their extra compile costs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,17 @@ class KVCache(NamedTuple):
   def size(self) -> int:
     return self.valid_BxT.shape[1]
 
+  def resize(self, size: int) -> 'KVCache':
+    """The same cache with `size` slots: empty slots appended, or the last ones dropped."""
+    if size == self.size:
+      return self
+    if size < self.size:
+      return KVCache(tuple(k[..., :size] for k in self.k), tuple(v[:, :, :size] for v in self.v),
+                     self.valid_BxT[:, :size])
+    pad = size - self.size
+    grow = lambda x, axis: jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
+    return KVCache(tuple(grow(k, 3) for k in self.k), tuple(grow(v, 2) for v in self.v), grow(self.valid_BxT, 1))
+
 
 class ModelOutput(NamedTuple):
   logits_BxLxV: jax.Array | None
@@ -159,6 +173,47 @@ def apply_rope(x_BxLxHxD: jax.Array, positions_BxL: jax.Array, theta: float,
   return out.astype(x_BxLxHxD.dtype)
 
 
+def decode_spans(prompt_len: int, max_new_tokens: int, n_phases: int = DECODE_PHASES) -> tuple[int, ...]:
+  """Cache sizes of a decode split into phases over a growing cache.
+
+  Decode step i writes slot prompt_len + i; the phase with cache size n runs the steps with
+  prompt_len + i < n, then the cache grows (`KVCache.resize`) to the next size. A step thus
+  attends over the slots up to the next boundary instead of all prompt_len + max_new_tokens,
+  with the same outputs (later slots are never visible). Sizes go in equal steps up to the
+  total, rounded up to multiples of 8: `n_phases` of them, fewer where a phase would be
+  shorter than MIN_PHASE_SLOTS; sizes that hold no decode step are dropped. Each phase is
+  one more `while_loop` body to compile, and growing the cache copies it once.
+  """
+  total = prompt_len + max_new_tokens
+  n_phases = max(1, min(n_phases, total // MIN_PHASE_SLOTS))
+  sizes = set()
+  for k in range(1, n_phases + 1):
+    n = -(-total * k // n_phases)  # ceil(total * k / n_phases)
+    sizes.add(min(total, -(-n // 8) * 8))
+  return tuple(sorted(n for n in sizes if n > prompt_len or n == total))
+
+
+def _attend(q_BxJxRxLxD, k_BxJxDxT, v_BxJxTxD, visible_BxLxT, n_keys: int | None = None):
+  """softmax(q·k / sqrt(Dh)) · v over the visible keys among the first `n_keys` slots.
+
+  Returns:
+    [B, J, R, L, Dh] in the compute dtype of q.
+  """
+  if n_keys is not None:
+    k_BxJxDxT, v_BxJxTxD, visible_BxLxT = k_BxJxDxT[..., :n_keys], v_BxJxTxD[:, :, :n_keys], visible_BxLxT[..., :n_keys]
+  dt, dh, l = q_BxJxRxLxD.dtype, q_BxJxRxLxD.shape[-1], q_BxJxRxLxD.shape[-2]
+  if l == 1:  # decode: broadcast-multiply-sum reads the cache in place (no per-step transposes)
+    scores = jnp.sum(q_BxJxRxLxD[..., None] * k_BxJxDxT[:, :, None, None], axis=-2, dtype=jnp.float32)
+  else:
+    scores = jnp.einsum('bkgld,bkdt->bkglt', q_BxJxRxLxD, k_BxJxDxT).astype(jnp.float32)
+  scores = scores * (dh**-0.5)
+  scores = jnp.where(visible_BxLxT[:, None, None, :, :], scores, _NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  if l == 1:
+    return jnp.sum(probs[..., None] * v_BxJxTxD[:, :, None, None], axis=-2, dtype=dt)
+  return jnp.einsum('bkglt,bkth->bkglh', probs, v_BxJxTxD)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -173,7 +228,9 @@ class Attention(nnx.Module):
       self.bk = _zeros((kv, dh), ('kv_heads', 'head_dim'), cfg)
       self.bv = _zeros((kv, dh), ('kv_heads', 'head_dim'), cfg)
 
-  def __call__(self, x_BxLxD, positions_BxL, visible_BxLxT, kv_cache, cache_index, rope=None):
+  def __call__(self, x_BxLxD, positions_BxL, visible_BxLxT, kv_cache, cache_index, rope=None, *,
+               n_keys=None):
+    """`n_keys` (static): attend over the first n_keys key slots only (None: all of them)."""
     cfg = self.cfg
     dt = cfg.compute_dtype
     q = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wq[...].astype(dt))
@@ -193,20 +250,9 @@ class Attention(nnx.Module):
     else:
       new_kv = None
     b, l, h, dh = q.shape
-    groups = h // cfg.n_kv_heads
-    q_BxJxRxLxD = q.reshape(b, l, cfg.n_kv_heads, groups, dh).transpose(0, 2, 3, 1, 4)
+    q_BxJxRxLxD = q.reshape(b, l, cfg.n_kv_heads, h // cfg.n_kv_heads, dh).transpose(0, 2, 3, 1, 4)
     k_BxJxDxT, v_BxJxTxD = k_BxJxDxT.astype(dt), v_BxJxTxD.astype(dt)
-    if l == 1:  # decode: broadcast-multiply-sum reads the cache in place (no per-step transposes)
-      scores = jnp.sum(q_BxJxRxLxD[..., None] * k_BxJxDxT[:, :, None, None], axis=-2, dtype=jnp.float32)
-    else:
-      scores = jnp.einsum('bkgld,bkdt->bkglt', q_BxJxRxLxD, k_BxJxDxT).astype(jnp.float32)
-    scores = scores * (dh**-0.5)
-    scores = jnp.where(visible_BxLxT[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    if l == 1:
-      out = jnp.sum(probs[..., None] * v_BxJxTxD[:, :, None, None], axis=-2, dtype=dt)
-    else:
-      out = jnp.einsum('bkglt,bkth->bkglh', probs, v_BxJxTxD)
+    out = _attend(q_BxJxRxLxD, k_BxJxDxT, v_BxJxTxD, visible_BxLxT, n_keys)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
     out = jnp.einsum('blhk,hkd->bld', out, self.wo[...].astype(dt))
     return out, new_kv
@@ -236,8 +282,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, visible, kv_cache, cache_index, rope=None):
-    h, new_kv = self.attn(self.attn_norm(x), positions, visible, kv_cache, cache_index, rope)
+  def __call__(self, x, positions, visible, kv_cache, cache_index, rope=None, *, n_keys=None):
+    h, new_kv = self.attn(self.attn_norm(x), positions, visible, kv_cache, cache_index, rope, n_keys=n_keys)
     x = x + h
     x = x + self.mlp(self.mlp_norm(x))
     return sharding.constrain(x, ('batch', 'length', 'embed')), new_kv
@@ -323,6 +369,13 @@ class Transformer(nnx.Module):
       valid_BxT = jax.lax.dynamic_update_slice_in_dim(cache.valid_BxT, mask_BxL, cache_index, axis=1)
       slots_k = jnp.arange(cache.size)
     visible_BxLxT = valid_BxT[:, None, :] & (slots_k[None, None, :] <= slots_q[None, :, None])
+    n_keys = None
+    if cache is not None and isinstance(cache_index, (int, np.integer)) and cache_index + l < cache.size:
+      # Slots from cache_index + L on are never visible: with a static index (a prefill)
+      # attention skips them. A traced index (a decode step) reads all T slots; the sampler
+      # keeps T short by growing the cache in phases (`decode_spans`). Choosing a static
+      # prefix per step with lax.switch measured slower on CPU: the slice is copied.
+      n_keys = int(cache_index) + l
 
     x = self.embed[...].astype(cfg.compute_dtype)[tokens_BxL]
     x = sharding.constrain(x, ('batch', 'length', 'embed'))
@@ -330,7 +383,7 @@ class Transformer(nnx.Module):
     rope = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)  # once, not once per layer
     for i, block in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, new_kv = _call_block(block, cfg.remat, x, positions_BxL, visible_BxLxT, kv, cache_index, rope)
+      x, new_kv = _call_block(block, cfg.remat, n_keys, x, positions_BxL, visible_BxLxT, kv, cache_index, rope)
       if new_kv is not None:
         new_k.append(new_kv[0])
         new_v.append(new_kv[1])
@@ -357,12 +410,13 @@ class Transformer(nnx.Module):
     return sharding.constrain(logits_BxLxV, ('batch', 'length', 'vocab'))
 
 
-def _call_block(block: Block, remat: str, *args):
+def _call_block(block: Block, remat: str, n_keys: int | None, *args):
   if remat == 'none':
-    return block(*args)
+    return block(*args, n_keys=n_keys)
   # 'full' saves only the block inputs; 'dots' also keeps matmul outputs (less recompute).
   policy = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[remat]
-  return nnx.remat(lambda blk, *a: blk(*a), policy=policy)(block, *args)
+  # The static n_keys stays out of the traced arguments.
+  return nnx.remat(lambda blk, *a: blk(*a, n_keys=n_keys), policy=policy)(block, *args)
 
 
 def count_params(state) -> int:
