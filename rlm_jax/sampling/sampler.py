@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlm_jax.data.steps import StepEnds
-from rlm_jax.models.transformer import KVCache, positions_from_mask
+from rlm_jax.models.transformer import KVCache, decode_spans, positions_from_mask
 
 
 class StopReason:
@@ -154,7 +154,8 @@ def generate(
   prompt_mask_BxLp = prompt_mask_BxLp.astype(bool)
   prompt_len_B = prompt_mask_BxLp.sum(axis=1).astype(jnp.int32)
 
-  cache = KVCache.zeros(model.cfg, b, lp + t_max)
+  sizes = decode_spans(lp, t_max)  # the cache grows through these sizes as the decode fills it
+  cache = KVCache.zeros(model.cfg, b, sizes[0])
   # The prefill needs the next-token logits of the last prompt slot only: no [B, Lp, V] head.
   out = model(prompt_BxLp, positions_from_mask(prompt_mask_BxLp), prompt_mask_BxLp, cache=cache, cache_index=0,
               logits='last')
@@ -224,7 +225,10 @@ def generate(
       lengths_B=jnp.zeros((b,), jnp.int32),
       reason_B=jnp.where(empty_B, StopReason.EMPTY, StopReason.LENGTH).astype(jnp.int32),
   )
-  final = jax.lax.while_loop(cond, body, init)
+  final = init
+  for size in sizes:  # one loop per cache size: a step attends over `size` slots, not lp + t_max
+    fits = lambda c, size=size: cond(c) & (lp + c.i < size)
+    final = jax.lax.while_loop(fits, body, final._replace(cache=final.cache.resize(size)))
   return SampleOutput(final.tokens_BxT, final.logprobs_BxT, final.lengths_B, final.reason_B)
 
 
