@@ -63,6 +63,31 @@ def train_from(run: str, config: str, seed: int, algo: str, overrides=()) -> dic
   return train(config, seed, out, *overrides, f'--config.rl.algo={algo}')
 
 
+def search_rows(run: str, seed: int, problems: int) -> list[dict]:
+  """Every strategy at every budget on `run`'s held-out problems, cached in
+  `<run>/blueprint_rows.json` (the searches of one seed take longer than its training): a
+  cache written for the same number of problems is reused, and only the (strategy, budget)
+  pairs it lacks are searched."""
+  path = os.path.join(run, 'blueprint_rows.json')
+  cached = []
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get('problems') == problems:
+      cached = saved['rows']
+  have = {(r['strategy'], r['budget']) for r in cached}
+  todo = {k: tuple(b for b in v if (k, b) not in have) for k, v in BUDGETS.items()}
+  todo = {k: v for k, v in todo.items() if v}
+  if todo:
+    got = analysis.collect(run, phases=['sft'], budgets=todo, verifier=False, num_problems=problems,
+                           num_trees=0, seed=seed)
+    cached = cached + [dict(r, seed=seed) for r in got.rows]
+    with open(path + '.tmp', 'w') as f:
+      json.dump({'problems': problems, 'rows': cached}, f, indent=1)
+    os.replace(path + '.tmp', path)
+  return [r for r in cached if r['budget'] in BUDGETS.get(r['strategy'], ())]
+
+
 def summarise(rows: list[dict]) -> list[dict]:
   """Mean and range over seeds per (strategy, budget); tokens as a multiple of greedy's."""
   out = []
@@ -107,8 +132,9 @@ def table(summary: list[dict], trained: dict, seeds) -> str:
   lines = [f'Held-out accuracy, mean [min-max] over seeds {",".join(map(str, seeds))}:', '',
            '| strategy | budget | policy tokens (x greedy) | accuracy |', '|---|---|---|---|']
   for s in summary:
+    fewer = f" ({s['seeds']} seeds)" if s['seeds'] < len(seeds) else ''
     lines.append(f"| {LABELS[s['strategy']]} | {s['budget']} | {s['tokens_x']:.1f} | "
-                 f"{s['accuracy']:.3f} [{s['min']:.3f}-{s['max']:.3f}] |")
+                 f"{s['accuracy']:.3f} [{s['min']:.3f}-{s['max']:.3f}]{fewer} |")
   for algo, accs in trained.items():
     a = np.array(accs)
     lines.append(f'| {algo} policy, greedy | 1 | - | {a.mean():.3f} [{a.min():.3f}-{a.max():.3f}] |')
@@ -153,9 +179,7 @@ def main(argv=None):
   for seed in seeds:
     run = os.path.join(os.path.abspath(args.workdir), f'seed{seed}')
     train(args.config, seed, run, *overrides)
-    got = analysis.collect(run, phases=['sft'], budgets=BUDGETS, verifier=False, num_problems=args.problems,
-                           num_trees=0, seed=seed)
-    rows += [dict(r, seed=seed) for r in got.rows]
+    rows += search_rows(run, seed, args.problems)
     for algo in trained:
       trained[algo].append(train_from(run, args.config, seed, algo, overrides)['rl']['greedy/accuracy'])
   summary = summarise(rows)
