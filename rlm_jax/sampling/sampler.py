@@ -3,8 +3,10 @@
 Prompts come left-padded (`prompt_mask_BxLp` marks real tokens), so every row's last prompt
 token sits in the last prompt slot and all rows decode in lock step. The cache lives inside
 the compiled program as loop carry, so XLA updates it in place; nothing returns to the host
-until the loop ends. A row stops on EOS, on the step delimiter (when `stop_at_step`), or after
-`max_new_tokens`; the loop exits early once every row has stopped. `num_samples` draws
+until the loop ends. The decode is one loop per cache size of `decode_spans`: the cache grows
+as it fills, so a step attends over the slots up to the next size, not the whole cache. A row
+stops on EOS, on the step delimiter (when `stop_at_step`), or after `max_new_tokens`; the
+loops exit early once every row has stopped. `num_samples` draws
 several completions per prompt from one prefill (shared prefix).
 
 `generate` is traceable (use it inside larger jitted programs: GRPO iterations, MCTS);
