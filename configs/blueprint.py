@@ -12,9 +12,10 @@ search and PRM-guided MCTS at several budgets, and (with --trained) trains outco
 process-supervised GRPO and the AlphaZero-style loop from the same SFT and PRM checkpoints.
 
 Hardware: the 2-core CPU of this project; per seed ~10 min of training and ~15 min of search
-at load ~5. Measured (seeds 0, 1; README "Value-guided search"): SFT greedy 0.600 / 0.660, PRM
-step AUROC 0.706 / 0.689; PRM-guided MCTS 0.578 at 5x greedy's tokens, below greedy: the
-targets of the claim are not met with this PRM.
+at load ~5. Measured (seeds 0, 1, 2; README "Value-guided search"): SFT greedy 0.608
+[0.565-0.660]; PRM-guided MCTS at best 0.557 at 5.2x greedy's tokens, below greedy and below
+self-consistency: the targets of the claim are not met with this PRM (step AUROC 0.71 on
+held-out solver-labelled traces, and it does not rank the policy's own solutions).
 """
 import ml_collections
 
