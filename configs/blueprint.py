@@ -32,7 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.value.optim.update(learning_rate=1e-3, warmup_steps=10, decay_steps=290, b2=0.98)
   c.rl.update(algo='none', iterations=100)
   c.rl.process_grpo.update(max_steps=8, outcome_weight=1.0)
-  c.rl.alphazero.update(step_tokens=12, buffer_size=512, distill_steps=2, distill_batch=32, value_steps=8,
+  # Expert iteration keeps a row per tree node (visit-share targets): a buffer of a few rounds.
+  c.rl.alphazero.update(step_tokens=12, buffer_size=4096, distill_steps=2, distill_batch=32, value_steps=8,
                         value_batch=32)
   c.rl.alphazero.mcts.update(num_simulations=8, num_children=4, num_walkers=2, max_depth=5)
   c.eval.update(size=200, batch_size=200, strategies=('greedy', 'prm_best_of_n', 'prm_beam'), num_samples=8,
