@@ -51,3 +51,37 @@ def split_bpe(tmp_path_factory):
 @pytest.fixture(scope='session')
 def merge_bpe(tmp_path_factory):
   return make_bpe(tmp_path_factory.mktemp('merge_bpe'), merge=True)
+
+
+# A fixed search tree for target / export tests (search/export and training/alphazero).
+_PAD = 0
+
+
+@pytest.fixture
+def hand_tree():
+  """Two trees of 7 slots: root 0 -> {1, 2}; 2 -> {3, 4 (terminal)}; 3 -> {5 (terminal)}.
+  Visits 6, 1, 4, 2, 1, 1 (visits = 1 + children's). Tree 0 solves at node 5 (+1) and fails at
+  node 4 (-1); in tree 1 both terminals fail."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from rlm_jax.search import tree as tree_lib  # pylint: disable=g-import-not-at-top
+  prompt = jnp.array([[_PAD, 7, 8], [_PAD, 7, 9]])
+  t = tree_lib.empty(prompt, prompt != _PAD, jnp.array([0, 1]), num_nodes=7, step_len=3, pad_id=_PAD,
+                     root_value_B=jnp.array([0.5, -0.5]))
+  steps = np.zeros((2, 7, 3), np.int32)
+  lens = np.zeros((2, 7), np.int32)
+  for node, toks in {1: [11, 3], 2: [21, 22, 3], 3: [31, 3], 4: [41, 2], 5: [51, 2]}.items():
+    steps[:, node, 3 - len(toks):] = toks
+    lens[:, node] = len(toks)
+  two = lambda x, y=None: jnp.asarray(np.array([x, x if y is None else y]))
+  nan = np.nan
+  return t.replace(
+      parent_BxN=two([-1, 0, 0, 2, 2, 3, -1]), depth_BxN=two([0, 1, 1, 2, 2, 3, 0]),
+      visits_BxN=two([6, 1, 4, 2, 1, 1, 0]), first_child_BxN=two([1, -1, 3, 5, -1, -1, -1]),
+      num_children_BxN=two([2, 0, 2, 1, 0, 0, 0]),
+      terminal_BxN=two([False, False, False, False, True, True, False]),
+      q_BxN=two([0.5, -0.2, 0.6, 0.8, -1.0, 1.0, 0.0], [-0.5, -0.2, -0.9, -0.96, -1.0, -1.0, 0.0]
+                ).astype(jnp.float32),
+      reward_BxN=two([nan, nan, nan, nan, -1.0, 1.0, nan], [nan, nan, nan, nan, -1.0, -1.0, nan]
+                     ).astype(jnp.float32),
+      step_tokens_BxNxL=jnp.asarray(steps), step_len_BxN=jnp.asarray(lens), num_nodes_B=jnp.array([6, 6]))

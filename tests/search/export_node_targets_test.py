@@ -12,7 +12,6 @@ from rlm_jax.search import export
 from rlm_jax.search import tree as tree_lib
 
 PAD = 0
-NAN = np.nan
 # Jitted once per static setting: eager dispatch of the scatter ops is slower than a compile.
 shares = jax.jit(export.sibling_shares, static_argnums=(1, 2, 3))
 mc_values = jax.jit(export.mc_values, static_argnums=(1, 2))
@@ -20,33 +19,8 @@ node_targets = jax.jit(export.node_targets, static_argnums=(1, 2),
                        static_argnames=('kind', 'temperature', 'min_visits', 'min_parent_visits'))
 
 
-def hand_tree():
-  """Two trees of 7 slots: root 0 -> {1, 2}; 2 -> {3, 4 (terminal)}; 3 -> {5 (terminal)}.
-  Visits 6, 1, 4, 2, 1, 1 (visits = 1 + children's). Tree 0 solves at node 5 (+1) and fails at
-  node 4 (-1); in tree 1 both terminals fail."""
-  prompt = jnp.array([[PAD, 7, 8], [PAD, 7, 9]])
-  t = tree_lib.empty(prompt, prompt != PAD, jnp.array([0, 1]), num_nodes=7, step_len=3, pad_id=PAD,
-                     root_value_B=jnp.array([0.5, -0.5]))
-  steps = np.zeros((2, 7, 3), np.int32)
-  lens = np.zeros((2, 7), np.int32)
-  for node, toks in {1: [11, 3], 2: [21, 22, 3], 3: [31, 3], 4: [41, 2], 5: [51, 2]}.items():
-    steps[:, node, 3 - len(toks):] = toks
-    lens[:, node] = len(toks)
-  two = lambda x, y=None: jnp.asarray(np.array([x, x if y is None else y]))
-  return t.replace(
-      parent_BxN=two([-1, 0, 0, 2, 2, 3, -1]), depth_BxN=two([0, 1, 1, 2, 2, 3, 0]),
-      visits_BxN=two([6, 1, 4, 2, 1, 1, 0]), first_child_BxN=two([1, -1, 3, 5, -1, -1, -1]),
-      num_children_BxN=two([2, 0, 2, 1, 0, 0, 0]),
-      terminal_BxN=two([False, False, False, False, True, True, False]),
-      q_BxN=two([0.5, -0.2, 0.6, 0.8, -1.0, 1.0, 0.0], [-0.5, -0.2, -0.9, -0.96, -1.0, -1.0, 0.0]
-                ).astype(jnp.float32),
-      reward_BxN=two([NAN, NAN, NAN, NAN, -1.0, 1.0, NAN], [NAN, NAN, NAN, NAN, -1.0, -1.0, NAN]
-                     ).astype(jnp.float32),
-      step_tokens_BxNxL=jnp.asarray(steps), step_len_BxN=jnp.asarray(lens), num_nodes_B=jnp.array([6, 6]))
-
-
-def test_policy_targets_are_the_visit_shares_of_siblings():
-  tree = hand_tree()
+def test_policy_targets_are_the_visit_shares_of_siblings(hand_tree):
+  tree = hand_tree
   assert tree_lib.invariant_errors(tree) == []
   w = shares(tree, 'visits', 1.0, 1)
   # root's children 1, 2: visits 1, 4 of 5; node 2's children 3, 4: visits 2, 1 of 3; node 5 alone.
@@ -57,8 +31,8 @@ def test_policy_targets_are_the_visit_shares_of_siblings():
   np.testing.assert_allclose(w3[0], [0.0, 0.2, 0.8, 2 / 3, 1 / 3, 0.0, 0.0], rtol=1e-6)
 
 
-def test_q_softmax_targets():
-  tree = hand_tree()
+def test_q_softmax_targets(hand_tree):
+  tree = hand_tree
   w = shares(tree, 'q_softmax', 0.5, 1)
   # softmax(q / 0.5) over siblings: root's children q -0.2, 0.6; node 2's 0.8, -1.0.
   e = np.exp
@@ -70,8 +44,8 @@ def test_q_softmax_targets():
     export.sibling_shares(tree, 'prior')
 
 
-def test_mc_values_are_discounted_means_of_verified_outcomes():
-  tree = hand_tree()
+def test_mc_values_are_discounted_means_of_verified_outcomes(hand_tree):
+  tree = hand_tree
   g = 0.96
   v, has, solved = mc_values(tree, g, 3)
   # Node 3 (depth 2) sees node 5 (depth 3, +1) one step below: V = +1. Node 2 (depth 1) sees
@@ -88,8 +62,8 @@ def test_mc_values_are_discounted_means_of_verified_outcomes():
   np.testing.assert_allclose(v2[0, 2], (3 * -1 + 1) / 4, rtol=1e-6)
 
 
-def test_node_targets_exclude_nodes_under_min_visits():
-  tree = hand_tree()
+def test_node_targets_exclude_nodes_under_min_visits(hand_tree):
+  tree = hand_tree
   tg = node_targets(tree, 1.0, 3, min_visits=3)
   # Node 3 (2 visits) is dropped; node 2 (4 visits) and the verified terminals stay; the root,
   # node 1 (no terminal below) and the unused slot have no value target.

@@ -72,33 +72,8 @@ def test_sampling_draws_only_eligible_rows_uniformly():
   assert counts[[0, 2, 4]].sum() == 0 and abs(counts[3] - 3000) < 100  # binomial(4000, 3/4): sd ~27
 
 
-def _hand_tree():
-  """Two trees: root 0 -> {1, 2}; 2 -> {3, 4 (terminal)}; 3 -> {5 (terminal)}.
-  Tree 0 solves at node 5 (reward +1); in tree 1 both terminals are wrong (reward -1)."""
-  prompt = jnp.array([[PAD, 7, 8], [PAD, 7, 9]])
-  t = tree_lib.empty(prompt, prompt != PAD, jnp.array([0, 1]), num_nodes=7, step_len=3, pad_id=PAD,
-                     root_value_B=jnp.array([0.5, -0.5]))
-  steps = np.zeros((2, 7, 3), np.int32)
-  lens = np.zeros((2, 7), np.int32)
-  for node, toks in {1: [11, 3], 2: [21, 22, 3], 3: [31, 3], 4: [41, 2], 5: [51, 2]}.items():
-    steps[:, node, 3 - len(toks):] = toks
-    lens[:, node] = len(toks)
-  two = lambda x, y=None: jnp.asarray(np.array([x, x if y is None else y]))
-  nan = np.nan
-  return t.replace(
-      parent_BxN=two([-1, 0, 0, 2, 2, 3, -1]), depth_BxN=two([0, 1, 1, 2, 2, 3, 0]),
-      visits_BxN=two([6, 1, 4, 2, 1, 1, 0]), first_child_BxN=two([1, -1, 3, 5, -1, -1, -1]),
-      num_children_BxN=two([2, 0, 2, 1, 0, 0, 0]),
-      terminal_BxN=two([False, False, False, False, True, True, False]),
-      q_BxN=two([0.5, -0.2, 0.6, 0.8, -1.0, 1.0, 0.0], [-0.5, -0.2, -0.9, -0.96, -1.0, -1.0, 0.0]
-                ).astype(jnp.float32),
-      reward_BxN=two([nan, nan, nan, nan, -1.0, 1.0, nan], [nan, nan, nan, nan, -1.0, -1.0, nan]
-                     ).astype(jnp.float32),
-      step_tokens_BxNxL=jnp.asarray(steps), step_len_BxN=jnp.asarray(lens), num_nodes_B=jnp.array([6, 6]))
-
-
-def test_q_targets_from_a_hand_built_tree():
-  tree = _hand_tree()
+def test_q_targets_from_a_hand_built_tree(hand_tree):
+  tree = hand_tree
   leaf = jax.jit(az.training_leaf, static_argnums=1)(tree, MCTSConfig(num_children=2, max_depth=3,
                                                                      answer='most_visited'))
   # The best terminal, whatever `answer` says: node 5 in tree 0; in tree 1 the first of the two
@@ -144,8 +119,8 @@ def _hand_setup(**kw):
   return az.make_setup(cfg, lm.TokenIds(PAD, 2, 3), prompt_len=3, completion_len=9, value_mode='mse')
 
 
-def test_node_rows_carry_visit_shares_and_monte_carlo_values():
-  tree = _hand_tree()
+def test_node_rows_carry_visit_shares_and_monte_carlo_values(hand_tree):
+  tree = hand_tree
   rows = jax.device_get(TREE_ROWS(tree, _hand_setup(min_visits=2)))
   # Node-major: row 2 (c - 1) + b is node c of tree b; 6 slots give 2 x 6 rows.
   assert rows['tokens'].shape == (12, 12)
