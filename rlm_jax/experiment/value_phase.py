@@ -70,6 +70,11 @@ def value_data(exp, graphdef, policy_params) -> dict[str, np.ndarray]:
     scfg = SamplingConfig(max_new_tokens=cfg.task.completion_len, eos_id=tok.eos_id, pad_id=tok.pad_id,
                           step_id=tok.step_id, temperature=v.temperature)
     m, ends = v.samples_per_task, StepEnds.of(tok)
+    missing = [int(i) for i in idx if not exp.train.tasks[i].get('steps')]
+    if missing:
+      from rlm_jax.configlib import ConfigError  # pylint: disable=g-import-not-at-top
+      raise ConfigError(f'value.labels=policy: training problem {missing[0]} has no solver steps to compare '
+                        f'samples with ({len(missing)} of {len(idx)} lack them); use value.labels=mc')
     for c, real, batch in label_chunks(exp, idx):
       out = sample(graphdef, policy_params, batch['prompt'], batch['prompt_mask'], jax.random.fold_in(key, c), scfg,
                    num_samples=m)
