@@ -16,34 +16,17 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from rlm_jax.data.steps import StepEnds
 from rlm_jax.experiment import models as models_lib
 from rlm_jax.experiment import runner
 from rlm_jax.experiment import value_phase
-from rlm_jax.training import labels as labels_lib
-from rlm_jax.training import value as value_lib
 
 
 def level_table(exp, value, max_problems: int = 256) -> list[tuple[int, int, float, float]]:
   """(level, traces, mean P(correct) of right traces, of corrupted traces) per level."""
-  cfg, tok = exp.cfg, exp.tok
-  tasks = [t for t in exp.held.tasks if t.get('steps')][:max_problems]
-  records = labels_lib.solver_labels(tasks, cfg.seed + 1, 1)  # the traces prm_quality scores
-  enc = labels_lib.encode_step_labels(tok, records, cfg.task.prompt_len + cfg.task.completion_len,
-                                      cfg.value.max_steps)
-  rows = value_lib.prm_batch(enc['tokens'], enc['mask'], enc['completion_start'], enc['step_labels'],
-                             enc['step_valid'], StepEnds.of(tok), tok.eos_id)
-  vgd, vparams = value
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  head = nnx.merge(vgd, vparams).cfg.value_head
-  predict = jax.jit(lambda p, t, m: value_lib.prob_correct(value_lib.predict(vgd, p, t, m), head))
-  p_NxL = np.concatenate([np.asarray(predict(vparams, jnp.asarray(rows['tokens'][lo:lo + 64]),
-                                             jnp.asarray(rows['mask'][lo:lo + 64])))
-                          for lo in range(0, len(records), 64)])
+  records, p_NxL, rows = value_phase.held_out_predictions(exp, value, max_problems)
+  tasks = [t for t in exp.held.tasks if t.get('steps')][:max_problems]  # what record['task'] indexes
   tmask_NxL = np.asarray(rows['target_mask']) > 0
   trace_p = np.array([p_NxL[i][tmask_NxL[i]].mean() if tmask_NxL[i].any() else np.nan for i in range(len(records))])
   level = np.array([tasks[r['task']].get('level', 0) for r in records])

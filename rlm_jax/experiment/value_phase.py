@@ -145,10 +145,29 @@ def prm_quality(exp, value, max_problems: int = 256) -> dict:
     solution steps (e.g. answer-only datasets).
   """
   from rlm_jax.training import prm_metrics  # pylint: disable=g-import-not-at-top
+  held = held_out_predictions(exp, value, max_problems)
+  if held is None:
+    return {}
+  records, p_NxL, rows = held
+  problem_NxL = np.broadcast_to(np.asarray([r['task'] for r in records])[:, None], p_NxL.shape)
+  m = prm_metrics.step_metrics(p_NxL, np.asarray(rows['targets']), np.asarray(rows['target_mask']) > 0,
+                               scale='prob', groups=problem_NxL)
+  return {f'prm/{k}': v for k, v in m.items()}
+
+
+def held_out_predictions(exp, value, max_problems: int = 256):
+  """The value model's P(correct) on the solver-labelled held-out traces of `prm_quality`.
+
+  Returns:
+    (records of `labels.solver_labels` over the first `max_problems` held-out problems with
+    steps (record['task'] indexes those problems), p_NxL float P(correct) per position, the
+    `value.prm_batch` rows (targets / target_mask mark the labelled steps)); None when no
+    held-out problem has solution steps.
+  """
   cfg, v, tok = exp.cfg, exp.cfg.value, exp.tok
   tasks = [t for t in exp.held.tasks if t.get('steps')][:max_problems]
   if not tasks:
-    return {}
+    return None
   records = labels_lib.solver_labels(tasks, cfg.seed + 1, 1)
   enc = labels_lib.encode_step_labels(tok, records, cfg.task.prompt_len + cfg.task.completion_len, v.max_steps)
   rows = value_lib.prm_batch(enc['tokens'], enc['mask'], enc['completion_start'], enc['step_labels'],
@@ -165,7 +184,4 @@ def prm_quality(exp, value, max_problems: int = 256) -> dict:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   head = nnx.merge(vgd, vparams).cfg.value_head
   p_NxL = np.asarray(value_lib.prob_correct(jnp.asarray(values_NxL), head))
-  problem_NxL = np.broadcast_to(np.asarray([r['task'] for r in records])[:, None], p_NxL.shape)
-  m = prm_metrics.step_metrics(p_NxL, np.asarray(rows['targets']), np.asarray(rows['target_mask']) > 0,
-                               scale='prob', groups=problem_NxL)
-  return {f'prm/{k}': v for k, v in m.items()}
+  return records, p_NxL, rows
