@@ -153,6 +153,9 @@ def generate(
   t_max = cfg.max_new_tokens
   if step_table_V is not None and step_table_V.shape != (model.cfg.vocab_size,):
     raise ValueError(f'step_table_V has shape {step_table_V.shape}, expected ({model.cfg.vocab_size},)')
+  if step_table_V is not None:  # one id table: the StepEnds of a delimiter that never splits
+    none_KxV = jnp.zeros((0, model.cfg.vocab_size), bool)
+    step_ends = StepEnds(jnp.asarray(step_table_V, bool), none_KxV, none_KxV, pad_id=cfg.pad_id)
   prompt_mask_BxLp = prompt_mask_BxLp.astype(bool)
   prompt_len_B = prompt_mask_BxLp.sum(axis=1).astype(jnp.int32)
 
@@ -190,17 +193,15 @@ def generate(
     logp_B = jnp.where(c.done_B, 0.0, logp_B)
     live_B = ~c.done_B
     is_eos_B = live_B & (tok_B == cfg.eos_id)
-    if step_ends is not None:
+    if step_ends is not None:  # (a step_table_V arrives here as a StepEnds without split tables)
       if step_ends.splits:  # a row's previous token in this step (none at the first new token)
         prev_B = jax.lax.dynamic_index_in_dim(c.tokens_BxT, jnp.maximum(c.i - 1, 0), 1, keepdims=False)
         prev_B = jnp.where(c.i > 0, prev_B, step_ends.pad_id)
       else:
         prev_B = tok_B  # unused: every end is one token
       is_step_B = live_B & step_ends.is_end(prev_B, tok_B) & cfg.stop_at_step
-    elif step_table_V is None:
-      is_step_B = live_B & (tok_B == cfg.step_id) & cfg.stop_at_step
     else:
-      is_step_B = live_B & step_table_V.astype(bool)[tok_B] & cfg.stop_at_step
+      is_step_B = live_B & (tok_B == cfg.step_id) & cfg.stop_at_step
     reason_B = jnp.where(is_eos_B, StopReason.EOS, jnp.where(is_step_B, StopReason.STEP, c.reason_B))
     positions_Bx1 = (prompt_len_B + c.i)[:, None]
     step_out = model(
