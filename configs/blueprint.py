@@ -38,7 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.rl.alphazero.mcts.update(num_simulations=8, num_children=4, num_walkers=2, max_depth=5)
   c.eval.update(size=200, batch_size=200, strategies=('greedy', 'prm_best_of_n', 'prm_beam'), num_samples=8,
                 temperature=0.7, step_tokens=12, max_depth=5)
-  if arg == 'smoke':  # seconds: every piece runs, nothing is learnt
+  if arg == 'countdown':  # a domain where checking a step is easier than choosing it
+    c.task.update(domain='countdown', levels=(3, 4, 5), prompt_len=32, completion_len=44, answer_len=24)
+    c.rl.update(reward_on='host')
+  elif arg == 'smoke':  # seconds: every piece runs, nothing is learnt
     c.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
     c.task.update(levels=(1,), train_size=32, rl_size=64, prompt_len=20, completion_len=24, answer_len=10)
     c.sft.update(steps=3, batch_size=8)
@@ -53,5 +56,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   max_depth=3, strategies=('greedy',))
     c.checkpoint.update(save_every=1)
   elif arg:
-    raise ValueError(f"configs/blueprint.py: unknown argument '{arg}' (allowed: 'smoke')")
+    raise ValueError(f"configs/blueprint.py: unknown argument '{arg}' (allowed: 'smoke', 'countdown')")
   return c

@@ -17,7 +17,7 @@ ones (pool sizes, lengths) run when the data is built, before any training step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import ml_collections
 
@@ -108,6 +108,10 @@ class SFTConfig:
                        f'sft.batch_size={self.batch_size}')
 
 
+LabelSource = Literal['solver', 'mc', 'mcts', 'policy']
+LABEL_SOURCES: tuple[str, ...] = get_args(LabelSource)
+
+
 @dataclasses.dataclass(frozen=True)
 class ValueConfig:
   """Phase-1 value / PRM training (its own checkpointed phase `value`, after policy SFT).
@@ -125,14 +129,18 @@ class ValueConfig:
     mcts    MCTS with the SFT policy and the verifier (the search knobs of rl.alphazero), the
             best path's per-step q-values;
     policy  `samples_per_task` traces per problem sampled from the SFT policy, a step right
-            while the trace follows the solver's (or when the answer is verified correct):
-            the policy's own mistakes as negatives (`labels.follow_labels`).
+            while the trace follows the solver's (or when the task's verifier accepts the
+            answer): the policy's own mistakes as negatives (`labels.follow_labels`).
+  Sources joined by '+' (e.g. 'solver+policy') pool their rows: the corruptions teach the
+  step checks, the policy's samples the mistakes it actually makes (a PRM trained on
+  corruptions alone can learn a cue the policy never shows, e.g. a final result that is not
+  Countdown's target).
   The label set is rebuilt deterministically from (seed, SFT checkpoint) when the phase
   (re)starts; `label_batch` problems go through one compiled labelling call.
   """
 
   enabled: bool
-  labels: Literal['solver', 'mc', 'mcts', 'policy']
+  labels: str  # a LABEL_SOURCES name, or several joined by '+'
   mode: Literal['mse', 'bce']
   init: Literal['policy', 'random']
   value_hidden: int  # value-head MLP width (0: d_model)
@@ -147,7 +155,16 @@ class ValueConfig:
   optim: OptimConfig
   samples_per_task: int = 4  # policy labels: traces sampled per problem (default: older runs)
 
+  @property
+  def label_sources(self) -> tuple[str, ...]:
+    return tuple(self.labels.split('+'))
+
   def __post_init__(self):
+    bad = [s for s in self.label_sources if s not in LABEL_SOURCES] or (
+        len(set(self.label_sources)) < len(self.label_sources) and [self.labels])
+    if bad:
+      raise ValueError(f"value.labels='{self.labels}': '{bad[0]}' is not a label source (allowed: "
+                       f"{', '.join(LABEL_SOURCES)}, or several joined by '+', each once)")
     for name in ('batch_size', 'num_traces', 'label_batch', 'max_steps', 'mc_rollouts', 'samples_per_task'):
       if getattr(self, name) < 1:
         raise ValueError(f'value.{name}={getattr(self, name)}: must be >= 1')
@@ -311,7 +328,7 @@ def check(cfg: ExperimentConfig) -> None:
     trainers = [n for n, a in algorithms.ALGORITHMS.items() if a.trains_value]
     raise ConfigError(f'eval.strategies {needs_value} need a value model: set value.enabled=True '
                       f'(phase-1 value training) or rl.algo to one of {trainers}')
-  if cfg.value.enabled and cfg.value.labels == 'mcts' and 'alphazero' not in dict(cfg.rl.sections):
+  if cfg.value.enabled and 'mcts' in cfg.value.label_sources and 'alphazero' not in dict(cfg.rl.sections):
     raise ConfigError("value.labels='mcts': the search knobs come from config.rl.alphazero, which is missing")
   if cfg.tokenizer.kind == 'hf' and not (cfg.tokenizer.path or cfg.hf_checkpoint):
     raise ConfigError("tokenizer.kind='hf': set tokenizer.path (or hf_checkpoint, whose folder it then uses)")

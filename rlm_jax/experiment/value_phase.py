@@ -15,12 +15,12 @@ import numpy as np
 
 from rlm_jax.data import encoding
 from rlm_jax.data.steps import StepEnds
+from rlm_jax.experiment import data as data_lib
 from rlm_jax.sampling.sampler import SamplingConfig, sample
 from rlm_jax.search import lm as search_lm
 from rlm_jax.training import alphazero as az_lib
 from rlm_jax.training import labels as labels_lib
 from rlm_jax.training import value as value_lib
-from rlm_jax.training.rewards import final_step_score
 
 KEYS = ('tokens', 'mask', 'targets', 'target_mask')
 
@@ -38,73 +38,101 @@ def label_chunks(exp, idx: np.ndarray):
 def value_data(exp, graphdef, policy_params) -> dict[str, np.ndarray]:
   """Step-labelled rows for value training (host numpy, `value.value_step` layout).
 
-  Deterministic in (seed, policy): the label source of `value.labels` over `value.num_traces`
-  training problems (see `experiment.config.ValueConfig`). `exp` is the `Experiment`.
+  Deterministic in (seed, policy): the label sources of `value.labels` over `value.num_traces`
+  training problems (see `experiment.config.ValueConfig`), their rows pooled in the order
+  named. `exp` is the `Experiment`.
   """
-  cfg, v, tok = exp.cfg, exp.cfg.value, exp.tok
+  cfg, v = exp.cfg, exp.cfg.value
   n = min(v.num_traces, len(exp.train.tasks))
   idx = np.sort(np.random.default_rng((cfg.seed, 6)).choice(len(exp.train.tasks), n, replace=False))
-  if v.labels == 'solver':
-    records = labels_lib.solver_labels([exp.train.tasks[i] for i in idx], cfg.seed, v.negatives_per_task)
-    enc = labels_lib.encode_step_labels(tok, records, cfg.task.prompt_len + cfg.task.completion_len, v.max_steps)
-    rows = value_lib.prm_batch(enc['tokens'], enc['mask'], enc['completion_start'], enc['step_labels'],
-                               enc['step_valid'], StepEnds.of(tok), tok.eos_id)
-    return {k: np.asarray(jax.device_get(rows[k])) for k in KEYS}
-  key = jax.random.key(cfg.seed + 17)
-  parts = []
-  if v.labels == 'mc':
-    scfg = SamplingConfig(max_new_tokens=cfg.task.completion_len, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                          step_id=tok.step_id, temperature=v.temperature)
-    setup = labels_lib.MCLabelSetup(num_rollouts=v.mc_rollouts, max_steps=v.max_steps, sampling=scfg,
-                                    step_id=tok.step_id, step_ends=StepEnds.of(tok))
-    for c, real, batch in label_chunks(exp, idx):
-      k_trace, k_roll = jax.random.split(jax.random.fold_in(key, c))
-      out = sample(graphdef, policy_params, batch['prompt'], batch['prompt_mask'], k_trace, scfg)
-      t = out.tokens_BxT.shape[1]
-      batch = dict(batch, completion=out.tokens_BxT,
-                   completion_mask=jnp.arange(t)[None] < out.lengths_B[:, None])
-      lab = labels_lib.mc_rollout_labels_jit(graphdef, policy_params, setup, batch, k_roll)
-      rows = labels_lib.trace_prm_batch(batch, lab['labels'], lab['valid'], StepEnds.of(tok), tok.eos_id)
-      parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in KEYS})
-  elif v.labels == 'policy':  # the SFT policy's own samples, checked against the solver's trace
-    scfg = SamplingConfig(max_new_tokens=cfg.task.completion_len, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                          step_id=tok.step_id, temperature=v.temperature)
-    m, ends = v.samples_per_task, StepEnds.of(tok)
-    missing = [int(i) for i in idx if not exp.train.tasks[i].get('steps')]
-    if missing:
-      from rlm_jax.configlib import ConfigError  # pylint: disable=g-import-not-at-top
-      raise ConfigError(f'value.labels=policy: training problem {missing[0]} has no solver steps to compare '
-                        f'samples with ({len(missing)} of {len(idx)} lack them); use value.labels=mc')
-    for c, real, batch in label_chunks(exp, idx):
-      out = sample(graphdef, policy_params, batch['prompt'], batch['prompt_mask'], jax.random.fold_in(key, c), scfg,
-                   num_samples=m)
-      t = out.tokens_BxT.shape[1]
-      rep = jax.tree.map(lambda x: jnp.repeat(x, m, axis=0), batch)
-      comp_mask = jnp.arange(t)[None] < out.lengths_B[:, None]
-      correct = final_step_score(out.tokens_BxT, out.lengths_B, out.stop_reason_B, rep['answer'],
-                                 rep['answer_len'], ends) == 2
-      rows_idx = idx[c * v.label_batch:c * v.label_batch + real]
-      reference = np.full((len(rows_idx), t), -1, np.int64)
-      for r, i in enumerate(rows_idx):
-        ids = encoding.completion_ids(tok, exp.train.tasks[i]['steps'])[:t]
-        reference[r, :len(ids)] = ids
-      reference = np.concatenate([reference, np.repeat(reference[:1], len(batch['prompt']) - real, axis=0)])
-      lab = labels_lib.follow_labels(out.tokens_BxT, comp_mask, jnp.asarray(np.repeat(reference, m, axis=0)),
-                                     correct, ends, tok.eos_id, v.max_steps)
-      rows = labels_lib.trace_prm_batch(dict(rep, completion=out.tokens_BxT, completion_mask=comp_mask),
-                                        lab['labels'], lab['valid'], ends, tok.eos_id)
-      parts.append({k: np.asarray(jax.device_get(rows[k]))[:real * m] for k in KEYS})
-  else:  # mcts: the search of the AlphaZero loop, without a value model (none exists yet)
-    rl = cfg.rl
-    az = dict(cfg.rl.sections)['alphazero']
-    setup = az_lib.make_setup(dataclasses.replace(az, use_value_model=False),
-                              search_lm.TokenIds.of(tok), cfg.task.prompt_len, cfg.task.completion_len, v.mode,
-                              rl.temperature, rl.top_k, rl.top_p)
-    for c, real, batch in label_chunks(exp, idx):
-      rows = az_lib.search_rows_jit(graphdef, None, setup, policy_params, None, batch,
-                                    jax.random.fold_in(key, c))
-      parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in KEYS})
+  parts = [_SOURCES[source](exp, graphdef, policy_params, idx) for source in v.label_sources]
   return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+
+
+def _solver_rows(exp, graphdef, policy_params, idx):
+  """Solver traces and `negatives_per_task` corrupted copies (`labels.solver_labels`)."""
+  del graphdef, policy_params
+  cfg, v, tok = exp.cfg, exp.cfg.value, exp.tok
+  records = labels_lib.solver_labels([exp.train.tasks[i] for i in idx], cfg.seed, v.negatives_per_task)
+  enc = labels_lib.encode_step_labels(tok, records, cfg.task.prompt_len + cfg.task.completion_len, v.max_steps)
+  rows = value_lib.prm_batch(enc['tokens'], enc['mask'], enc['completion_start'], enc['step_labels'],
+                             enc['step_valid'], StepEnds.of(tok), tok.eos_id)
+  return {k: np.asarray(jax.device_get(rows[k])) for k in KEYS}
+
+
+def _sampling(exp) -> SamplingConfig:
+  cfg, tok = exp.cfg, exp.tok
+  return SamplingConfig(max_new_tokens=cfg.task.completion_len, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                        step_id=tok.step_id, temperature=cfg.value.temperature)
+
+
+def _mc_rows(exp, graphdef, policy_params, idx):
+  """One SFT-policy trace per problem, each step labelled by its rollouts' success rate."""
+  cfg, v, tok = exp.cfg, exp.cfg.value, exp.tok
+  key, scfg, parts = jax.random.key(cfg.seed + 17), _sampling(exp), []
+  setup = labels_lib.MCLabelSetup(num_rollouts=v.mc_rollouts, max_steps=v.max_steps, sampling=scfg,
+                                  step_id=tok.step_id, step_ends=StepEnds.of(tok))
+  for c, real, batch in label_chunks(exp, idx):
+    k_trace, k_roll = jax.random.split(jax.random.fold_in(key, c))
+    out = sample(graphdef, policy_params, batch['prompt'], batch['prompt_mask'], k_trace, scfg)
+    t = out.tokens_BxT.shape[1]
+    batch = dict(batch, completion=out.tokens_BxT,
+                 completion_mask=jnp.arange(t)[None] < out.lengths_B[:, None])
+    lab = labels_lib.mc_rollout_labels_jit(graphdef, policy_params, setup, batch, k_roll)
+    rows = labels_lib.trace_prm_batch(batch, lab['labels'], lab['valid'], StepEnds.of(tok), tok.eos_id)
+    parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in KEYS})
+  return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+
+
+def _policy_rows(exp, graphdef, policy_params, idx):
+  """The SFT policy's own samples, checked against the solver's trace and the verifier."""
+  cfg, v, tok = exp.cfg, exp.cfg.value, exp.tok
+  key, scfg, parts = jax.random.key(cfg.seed + 17), _sampling(exp), []
+  m, ends = v.samples_per_task, StepEnds.of(tok)
+  missing = [int(i) for i in idx if not exp.train.tasks[i].get('steps')]
+  if missing:
+    from rlm_jax.configlib import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f'value.labels=policy: training problem {missing[0]} has no solver steps to compare '
+                      f'samples with ({len(missing)} of {len(idx)} lack them); use value.labels=mc')
+  for c, real, batch in label_chunks(exp, idx):
+    out = sample(graphdef, policy_params, batch['prompt'], batch['prompt_mask'], jax.random.fold_in(key, c), scfg,
+                 num_samples=m)
+    t = out.tokens_BxT.shape[1]
+    rep = jax.tree.map(lambda x: jnp.repeat(x, m, axis=0), batch)
+    comp_mask = jnp.arange(t)[None] < out.lengths_B[:, None]
+    rows_idx = idx[c * v.label_batch:c * v.label_batch + real]
+    # The verifier decides (an answer other than the solver's may be right, e.g. Countdown).
+    tasks = [exp.train.tasks[i] for i in rows_idx] + [exp.train.tasks[rows_idx[0]]] * (len(batch['prompt']) - real)
+    tokens_np, lengths_np = np.asarray(jax.device_get(out.tokens_BxT)), np.asarray(jax.device_get(out.lengths_B))
+    correct = jnp.asarray(data_lib.host_scorer(tok, tasks, m)(tokens_np, lengths_np) == 2)
+    reference = np.full((len(rows_idx), t), -1, np.int64)
+    for r, i in enumerate(rows_idx):
+      ids = encoding.completion_ids(tok, exp.train.tasks[i]['steps'])[:t]
+      reference[r, :len(ids)] = ids
+    reference = np.concatenate([reference, np.repeat(reference[:1], len(batch['prompt']) - real, axis=0)])
+    lab = labels_lib.follow_labels(out.tokens_BxT, comp_mask, jnp.asarray(np.repeat(reference, m, axis=0)),
+                                   correct, ends, tok.eos_id, v.max_steps)
+    rows = labels_lib.trace_prm_batch(dict(rep, completion=out.tokens_BxT, completion_mask=comp_mask),
+                                      lab['labels'], lab['valid'], ends, tok.eos_id)
+    parts.append({k: np.asarray(jax.device_get(rows[k]))[:real * m] for k in KEYS})
+  return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+
+
+def _mcts_rows(exp, graphdef, policy_params, idx):
+  """The AlphaZero loop's search without a value model (none exists yet): best-path q-values."""
+  cfg, tok = exp.cfg, exp.tok
+  key, rl, parts = jax.random.key(cfg.seed + 17), cfg.rl, []
+  az = dict(cfg.rl.sections)['alphazero']
+  setup = az_lib.make_setup(dataclasses.replace(az, use_value_model=False),
+                            search_lm.TokenIds.of(tok), cfg.task.prompt_len, cfg.task.completion_len, cfg.value.mode,
+                            rl.temperature, rl.top_k, rl.top_p)
+  for c, real, batch in label_chunks(exp, idx):
+    rows = az_lib.search_rows_jit(graphdef, None, setup, policy_params, None, batch, jax.random.fold_in(key, c))
+    parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in KEYS})
+  return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+
+
+_SOURCES = {'solver': _solver_rows, 'mc': _mc_rows, 'policy': _policy_rows, 'mcts': _mcts_rows}
 
 
 def run_value(exp, graphdef, sft_params, stop):

@@ -146,3 +146,70 @@ def test_prm_quality_counts_held_out_steps_and_flips_with_a_negated_head(tmp_pat
   flipped = value_phase.prm_quality(exp, (vgd, neg))
   assert abs(flipped['prm/auroc'] - (1.0 - got['prm/auroc'])) < 1e-6
   assert abs(flipped['prm/auroc_within'] - (1.0 - got['prm/auroc_within'])) < 1e-6
+
+
+def _countdown_cfg(*overrides):
+  return config_lib.parse(configlib.load_config(
+      os.path.join(REPO, 'configs', 'blueprint.py') + ':smoke',
+      ['task.domain=countdown', 'task.levels=(3,)', 'task.prompt_len=32', 'task.completion_len=44',
+       'task.answer_len=24', 'value.num_traces=4', 'value.label_batch=4', 'value.samples_per_task=2',
+       *overrides]))
+
+
+def _scripted_sampler(exp, rewrite):
+  """Stands in for the SFT policy's sampler: every sample of a prompt is the solver's trace of
+  its problem with `rewrite(steps)` applied (found by decoding the prompt)."""
+  import jax.numpy as jnp
+  from rlm_jax.data import encoding
+  from rlm_jax.sampling.sampler import SampleOutput
+  tok = exp.tok
+  by_prompt = {tuple(encoding.prompt_ids(tok, t)): t for t in exp.train.tasks}
+
+  def sample(graphdef, params, prompt, prompt_mask, key, scfg, num_samples=1):
+    del graphdef, params, key
+    rows = []
+    for p, m in zip(np.asarray(prompt), np.asarray(prompt_mask)):
+      ids = encoding.completion_ids(tok, rewrite(by_prompt[tuple(p[m.astype(bool)].tolist())]['steps']))
+      rows += [ids] * num_samples
+    t = scfg.max_new_tokens
+    tokens = np.full((len(rows), t), tok.pad_id, np.int32)
+    for r, ids in enumerate(rows):
+      tokens[r, :len(ids)] = ids
+    lengths = jnp.asarray([len(ids) for ids in rows], jnp.int32)
+    return SampleOutput(jnp.asarray(tokens), jnp.zeros(tokens.shape, jnp.float32), lengths, jnp.zeros_like(lengths))
+
+  return sample
+
+
+def test_policy_labels_trust_the_verifier_over_the_solvers_answer_text(tmp_path, monkeypatch):
+  """Countdown admits many answers: a sample whose answer is the solver's expression in
+  parentheses leaves the solver's text at its last step, yet the verifier accepts it, so every
+  step is right; a wrong expression there is labelled wrong from that step on."""
+  cfg = _countdown_cfg('value.labels=policy')
+  exp = runner.Experiment(cfg, str(tmp_path))
+
+  def labels(rewrite):
+    monkeypatch.setattr(value_phase, 'sample', _scripted_sampler(exp, rewrite))
+    data = value_phase.value_data(exp, None, None)
+    m = data['target_mask'] > 0
+    return [data['targets'][r][m[r]].tolist() for r in range(len(m))]
+
+  wrapped = labels(lambda steps: steps[:-1] + ['Answer: (' + steps[-1].removeprefix('Answer: ') + ')'])
+  assert len(wrapped) == 8 and all(len(r) >= 2 and all(x == 1.0 for x in r) for r in wrapped)
+  broken = labels(lambda steps: steps[:-1] + ['Answer: 0*0'])  # 0: never given, never a target
+  assert all(r == [1.0] * (len(r) - 1) + [0.0] for r in broken)
+
+
+def test_label_sources_joined_by_plus_pool_their_rows_in_order(tmp_path, monkeypatch):
+  cfg = _countdown_cfg('value.labels=solver+policy')
+  exp = runner.Experiment(cfg, str(tmp_path))
+  monkeypatch.setattr(value_phase, 'sample', _scripted_sampler(exp, lambda steps: steps))
+  both = value_phase.value_data(exp, None, None)
+  alone = {}
+  for source in ('solver', 'policy'):
+    exp_one = runner.Experiment(_countdown_cfg(f'value.labels={source}'), str(tmp_path / source))
+    monkeypatch.setattr(value_phase, 'sample', _scripted_sampler(exp_one, lambda steps: steps))
+    alone[source] = value_phase.value_data(exp_one, None, None)
+  for k in value_phase.KEYS:
+    np.testing.assert_array_equal(both[k], np.concatenate([alone['solver'][k], alone['policy'][k]]))
+  assert len(alone['solver']['tokens']) == 4 * (1 + cfg.value.negatives_per_task) and len(alone['policy']['tokens']) == 8
