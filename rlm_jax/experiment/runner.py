@@ -60,8 +60,26 @@ class Experiment:
     if cfg.rl.algo != 'none' and cfg.rl.iterations > 0 and cfg.rl.prompts_per_iteration > len(self.rl_pool.tasks):
       raise ConfigError(f'rl.prompts_per_iteration={cfg.rl.prompts_per_iteration}: more than the '
                         f'{len(self.rl_pool.tasks)} problems of the phase-2 pool (task.rl_size={cfg.task.rl_size})')
+    self._check_answer_matching()
     self.metrics = None
     self.results = loop.Results(workdir)
+
+  def _check_answer_matching(self):
+    """Device-side scoring (rewards, Monte Carlo / MCTS labels) compares a completion's final
+    step with the solver's answer text; problems with many right answers (`unique_solution`
+    False, e.g. Countdown) need the verifier, on host."""
+    cfg = self.cfg
+    many = next((t for ts in (self.train.tasks, self.rl_pool.tasks) for t in ts
+                 if t.get('unique_solution') is False), None)
+    if many is None:
+      return
+    what = f"{many.get('type', cfg.task.domain)} problems have many right answers (unique_solution False)"
+    if cfg.rl.algo != 'none' and cfg.rl.iterations > 0 and cfg.rl.reward_on == 'device':
+      raise ConfigError(f"rl.reward_on='device' matches the solver's answer text, but {what}: set "
+                        "rl.reward_on='host'")
+    if cfg.value.enabled and cfg.value.steps > 0 and {'mc', 'mcts'} & set(cfg.value.label_sources):
+      raise ConfigError(f"value.labels='{cfg.value.labels}': Monte Carlo and MCTS labels match rollouts with the "
+                        f"solver's answer text, but {what}: use 'policy' or 'solver'")
 
   # --- pieces -----------------------------------------------------------------------------
 

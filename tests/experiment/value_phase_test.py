@@ -213,3 +213,13 @@ def test_label_sources_joined_by_plus_pool_their_rows_in_order(tmp_path, monkeyp
   for k in value_phase.KEYS:
     np.testing.assert_array_equal(both[k], np.concatenate([alone['solver'][k], alone['policy'][k]]))
   assert len(alone['solver']['tokens']) == 4 * (1 + cfg.value.negatives_per_task) and len(alone['policy']['tokens']) == 8
+
+
+@pytest.mark.parametrize('overrides, culprit', [
+    (['rl.algo=grpo', 'rl.reward_on=device', 'rl.prompts_per_iteration=2'], "rl.reward_on='device'"),
+    (['value.labels=solver+mc'], "value.labels='solver+mc'"),
+])
+def test_answer_text_matching_on_problems_with_many_answers_is_refused(tmp_path, overrides, culprit):
+  with pytest.raises(configlib.ConfigError) as e:
+    runner.Experiment(_countdown_cfg(*overrides), str(tmp_path))
+  assert culprit in str(e.value) and 'Countdown' in str(e.value) and '\n' not in str(e.value)
