@@ -9,10 +9,14 @@ tiny transformer.
     node per tree per simulation (one `recurrent_fn` row). Our MCTS expands up to W leaves per
     tree per simulation, each into K evaluated children. "leaf exp/s" counts expansions (policy
     rows of K candidates; mctx: recurrent_fn rows), "nodes/s" counts created, evaluated nodes.
-(b) A tiny random Transformer (char vocab) as policy + value head at B = 256. The same policy /
-    value calls the search makes are timed alone in one compiled loop; the rest of the search's
-    wall time is bookkeeping (selection, tree writes, backup, prefix building). Cross-check:
-    the same search with a trivial model (random steps of the same width) is pure bookkeeping.
+(b) A tiny random Transformer (char vocab) as policy + value head at B = 256, with node states
+    always at the widest width ('full') and at widths by depth ('halving', the default; the
+    column "per simulation" lists the children's state width of each simulation). The same
+    policy / value calls the search makes, at the same widths, are timed alone in one compiled
+    program whose inputs depend on the previous call's outputs (nothing can be hoisted); the
+    rest of the search's time is bookkeeping (selection, tree writes, backup, state building).
+    Cross-check: the same search with a trivial model (random steps of the same width) is pure
+    bookkeeping.
 
 Timings: minimum over `--repeats` runs after one warm-up (compile) run, wall clock and process
 CPU time (all threads); on a shared machine the CPU-time ratio is the steadier one.
@@ -21,6 +25,7 @@ CPU time (all threads); on a shared machine the CPU-time ratio is the steadier o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import time
 
@@ -135,6 +140,34 @@ def part_a(repeats: int, batches=(256, 1024), walkers=(1, 4)):
 # (b) Tiny transformer: share of the wall time outside the model calls.
 
 
+def _models_alone(model, params, key, prompt, mask, depths, cfg, ls, t_full):
+  """The model calls one search makes, alone: the root value call, then per simulation one
+  policy call on B*W node states (K samples each) and one value call on their B*W*K children,
+  at the widths the search used (`depths[s]` steps of state in simulation s)."""
+  b, lp = prompt.shape
+  w, k = cfg.num_walkers, cfg.num_children
+  acc = expansion.last_values(model, params, expansion.root_nodes(prompt, mask, jnp.arange(b), 0)).sum()
+  last_M = jnp.repeat(prompt[:, -1], w)
+  for s, d in enumerate(depths):
+    t_node = lp + d * ls
+    t_child = min(t_node + ls, t_full)
+    pad = lambda x, t: jnp.pad(x, ((0, 0), (t - lp, 0))).repeat(w, 0)
+    # Each call's inputs (tokens and masks, hence positions) depend on the previous call's
+    # outputs, as in the search, so the compiler cannot hoist any of their work out of the loop.
+    live_M = last_M >= 0
+    nodes = NodeBatch(pad(prompt, t_node).at[:, -1].set(last_M), pad(mask, t_node) & live_M[:, None],
+                      jnp.zeros((b * w,), jnp.int32), jnp.arange(b * w) % b)
+    steps = model.policy_fn(params, jax.random.fold_in(key, s), nodes, k, to_end=False, greedy=False)
+    first = steps.tokens_MxKxL[..., 0].reshape(-1)
+    children = NodeBatch(pad(prompt, t_child).repeat(k, 0).at[:, -1].set(first),
+                         pad(mask, t_child).repeat(k, 0) & (first >= 0)[:, None],
+                         jnp.ones((b * w * k,), jnp.int32), jnp.arange(b * w * k) % b)
+    v = expansion.last_values(model, params, children)
+    last_M = jnp.where(v.reshape(-1, k)[:, 0] > 2.0, first[::k], last_M)
+    acc = acc + v.sum() + steps.logprob_MxK.sum()
+  return acc + last_M.sum()
+
+
 def part_b(repeats: int, b: int = 256):
   from rlm_jax.data.tokenizer import CharTokenizer
   from rlm_jax.models.transformer import ModelConfig, Transformer
@@ -147,56 +180,33 @@ def part_b(repeats: int, b: int = 256):
   opts = lm.LMOptions(step_tokens=8, completion_tokens=32, value_from_policy=True)
   model = lm.make_search_model(gd, opts, lm.TokenIds.of(tok))
   params = lm.LMParams(policy=st)
-  cfg = mcts_lib.MCTSConfig(num_simulations=4, num_children=4, num_walkers=2, max_depth=4)
   ids = tok.encode('What is 12+30?', bos=True) + [tok.step_id]
   lp = len(ids)
   prompt = jnp.tile(jnp.asarray(ids)[None], (b, 1))
   mask = jnp.ones_like(prompt, bool)
-  search = jax.jit(functools.partial(mcts_lib.mcts_search, model=model, config=cfg))
-  t_search, c_search = _time(search, params, jax.random.key(0), prompt, mask, repeats=repeats)
-
-  # The same calls alone: per simulation one policy call on B*W node states (K samples each)
-  # and one value call on B*W*K child states, plus the root value call.
-  w, k, d, ls = cfg.num_walkers, cfg.num_children, cfg.max_depth, opts.step_tokens
-  t_len = lp + d * ls
-  nodes = NodeBatch(jnp.pad(prompt, ((0, 0), (t_len - lp, 0))).repeat(w, 0),
-                    jnp.pad(mask, ((0, 0), (t_len - lp, 0))).repeat(w, 0),
-                    jnp.zeros((b * w,), jnp.int32), jnp.arange(b * w) % b)
-  children = NodeBatch(nodes.tokens_MxT.repeat(k, 0), nodes.mask_MxT.repeat(k, 0),
-                       jnp.ones((b * w * k,), jnp.int32), nodes.problem_M.repeat(k, 0))
-  roots = expansion.root_nodes(prompt, mask, jnp.arange(b), tok.pad_id)
-
-  def models_only(params, key, nodes, children, roots):
-    acc = expansion.last_values(model, params, roots).sum()
-
-    def sim(i, carry):
-      acc, last_B = carry
-      # Each call's inputs depend on the previous call's outputs (as in the search), so the
-      # compiler cannot hoist the prefill of identical prompts out of the loop.
-      n = nodes._replace(tokens_MxT=nodes.tokens_MxT.at[:, -1].set(last_B))
-      steps = model.policy_fn(params, jax.random.fold_in(key, i), n, k, to_end=False, greedy=False)
-      first = steps.tokens_MxKxL[..., 0].reshape(-1)
-      ch = children._replace(tokens_MxT=children.tokens_MxT.at[:, -1].set(first))
-      v = expansion.last_values(model, params, ch)
-      nxt = jnp.where(v.reshape(-1, k)[:, 0] > 2.0, first[::k], nodes.tokens_MxT[:, -1])
-      return acc + v.sum() + steps.logprob_MxK.sum(), nxt
-
-    return jax.lax.fori_loop(0, cfg.num_simulations, sim, (acc, nodes.tokens_MxT[:, -1]))[0]
-
-  t_models, c_models = _time(jax.jit(models_only), params, jax.random.key(0), nodes, children, roots,
-                             repeats=repeats)
-  # Cross-check: the same search (shapes, knobs) with a trivial model is all bookkeeping.
-  trivial = jax.jit(functools.partial(mcts_lib.mcts_search, model=trivial_model(64, ls), config=cfg))
-  t_book, c_book = _time(trivial, None, jax.random.key(0), prompt, mask, repeats=repeats)
-  share, share_cpu = 1.0 - t_models / t_search, 1.0 - c_models / c_search
+  key = jax.random.key(0)
+  base = mcts_lib.MCTSConfig(num_simulations=4, num_children=4, num_walkers=2, max_depth=4)
+  w, k, d, ls = base.num_walkers, base.num_children, base.max_depth, opts.step_tokens
+  t_full = lp + d * ls
   print(f'\n(b) tiny transformer (d=64, 2 layers, vocab {tok.vocab_size}), B={b}, K={k}, W={w}, '
-        f'S={cfg.num_simulations}, step {ls} tokens, state {t_len} tokens')
-  print('| | search | model calls alone | outside model calls | same search, trivial model |')
-  print('|---|---|---|---|---|')
-  print(f'| wall (s) | {t_search:.3f} | {t_models:.3f} | {100 * share:.1f}% | {t_book:.3f} '
-        f'({100 * t_book / t_search:.1f}%) |')
-  print(f'| CPU (s) | {c_search:.3f} | {c_models:.3f} | {100 * share_cpu:.1f}% | {c_book:.3f} '
-        f'({100 * c_book / c_search:.1f}%) |')
+        f'S={base.num_simulations}, step {ls} tokens, prompt {lp}, widest state {t_full} tokens')
+  print('| state widths | per simulation | search wall s | model calls alone | outside (wall) | '
+        'search CPU s | model calls alone | outside (CPU) | trivial model (wall) |')
+  print('|' + '---|' * 9)
+  for width in ('full', 'halving'):
+    cfg = dataclasses.replace(base, state_width=width)
+    search = jax.jit(functools.partial(mcts_lib.mcts_search, model=model, config=cfg))
+    t_search, c_search = _time(search, params, key, prompt, mask, repeats=repeats)
+    depths = [int(x) for x in jax.device_get(search(params, key, prompt, mask).extra['state_depth_S'])]
+    alone = jax.jit(functools.partial(_models_alone, model, depths=depths, cfg=cfg, ls=ls, t_full=t_full))
+    t_models, c_models = _time(alone, params, key, prompt, mask, repeats=repeats)
+    # Cross-check: the same search (shapes, knobs) with a trivial model is all bookkeeping.
+    trivial = jax.jit(functools.partial(mcts_lib.mcts_search, model=trivial_model(64, ls), config=cfg))
+    t_book, _ = _time(trivial, None, key, prompt, mask, repeats=repeats)
+    widths = '/'.join(str(lp + min(x + 1, d) * ls) for x in depths)  # the children's states
+    print(f'| {width} | {widths} | {t_search:.3f} | {t_models:.3f} | {100 * (1 - t_models / t_search):.1f}% | '
+          f'{c_search:.3f} | {c_models:.3f} | {100 * (1 - c_models / c_search):.1f}% | '
+          f'{t_book:.4f} ({100 * t_book / t_search:.1f}%) |', flush=True)
 
 
 def main():

@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       mcts=dict(num_simulations=8, num_children=4, num_walkers=2, max_depth=5, selection='puct',
                 c1=1.25, c2=19652.0, uct_c=1.0, prior='empirical', prior_temperature=1.0, q_bounds='fixed', root_selection='puct', gumbel_scale=1.0, backup='td',
                 gamma=0.96, td_lambda=1.0, virtual_loss=1.0, merge_duplicates=True, num_rollouts=0,
-                rollout_weight=0.5, answer='best_terminal'),
+                rollout_weight=0.5, answer='best_terminal', state_width='halving'),
       # A round yields up to 64 trees x 64 nodes = 4096 rows: the buffer holds two rounds.
       step_tokens=12, use_value_model=True, buffer_size=8192,
       distill_steps=8, distill_batch=64, value_steps=8, value_batch=64,

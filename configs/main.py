@@ -73,7 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
           mcts=dict(num_simulations=8, num_children=4, num_walkers=2, max_depth=6, selection='puct',
                     c1=1.25, c2=19652.0, uct_c=1.0, prior='empirical', prior_temperature=1.0, q_bounds='fixed', root_selection='puct', gumbel_scale=1.0, backup='td',
                     gamma=0.96, td_lambda=1.0, virtual_loss=1.0, merge_duplicates=True, num_rollouts=0,
-                    rollout_weight=0.5, answer='best_terminal'),
+                    rollout_weight=0.5, answer='best_terminal', state_width='halving'),
           step_tokens=16, use_value_model=True, buffer_size=256, distill_steps=4, distill_batch=32,
           value_steps=4, value_batch=32, value_optim=_optim(b2=0.98),
           # Targets: every node's step by its visit share, Monte Carlo values ('best_path' + 'q':

@@ -16,6 +16,7 @@ from typing import Literal, Optional
 import jax
 import jax.numpy as jnp
 
+from rlm_jax import configlib
 from rlm_jax.search import expansion
 from rlm_jax.search import operators
 from rlm_jax.search import tree as tree_lib
@@ -33,6 +34,9 @@ class BeamConfig:
     score: 'last' (value / PRM of the newest step; verifier reward at terminals in training
       mode) or 'min' (lowest such value along the path, PRM-min).
     merge_duplicates: merge identical sibling steps.
+    state_width: the widths node states are built at ('halving', 'depth', 'full'; see
+      `expansion.state_depths`): the same search (log-probs up to float rounding) at
+      another compute and compile time.
   """
 
   beam_width: int = 4
@@ -40,13 +44,13 @@ class BeamConfig:
   max_depth: int = 8
   score: Literal['last', 'min'] = 'last'
   merge_duplicates: bool = True
+  state_width: expansion.StateWidth = 'halving'
 
   def __post_init__(self):
     for name in ('beam_width', 'expansions', 'max_depth'):
       if getattr(self, name) < 1:
         raise ValueError(f'beam.{name}={getattr(self, name)}: must be >= 1')
-    if self.score not in ('last', 'min'):
-      raise ValueError(f"beam.score='{self.score}': must be 'last' or 'min'")
+    configlib.check_literals(self, 'beam')
 
   @property
   def num_nodes(self) -> int:
@@ -99,7 +103,8 @@ def beam_search(params: Params, key: jax.Array, prompt_BxLp, prompt_mask_BxLp, *
                         probe.tokens_MxKxL.shape[-1], model.pad_id, root_value)
   counters = expansion.Counters(jnp.zeros((b,), jnp.int32),
                                 jnp.full((b,), int(model.value_fn is not None), jnp.int32))
-  opts = expansion.ExpandOptions(num_children=e, max_depth=d, merge_duplicates=config.merge_duplicates)
+  opts = expansion.ExpandOptions(num_children=e, max_depth=d, merge_duplicates=config.merge_duplicates,
+                                 state_width=config.state_width)
   bb = jnp.arange(b)[:, None]
   # Level 0: one beam, the question. A beam is its root-to-node path (node per depth).
   paths = jnp.full((b, wb, d + 1), tree_lib.NO_NODE, jnp.int32).at[:, 0, 0].set(0)

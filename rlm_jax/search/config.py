@@ -37,12 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.best_of_n = dict(num_samples=8, scorer='orm')
   c.self_consistency = dict(num_samples=8, answer_marker='Answer: ', answer_len=16,
                             only_finished=True, weighting='none')
-  c.beam = dict(beam_width=4, expansions=4, max_depth=6, score='last', merge_duplicates=True)
+  c.beam = dict(beam_width=4, expansions=4, max_depth=6, score='last', merge_duplicates=True,
+                state_width='halving')
   c.mcts = dict(num_simulations=16, num_children=4, num_walkers=2, max_depth=6, selection='puct',
                 c1=1.25, c2=19652.0, uct_c=1.0, prior='empirical', prior_temperature=1.0,
                 q_bounds='fixed', backup='td', gamma=0.96, td_lambda=1.0, virtual_loss=1.0,
                 merge_duplicates=True, num_rollouts=0, rollout_weight=0.5, answer='best_terminal',
-                root_selection='puct', gumbel_scale=1.0)
+                root_selection='puct', gumbel_scale=1.0, state_width='halving')
   return c
 
 

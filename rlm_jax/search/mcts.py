@@ -90,6 +90,10 @@ class MCTSConfig:
       sigma(q) ranks them and sequential halving spreads the simulations over them (one
       walker only); below the root selection stays `selection`. For small budgets.
     gumbel_scale: scale of the root's Gumbel noise (0: deterministic halving).
+    state_width: the widths node states are built at for the model calls: 'halving' (a few
+      widths, the smallest that holds the deepest expanding leaf), 'depth' (one per depth),
+      'full' (always prompt + max_depth steps); see `expansion.state_depths`. The same
+      search (log-probs up to float rounding) at another compute and compile time.
   """
 
   num_simulations: int = 16
@@ -113,6 +117,7 @@ class MCTSConfig:
   answer: Literal['best_terminal', 'most_visited'] = 'best_terminal'
   root_selection: Literal['puct', 'gumbel'] = 'puct'
   gumbel_scale: float = 1.0
+  state_width: expansion.StateWidth = 'halving'
 
   def __post_init__(self):
     for name in ('num_simulations', 'num_children', 'num_walkers', 'max_depth'):
@@ -144,7 +149,8 @@ class MCTSConfig:
     return expansion.ExpandOptions(
         num_children=self.num_children, max_depth=self.max_depth, prior=self.prior,
         prior_temperature=self.prior_temperature, merge_duplicates=self.merge_duplicates,
-        num_rollouts=self.num_rollouts, rollout_weight=self.rollout_weight, gamma=self.gamma)
+        num_rollouts=self.num_rollouts, rollout_weight=self.rollout_weight, gamma=self.gamma,
+        state_width=self.state_width)
 
 
 # ------------------------------------------------------------------------------------------
@@ -314,6 +320,11 @@ def leaves_of(path_BxWxD1):
 def backpropagate(tree: tree_lib.Tree, path_BxWxD1, delta_BxW, config: MCTSConfig) -> tree_lib.Tree:
   """Adds `delta` visits along each walker's path and recomputes q bottom-up.
 
+  Everything the recomputation reads (the children of every path node: q, visits) is
+  gathered from the tree once; the level loop then runs on those `[B, W, K]` slices, taking a
+  child's q from the level below when the child is on a path (any walker's), and the new q
+  are written back with one scatter. Same values as recomputing level by level in the tree.
+
   Args:
     tree: trees whose new leaves / children are already written and evaluated.
     path_BxWxD1: node per depth per walker (-1 past its leaf).
@@ -332,34 +343,48 @@ def backpropagate(tree: tree_lib.Tree, path_BxWxD1, delta_BxW, config: MCTSConfi
   visits = tree.visits_BxN.at[bb, idx].add(
       jnp.broadcast_to(delta_BxW[..., None], (b, w, d1)).reshape(b, w * d1), mode='drop')
   tree = tree.replace(visits_BxN=visits)
-  k_K = jnp.arange(k)
 
-  def level(depth, t):
-    node_BxW = path_BxWxD1[:, :, depth]
-    live = live_BxWxD1[:, :, depth]
-    node_c = jnp.maximum(node_BxW, 0)
-    first = t.first_child_BxN[bb, node_c]
-    live &= first >= 0  # leaves that were re-visited keep their q
-    kids = first[..., None] + k_K
-    valid = k_K < t.num_children_BxN[bb, node_c][..., None]
-    kids = jnp.where(valid, kids, 0)
-    bk = bb[..., None]
-    q_c, n_c = t.q_BxN[bk, kids], t.visits_BxN[bk, kids]
+  # Level-major copies ([D1, B, W, ...]) so the loop reads one contiguous slice per level.
+  lm = lambda x: jnp.moveaxis(x, 2, 0)
+  node_c = jnp.maximum(path_BxWxD1, 0)
+  bn = bb.reshape(b, 1, 1)
+  first = tree.first_child_BxN[bn, node_c]
+  kids = first[..., None] + jnp.arange(k)
+  valid = jnp.arange(k) < tree.num_children_BxN[bn, node_c][..., None]
+  kids = jnp.where(valid, kids, 0)
+  bk = bn[..., None]
+  q_c, n_c = lm(tree.q_BxN[bk, kids]), lm(tree.visits_BxN[bk, kids])
+  kids, valid = lm(kids), lm(valid)
+  q_s, v_s = lm(tree.q_BxN[bn, node_c]), lm(tree.value_BxN[bn, node_c])
+  live = lm(live_BxWxD1 & (first >= 0))  # leaves that were re-visited keep their q
+  path = lm(path_BxWxD1)
+
+  def level(i, new_D1xBxW):
+    depth = top - i
+    below = jnp.minimum(depth + 1, d1 - 1)
+    # A child slot holds a node of the level below that some walker just recomputed.
+    hit_BxWxKxW = ((kids[depth][..., None] == path[below][:, None, None, :])
+                   & (live[below] & (depth + 1 < d1))[:, None, None, :])
+    fresh = jnp.max(jnp.where(hit_BxWxKxW, new_D1xBxW[below][:, None, None, :], -jnp.inf), axis=-1)
+    q_kids = jnp.where(hit_BxWxKxW.any(axis=-1), fresh, q_c[depth])
     if config.backup == 'td':
-      new = operators.backup_td(t.q_BxN[bb, node_c], q_c, n_c, valid, config.gamma, config.td_lambda)
+      new = operators.backup_td(q_s[depth], q_kids, n_c[depth], valid[depth], config.gamma, config.td_lambda)
     else:
-      new = operators.backup_mean(t.value_BxN[bb, node_c], q_c, n_c, valid, config.gamma)
-    tgt = jnp.where(live, node_c, t.num_slots)
-    seen = live & (depth > 0)  # the root's q is never compared with a sibling
-    return t.replace(
-        q_BxN=t.q_BxN.at[bb, tgt].set(new, mode='drop'),
-        q_min_B=jnp.minimum(t.q_min_B, jnp.min(jnp.where(seen, new, jnp.inf), axis=1)),
-        q_max_B=jnp.maximum(t.q_max_B, jnp.max(jnp.where(seen, new, -jnp.inf), axis=1)))
+      new = operators.backup_mean(v_s[depth], q_kids, n_c[depth], valid[depth], config.gamma)
+    return new_D1xBxW.at[depth].set(jnp.where(live[depth], new, q_s[depth]))
 
   # Start at the deepest live leaf (fori_loop with a traced bound is a while loop).
   _, leaf_depth = leaves_of(path_BxWxD1)
   top = jnp.max(jnp.where(delta_BxW > 0, leaf_depth, 0))
-  return jax.lax.fori_loop(0, top + 1, lambda i, t: level(top - i, t), tree)
+  new_D1xBxW = jax.lax.fori_loop(0, top + 1, level, q_s)
+  new_BxWxD1 = jnp.moveaxis(new_D1xBxW, 0, 2)
+  written = live_BxWxD1 & (first >= 0)
+  tgt = jnp.where(written, path_BxWxD1, tree.num_slots).reshape(b, w * d1)
+  seen = written & (jnp.arange(d1) > 0)  # the root's q is never compared with a sibling
+  return tree.replace(
+      q_BxN=tree.q_BxN.at[bb, tgt].set(new_BxWxD1.reshape(b, w * d1), mode='drop'),
+      q_min_B=jnp.minimum(tree.q_min_B, jnp.min(jnp.where(seen, new_BxWxD1, jnp.inf), axis=(1, 2))),
+      q_max_B=jnp.maximum(tree.q_max_B, jnp.max(jnp.where(seen, new_BxWxD1, -jnp.inf), axis=(1, 2))))
 
 
 # ------------------------------------------------------------------------------------------
@@ -424,7 +449,8 @@ def mcts_search(params: Params, key: jax.Array, prompt_BxLp: jax.Array, prompt_m
   Returns:
     SearchResult with the chosen path's steps (L = max_depth * step tokens), its q as score,
     the tree, and `extra = {'leaf_B': chosen node, 'root_sims_BxK': simulations that entered
-    each root child slot}`.
+    each root child slot, 'state_depth_S': the path length (steps) each simulation built its
+    node states at}`.
   """
   b = prompt_BxLp.shape[0]
   if problem_B is None:
@@ -453,8 +479,10 @@ def mcts_search(params: Params, key: jax.Array, prompt_BxLp: jax.Array, prompt_m
     gumbel_BxK = config.gumbel_scale * jax.random.gumbel(
         jax.random.fold_in(key, config.num_simulations), (b, k), jnp.float32)
 
+  depths_table = jnp.asarray(expansion.state_depths(config.max_depth, config.state_width), jnp.int32)
+
   def simulation(s, carry):
-    tree, counters, root_sims_BxK = carry
+    tree, counters, root_sims_BxK, state_depth_S = carry
     root_pick = None
     if gumbel:
       n_B = tree.num_children_BxN[:, tree_lib.ROOT]
@@ -462,6 +490,8 @@ def mcts_search(params: Params, key: jax.Array, prompt_BxLp: jax.Array, prompt_m
       root_pick = gumbel_root_pick(tree, gumbel_BxK, root_sims_BxK, considered_B, config)
     path_BxWxD1 = select_leaves(tree, config, root_pick)
     expand_BxW, revisit_BxW = walker_roles(tree, path_BxWxD1, config)
+    depth_BxW = jnp.sum(path_BxWxD1 >= 0, axis=2) - 1
+    state_depth_S = state_depth_S.at[s].set(depths_table[expansion.state_depth(opts, depth_BxW, expand_BxW)])
     tree, kids, c = expansion.expand_and_evaluate(
         params, jax.random.fold_in(key, s), tree, path_BxWxD1, expand_BxW, model=model, opts=opts)
     delta = jnp.where(expand_BxW, (kids >= 0).sum(axis=2), revisit_BxW.astype(jnp.int32))
@@ -469,11 +499,10 @@ def mcts_search(params: Params, key: jax.Array, prompt_BxLp: jax.Array, prompt_m
     # Simulations through each root child (the counts sequential halving schedules by).
     slot_B = path_BxWxD1[:, 0, 1] - tree.first_child_BxN[:, tree_lib.ROOT]
     entered = (path_BxWxD1[:, 0, 1] >= 0)[:, None] & (jnp.arange(k)[None, :] == slot_B[:, None])
-    return tree, counters + c, root_sims_BxK + entered.astype(jnp.int32)
+    return tree, counters + c, root_sims_BxK + entered.astype(jnp.int32), state_depth_S
 
-  root_sims0 = jnp.zeros((b, k), jnp.int32)
-  tree, counters, root_sims_BxK = jax.lax.fori_loop(0, config.num_simulations, simulation,
-                                                    (tree, counters, root_sims0))
+  carry0 = (tree, counters, jnp.zeros((b, k), jnp.int32), jnp.zeros((config.num_simulations,), jnp.int32))
+  tree, counters, root_sims_BxK, state_depth_S = jax.lax.fori_loop(0, config.num_simulations, simulation, carry0)
 
   leaf_B = answer_leaf(tree, config)
   bi = jnp.arange(b)
@@ -481,4 +510,5 @@ def mcts_search(params: Params, key: jax.Array, prompt_BxLp: jax.Array, prompt_m
   return SearchResult(
       tokens_BxL=tokens, lengths_B=lengths, score_B=tree.q_BxN[bi, leaf_B],
       terminal_B=tree.terminal_BxN[bi, leaf_B], policy_tokens_B=counters.policy_tokens_B,
-      model_calls_B=counters.model_calls_B, tree=tree, extra={'leaf_B': leaf_B, 'root_sims_BxK': root_sims_BxK})
+      model_calls_B=counters.model_calls_B, tree=tree,
+      extra={'leaf_B': leaf_B, 'root_sims_BxK': root_sims_BxK, 'state_depth_S': state_depth_S})

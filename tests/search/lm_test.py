@@ -134,6 +134,41 @@ def test_strategy_end_to_end(name):
     assert (r.policy_tokens_B <= k * expanded * OPTS.step_tokens).all()
 
 
+def _tree_arrays_equal(full, other):
+  """Every tree array of `other` equals `full`'s; log-probs up to float rounding (a prefill over
+  fewer padding slots sums its softmax in another order)."""
+  for name in full.tree.keys():
+    a, b = np.asarray(getattr(full.tree, name)), np.asarray(getattr(other.tree, name))
+    if name == 'logprob_BxN':
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
+    else:
+      np.testing.assert_array_equal(b, a, err_msg=name)
+  np.testing.assert_array_equal(other.tokens_BxL, full.tokens_BxL)
+  np.testing.assert_array_equal(other.score_B, full.score_B)
+  np.testing.assert_array_equal(other.policy_tokens_B, full.policy_tokens_B)
+  np.testing.assert_array_equal(other.model_calls_B, full.model_calls_B)
+
+
+@pytest.mark.parametrize('strategy', ['mcts', 'beam'])
+def test_states_built_by_depth_give_the_full_width_search(strategy):
+  """States as wide as the deepest expanding leaf needs (a lax.switch over a few widths) give
+  the search of full-width states, for a fixed key: same samples, values, rewards and tree."""
+  from rlm_jax.search.beam import BeamConfig, beam_search
+  from rlm_jax.search.mcts import MCTSConfig, mcts_search
+  model = lm.make_search_model(GD, OPTS, IDS, reward_fn=lm.answer_reward_fn(IDS))
+  params = lm.LMParams(policy=STATE, reward=lm.answer_table(TOK, ANSWERS, 12))
+  if strategy == 'mcts':
+    search, config = mcts_search, MCTSConfig(num_simulations=4, num_children=2, num_walkers=2, max_depth=3)
+  else:
+    search, config = beam_search, BeamConfig(beam_width=2, expansions=2, max_depth=3)
+  run = lambda width: jax.device_get(jax.jit(functools.partial(
+      search, model=model, config=dataclasses.replace(config, state_width=width)))(
+          params, jax.random.key(1), *_prompts()))
+  full, other = run('full'), run('halving')  # halving: widths for depths 1 and 2
+  assert int(full.tree.depth_BxN.max()) == 3  # both widths were used
+  _tree_arrays_equal(full, other)
+
+
 class _ScriptedLM(nnx.Module):
   """Forced logits: the token after position p is script[p + 1] (the last entry past its end),
   whatever was sampled: a policy that always writes one known trace after its prompt."""

@@ -356,6 +356,21 @@ def test_golden_tree():
           assert gn[k] == pytest.approx(wn[k], abs=1e-5), (gn['id'], k)
 
 
+def test_state_width_does_not_change_the_golden_tree():
+  """The golden search (default widths; the golden file holds a full-width search, so they
+  match it) with one state width per depth, the root's prompt-only one included: the same
+  tree and answer, bit for bit."""
+  params, res = _sampled(jax.random.key(0))
+  other = _search(SAMPLED_TASK, dataclasses.replace(SAMPLED_CFG, state_width='depth'))(
+      params, jax.random.key(0), *toy.prompts(4, SAMPLED_TASK))
+  assert int(res.tree.depth_BxN.max()) == SAMPLED_CFG.max_depth
+  chex.assert_trees_all_equal(res.replace(extra=None), other.replace(extra=None))
+  for name in ('leaf_B', 'root_sims_BxK'):
+    np.testing.assert_array_equal(other.extra[name], res.extra[name])
+  np.testing.assert_array_equal(res.extra['state_depth_S'], [1, 1, 2, 2, 2, 2])  # depth 0 at width 1
+  np.testing.assert_array_equal(other.extra['state_depth_S'], [0, 1, 2, 2, 2, 2])
+
+
 # ------------------------------------------------------------------------------------------
 # Rollouts, inference mode, answers.
 
