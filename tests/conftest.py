@@ -1,11 +1,33 @@
-"""Test-wide setup: 8 fake CPU devices so sharding code runs on one machine, and tiny BPE
-tokenizers (`split_bpe`, `merge_bpe`) for the step-delimiter tests."""
+"""Test-wide setup: 8 fake CPU devices so sharding code runs on one machine, one XLA compilation
+cache per test session, and tiny BPE tokenizers (`split_bpe`, `merge_bpe`) for the
+step-delimiter tests."""
+import importlib.util
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Compiling dominates the suite's time, and the same programs are compiled again by the other
+# xdist worker and by every `python -m rlm_jax.main` subprocess (a tiny run takes ~65 s cold,
+# ~16 s from the cache). This module is imported by the controller before the workers start,
+# so workers and subprocesses inherit one fresh directory; it is removed when the session ends
+# (a cache kept across sessions would hide the cold-start time CI pays). The size limit only
+# turns on the cache's file lock, so that no process reads an entry another is still writing.
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _OWN_CACHE:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='rlm_jax_test_xla_cache_')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  if importlib.util.find_spec('filelock'):  # jax needs it for a size limit
+    os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
+
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, 'workerinput'):  # the controller (or a run without xdist)
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 # BPE tokenizers trained here (no hub) whose step delimiter '\n\n' merges or splits in text;
 # the fixtures split_bpe / merge_bpe serve every test directory.

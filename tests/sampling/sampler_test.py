@@ -1,5 +1,6 @@
 """Sampler tests: greedy and logprobs against full forwards, keys, stops, compile count."""
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -29,12 +30,18 @@ def _batch(rows=PROMPTS, length=6):
   return jnp.asarray(tokens), jnp.asarray(mask)
 
 
+# The reference full forwards are jitted (one compile per shape): op by op, every op compiles
+# anew for each length, which cost minutes of the suite.
+@functools.partial(jax.jit, static_argnums=0)
+def _full_logits(gdef, state, tokens_BxL, mask_BxL=None):
+  return nnx.merge(gdef, state)(tokens_BxL, mask_BxL=mask_BxL).logits_BxLxV
+
+
 def _reference_greedy(gdef, state, prompt, n, stop_ids):
   """Step-by-step argmax of the full forward (no cache), one unpadded row at a time."""
-  m = nnx.merge(gdef, state)
   seq, out, logps = list(prompt), [], []
   for _ in range(n):
-    logits = m(jnp.asarray([seq])).logits_BxLxV[0, -1]
+    logits = _full_logits(gdef, state, jnp.asarray([seq]))[0, -1]
     tok = int(jnp.argmax(logits))
     out.append(tok)
     logps.append(float(jax.nn.log_softmax(logits)[tok]))
@@ -63,7 +70,7 @@ def test_sampled_logprobs_equal_full_forward(model):
   out = smp.sample(gdef, state, tokens, mask, jax.random.key(1), cfg)
   full = jnp.concatenate([tokens, out.tokens_BxT], 1)
   full_mask = jnp.concatenate([mask, jnp.ones_like(out.tokens_BxT, bool)], 1)
-  logits = nnx.merge(gdef, state)(full, mask_BxL=full_mask).logits_BxLxV
+  logits = _full_logits(gdef, state, full, full_mask)
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, 5:-1]), out.tokens_BxT[..., None], -1)[..., 0]
   np.testing.assert_allclose(out.logprobs_BxT, logp, atol=1e-4)
 
@@ -238,7 +245,7 @@ def test_tempered_logprobs_are_those_of_logits_over_t(model):
   raw = smp.sample(gdef, state, tokens, mask, jax.random.key(3), cfg)
   np.testing.assert_array_equal(out.tokens_BxT, raw.tokens_BxT)
   full = jnp.concatenate([tokens, out.tokens_BxT], 1)
-  logits = nnx.merge(gdef, state)(full, mask_BxL=jnp.concatenate([mask, jnp.ones_like(out.tokens_BxT, bool)], 1)).logits_BxLxV
+  logits = _full_logits(gdef, state, full, jnp.concatenate([mask, jnp.ones_like(out.tokens_BxT, bool)], 1))
   pick = lambda z: jnp.take_along_axis(jax.nn.log_softmax(z[:, 5:-1]), out.tokens_BxT[..., None], -1)[..., 0]
   np.testing.assert_allclose(out.logprobs_BxT, pick(logits / 0.5), atol=1e-4)
   np.testing.assert_allclose(raw.logprobs_BxT, pick(logits), atol=1e-4)
