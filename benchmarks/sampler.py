@@ -20,7 +20,11 @@ give the fraction of generated tokens equal to ours, a check that all run the sa
   python benchmarks/sampler.py --tunix-python=none   # ours and HF only
   python benchmarks/sampler.py --hf_model=DIR --batches=64 --prompt-len=100 --new-tokens=64 --threads=2
       # real model: ours vs transformers on DIR's weights, each side in its own process pinned
-      # to the same --threads cpus; tok/s, tok per CPU-second and peak RSS per side
+      # to the same --threads cpus; tok/s, tok per CPU-second, peak RSS per side, decode step ms
+      # and its GFLOP/s as a share of the measured float32 matmul peak
+  python benchmarks/sampler.py --hf_model=DIR --batches=64 --num-samples=8 --prompt-len=100 --new-tokens=64 --threads=2
+      # a GRPO-style group: 8 samples of each of 8 prompts (ours: one prefill per prompt; HF:
+      # generate(num_return_sequences=8))
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ def parse_args(argv=None):
                  help='real-model mode: an HF Llama/Qwen2 folder (config.json + safetensors); ours vs '
                       'transformers on its weights, each in its own process pinned to --threads cpus')
   p.add_argument('--threads', type=int, default=0, help='real-model mode: cpus for each side (0 = all)')
+  p.add_argument('--num-samples', type=int, default=1,
+                 help='real-model mode: samples per prompt (a GRPO group): batch/G distinct prompts, '
+                      'temperature-1 sampling; ours prefills each prompt once, HF `num_return_sequences`')
   p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # internal: 'tunix', 'real-ours', 'real-hf'
   p.add_argument('--workdir', default='', help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -271,17 +278,28 @@ def real_worker(args):
 
     from rlm_jax.models import hf  # pylint: disable=g-import-not-at-top
     from rlm_jax.sampling.sampler import SamplingConfig, sample  # pylint: disable=g-import-not-at-top
+    import mfu  # pylint: disable=g-import-not-at-top  (benchmarks/mfu.py: FLOP counts, matmul peak)
+    from flax import nnx  # pylint: disable=g-import-not-at-top
     graphdef, state = hf.load_hf(args.hf_model)
-    scfg = SamplingConfig(max_new_tokens=args.new_tokens, eos_id=NO_EOS, pad_id=PAD, greedy=True)
+    g = args.num_samples
     info = f'jax {jax.__version__}'
+    mcfg = nnx.merge(graphdef, state).cfg
+    out_peak = mfu.measured_cpu_peak('float32')
     for b in [int(x) for x in args.batches.split(',')]:
-      tokens = jnp.asarray(_real_prompts(b, args, vocab))
-      call = lambda: sample(graphdef, state, tokens, jnp.ones(tokens.shape, bool), jax.random.key(0),
-                            scfg).tokens_BxT.block_until_ready()
+      tokens = jnp.asarray(_real_prompts(b // g, args, vocab))
+
+      def call(k=args.new_tokens):
+        scfg = SamplingConfig(max_new_tokens=k, eos_id=NO_EOS, pad_id=PAD, greedy=g == 1)
+        return sample(graphdef, state, tokens, jnp.ones(tokens.shape, bool), jax.random.key(0), scfg,
+                      num_samples=g).tokens_BxT.block_until_ready()
+
       t0 = time.perf_counter()
       generated = np.asarray(call())
-      out[b] = _result(b, args, _median_time(call, args.reps), compile_s=time.perf_counter() - t0,
-                       tokens=generated.tolist())
+      compile_s = time.perf_counter() - t0
+      call(1)  # compile the prefill-only call
+      res = _result(b, args, _median_time(call, args.reps), compile_s=compile_s, tokens=generated.tolist())
+      out[b] = dict(res, **_decode_step(res, _median_time(lambda: call(1), args.reps)[0], b, args,
+                                        _decode_flops_per_row(mfu, mcfg, args), out_peak))
   else:
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
@@ -290,20 +308,44 @@ def real_worker(args):
                                                               local_files_only=True).eval()
     model.generation_config.eos_token_id = None
     info = f'torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}'
+    g = args.num_samples
     for b in [int(x) for x in args.batches.split(',')]:
-      ids = torch.tensor(_real_prompts(b, args, vocab), dtype=torch.int64)
+      ids = torch.tensor(_real_prompts(b // g, args, vocab), dtype=torch.int64)
+      sampling = dict(do_sample=True, num_return_sequences=g, temperature=1.0, top_k=0) if g > 1 else dict(
+          do_sample=False)
 
       def call(k=args.new_tokens):
+        torch.manual_seed(0)
         with torch.inference_mode():
-          return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=k, min_new_tokens=k, pad_token_id=PAD, use_cache=True)
+          return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=k,
+                                min_new_tokens=k, pad_token_id=PAD, use_cache=True, **sampling)
 
       call(2)
       generated = []
       timed = lambda: generated.append(call().numpy()[:, args.prompt_len:])
-      out[b] = _result(b, args, _median_time(timed, args.hf_reps), tokens=generated[0].tolist())
+      res = _result(b, args, _median_time(timed, args.hf_reps), tokens=generated[0].tolist())
+      out[b] = dict(res, **_decode_step(res, _median_time(lambda: call(1), args.hf_reps)[0], b, args, None, None))
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   print('REAL_RESULT ' + json.dumps({'info': info, 'threads': n, 'rss_mib': rss, 'results': out}))
+
+
+def _decode_flops_per_row(mfu, cfg, args) -> float:
+  """FLOPs of the decode steps of one row: every matmul weight once per token, attention over
+  the mean filled context (prompt + new/2)."""
+  attn = 4.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * (args.prompt_len + args.new_tokens / 2)
+  return args.new_tokens * (2.0 * mfu.matmul_params(cfg) + attn)
+
+
+def _decode_step(res, prefill_s, rows, args, flops_per_row, peak_tflops):
+  """Seconds per decode step: (full call - a 1-token call) / (new_tokens - 1), the prefill and
+  the first token cancel; with the step's FLOPs, the achieved GFLOP/s and its share of the
+  measured float32 matmul peak (`benchmarks/mfu.py`)."""
+  step = max(res['sec'] - prefill_s, 1e-9) / max(args.new_tokens - 1, 1)
+  out = {'step_ms': 1e3 * step, 'prefill_s': prefill_s}
+  if flops_per_row is not None:
+    gflops = rows * flops_per_row / args.new_tokens / step / 1e9
+    out.update(step_gflops=gflops, peak_gflops=1e3 * peak_tflops, peak_frac=gflops / (1e3 * peak_tflops))
+  return out
 
 
 def run_real(args):
@@ -318,19 +360,25 @@ def run_real(args):
       raise SystemExit(f'{side} failed:\n{proc.stderr[-3000:]}')
     res[side] = json.loads(line[0][len('REAL_RESULT '):])
   o, h = res['real-ours'], res['real-hf']
-  print(f'model: {args.hf_model}; prompt {args.prompt_len} random ids, {args.new_tokens} new tokens, greedy, '
+  g = args.num_samples
+  how = 'greedy' if g == 1 else f'{g} samples per prompt (batch/{g} prompts), temperature 1'
+  print(f'model: {args.hf_model}; prompt {args.prompt_len} random ids, {args.new_tokens} new tokens, {how}, '
         f'no EOS; {o["threads"]} cpus each side; ours: {o["info"]}; hf: {h["info"]}')
   cols = ('batch', 'ours tok/s', 'HF tok/s', 'ours/HF', 'ours tok/cpu-s', 'HF tok/cpu-s', 'ours/HF cpu',
-          'ours s', 'HF s', 'agree')
+          'ours s', 'HF s', 'ours step ms', 'HF step ms', 'ours GFLOP/s', 'of peak', 'agree')
   print(' | '.join(cols))
   for b in o['results']:
     a, c = o['results'][b], h['results'][b]
-    agree = float((np.asarray(a['tokens']) == np.asarray(c['tokens'])).mean())
+    agree = float((np.asarray(a['tokens']) == np.asarray(c['tokens'])).mean()) if g == 1 else None
     row = [b, f'{a["tok_s"]:.0f}', f'{c["tok_s"]:.0f}', f'{a["tok_s"] / c["tok_s"]:.2f}', f'{a["tok_cpu_s"]:.0f}',
            f'{c["tok_cpu_s"]:.0f}', f'{a["tok_cpu_s"] / c["tok_cpu_s"]:.2f}', f'{a["sec"]:.2f}', f'{c["sec"]:.2f}',
-           f'{agree:.3f}']
+           f'{a["step_ms"]:.0f}', f'{c["step_ms"]:.0f}', f'{a["step_gflops"]:.0f}', f'{a["peak_frac"]:.2f}',
+           _fmt(agree, '.3f')]
     print(' | '.join(str(v).rjust(len(k)) for v, k in zip(row, cols)))
-  print(f'peak RSS MiB (whole process, all batches): ours {o["rss_mib"]:.0f}, HF {h["rss_mib"]:.0f}')
+  peak = next(iter(o['results'].values()))['peak_gflops']
+  print(f'peak RSS MiB (whole process, all batches): ours {o["rss_mib"]:.0f}, HF {h["rss_mib"]:.0f}; '
+        f'float32 matmul peak measured in the ours process: {peak:.0f} GFLOP/s ({o["threads"]} cpus); step = '
+        f'(full call - 1-token call) / (new tokens - 1)')
 
 
 # ----------------------------------------------------------------------------- main
