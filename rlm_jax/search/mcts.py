@@ -320,10 +320,10 @@ def leaves_of(path_BxWxD1):
 def backpropagate(tree: tree_lib.Tree, path_BxWxD1, delta_BxW, config: MCTSConfig) -> tree_lib.Tree:
   """Adds `delta` visits along each walker's path and recomputes q bottom-up.
 
-  Everything the recomputation reads (the children of every path node: q, visits) is
-  gathered from the tree once; the level loop then runs on those `[B, W, K]` slices, taking a
-  child's q from the level below when the child is on a path (any walker's), and the new q
-  are written back with one scatter. Same values as recomputing level by level in the tree.
+  The level loop reads the tree but does not write it: a child on a path (any walker's) takes
+  the q just recomputed one level down, from the loop's `[D1, B, W]` carry, and the new q
+  are written back with one scatter (and the running bounds updated once). The same values
+  as writing each level into the tree before reading the next.
 
   Args:
     tree: trees whose new leaves / children are already written and evaluated.
@@ -344,47 +344,44 @@ def backpropagate(tree: tree_lib.Tree, path_BxWxD1, delta_BxW, config: MCTSConfi
       jnp.broadcast_to(delta_BxW[..., None], (b, w, d1)).reshape(b, w * d1), mode='drop')
   tree = tree.replace(visits_BxN=visits)
 
-  # Level-major copies ([D1, B, W, ...]) so the loop reads one contiguous slice per level.
-  lm = lambda x: jnp.moveaxis(x, 2, 0)
-  node_c = jnp.maximum(path_BxWxD1, 0)
-  bn = bb.reshape(b, 1, 1)
-  first = tree.first_child_BxN[bn, node_c]
-  kids = first[..., None] + jnp.arange(k)
-  valid = jnp.arange(k) < tree.num_children_BxN[bn, node_c][..., None]
-  kids = jnp.where(valid, kids, 0)
-  bk = bn[..., None]
-  q_c, n_c = lm(tree.q_BxN[bk, kids]), lm(tree.visits_BxN[bk, kids])
-  kids, valid = lm(kids), lm(valid)
-  q_s, v_s = lm(tree.q_BxN[bn, node_c]), lm(tree.value_BxN[bn, node_c])
-  live = lm(live_BxWxD1 & (first >= 0))  # leaves that were re-visited keep their q
-  path = lm(path_BxWxD1)
+  # The path nodes' own entries, gathered once, level-major ([D1, B, W]: one slice per level).
+  path = jnp.moveaxis(path_BxWxD1, 2, 0)
+  node_c = jnp.maximum(path, 0)
+  bn = bb.reshape(1, b, 1)
+  first, n_kids = tree.first_child_BxN[bn, node_c], tree.num_children_BxN[bn, node_c]
+  q_s, v_s = tree.q_BxN[bn, node_c], tree.value_BxN[bn, node_c]
+  live = jnp.moveaxis(live_BxWxD1, 2, 0) & (first >= 0)  # leaves that were re-visited keep their q
+  k_K = jnp.arange(k)
+  bk = bb[..., None]
 
   def level(i, new_D1xBxW):
     depth = top - i
     below = jnp.minimum(depth + 1, d1 - 1)
-    # A child slot holds a node of the level below that some walker just recomputed.
-    hit_BxWxKxW = ((kids[depth][..., None] == path[below][:, None, None, :])
+    valid = k_K < n_kids[depth][..., None]
+    kids = jnp.where(valid, first[depth][..., None] + k_K, 0)
+    # The tree holds every child's q from before this backup; a child on a path (any
+    # walker's) one level down takes the q just recomputed there.
+    hit_BxWxKxW = ((kids[..., None] == path[below][:, None, None, :])
                    & (live[below] & (depth + 1 < d1))[:, None, None, :])
     fresh = jnp.max(jnp.where(hit_BxWxKxW, new_D1xBxW[below][:, None, None, :], -jnp.inf), axis=-1)
-    q_kids = jnp.where(hit_BxWxKxW.any(axis=-1), fresh, q_c[depth])
+    q_kids = jnp.where(hit_BxWxKxW.any(axis=-1), fresh, tree.q_BxN[bk, kids])
+    n_c = tree.visits_BxN[bk, kids]
     if config.backup == 'td':
-      new = operators.backup_td(q_s[depth], q_kids, n_c[depth], valid[depth], config.gamma, config.td_lambda)
+      new = operators.backup_td(q_s[depth], q_kids, n_c, valid, config.gamma, config.td_lambda)
     else:
-      new = operators.backup_mean(v_s[depth], q_kids, n_c[depth], valid[depth], config.gamma)
+      new = operators.backup_mean(v_s[depth], q_kids, n_c, valid, config.gamma)
     return new_D1xBxW.at[depth].set(jnp.where(live[depth], new, q_s[depth]))
 
   # Start at the deepest live leaf (fori_loop with a traced bound is a while loop).
   _, leaf_depth = leaves_of(path_BxWxD1)
   top = jnp.max(jnp.where(delta_BxW > 0, leaf_depth, 0))
   new_D1xBxW = jax.lax.fori_loop(0, top + 1, level, q_s)
-  new_BxWxD1 = jnp.moveaxis(new_D1xBxW, 0, 2)
-  written = live_BxWxD1 & (first >= 0)
-  tgt = jnp.where(written, path_BxWxD1, tree.num_slots).reshape(b, w * d1)
-  seen = written & (jnp.arange(d1) > 0)  # the root's q is never compared with a sibling
+  tgt = jnp.where(live, path, tree.num_slots)
+  seen = live & (jnp.arange(d1) > 0)[:, None, None]  # the root's q is never compared with a sibling
   return tree.replace(
-      q_BxN=tree.q_BxN.at[bb, tgt].set(new_BxWxD1.reshape(b, w * d1), mode='drop'),
-      q_min_B=jnp.minimum(tree.q_min_B, jnp.min(jnp.where(seen, new_BxWxD1, jnp.inf), axis=(1, 2))),
-      q_max_B=jnp.maximum(tree.q_max_B, jnp.max(jnp.where(seen, new_BxWxD1, -jnp.inf), axis=(1, 2))))
+      q_BxN=tree.q_BxN.at[bn, tgt].set(new_D1xBxW, mode='drop'),
+      q_min_B=jnp.minimum(tree.q_min_B, jnp.min(jnp.where(seen, new_D1xBxW, jnp.inf), axis=(0, 2))),
+      q_max_B=jnp.maximum(tree.q_max_B, jnp.max(jnp.where(seen, new_D1xBxW, -jnp.inf), axis=(0, 2))))
 
 
 # ------------------------------------------------------------------------------------------
