@@ -182,10 +182,10 @@ def test_loss_differentiates_the_tempered_policy_that_sampled():
   tx = optax.sgd(1.0)
   state, m = grpo.grpo_update_jit(gdef, tx, setup, create_train_state(jax.tree.map(jnp.copy, params), tx), None, ro)
   assert float(m['ratio_mean']) == 1.0
-  grad = jax.grad(_tempered_objective(gdef, ro, adv, 0.5))(params)
+  grad = jax.jit(jax.grad(_tempered_objective(gdef, ro, adv, 0.5)))(params)  # jitted: op by op compiles far more
   got = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, params)
   jax.tree.map(lambda d, g: np.testing.assert_allclose(d, -np.asarray(g), rtol=1e-4, atol=1e-6), got, grad)
-  untempered = jax.grad(_tempered_objective(gdef, ro, adv, 1.0))(params)
+  untempered = jax.jit(jax.grad(_tempered_objective(gdef, ro, adv, 1.0)))(params)
   assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(untempered))) > 1e-3
 
 
@@ -238,7 +238,7 @@ def test_advantage_fn_per_sequence_and_per_token():
     cm = ro['completion_mask'].astype(jnp.float32)
     return -jnp.sum(adv * logp * cm) / cm.sum()
 
-  grad = jax.grad(objective)(params)
+  grad = jax.jit(jax.grad(objective))(params)  # jitted: op by op compiles far more
   jax.tree.map(lambda a, p, g: np.testing.assert_allclose(np.asarray(a) - np.asarray(p), -np.asarray(g), rtol=1e-4,
                                                           atol=1e-6), got.params, params, grad)
   default, _ = grpo.grpo_update_jit(gdef, tx, setup(None), copy(), None, ro)
