@@ -10,6 +10,14 @@ same problem: what best-of-N, beam search and MCTS need) and the mean predicted 
 problem level for right and corrupted traces. A value model that has learnt how hard each
 problem is, but not which solution is right, has a high spread across levels, the same mean
 for right and corrupted traces, and a within-problem AUROC near 0.5.
+
+With `--samples=N` it also asks what search needs directly: does the PRM rank the policy's
+own solutions? For each held-out problem it samples N completions from the run's policy (at
+the run's `eval.temperature`), checks each with the task's verifier, and scores it with the
+PRM (P(correct) at the final token, and the minimum over step ends). Printed: the samples'
+accuracy, pass@N (some sample right: what a perfect ranker reaches), best-of-N accuracy under
+each score, and each score's within-problem AUROC against the verifier. A PRM can separate
+solver corruptions well (the first table) and still not rank these (the second).
 """
 
 from __future__ import annotations
@@ -38,13 +46,80 @@ def level_table(exp, value, max_problems: int = 256) -> list[tuple[int, int, flo
   return out
 
 
+def policy_ranking(exp, policy, value, num_samples: int, max_problems: int, seed: int = 0) -> dict:
+  """How the PRM ranks `num_samples` policy samples per held-out problem (module docstring).
+
+  Returns:
+    {'samples', 'sample_accuracy', 'pass_at_n', 'best_of_n_last', 'best_of_n_min',
+    'auroc_within_last', 'auroc_within_min'}.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from rlm_jax.data.steps import StepEnds  # pylint: disable=g-import-not-at-top
+  from rlm_jax.experiment import data as data_lib  # pylint: disable=g-import-not-at-top
+  from rlm_jax.sampling.sampler import SamplingConfig, sample  # pylint: disable=g-import-not-at-top
+  from rlm_jax.training import value as value_lib  # pylint: disable=g-import-not-at-top
+  cfg, tok, n = exp.cfg, exp.tok, num_samples
+  tasks = exp.held.tasks[:max_problems]
+  (pgd, pparams), (vgd, vparams) = policy, value
+  head = nnx.merge(vgd, vparams).cfg.value_head
+  scfg = SamplingConfig(max_new_tokens=cfg.task.completion_len, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                        step_id=tok.step_id, temperature=cfg.eval.temperature)
+  ends = StepEnds.of(tok)
+
+  @jax.jit
+  def scores(prompt, prompt_mask, key):
+    out = sample(pgd, pparams, prompt, prompt_mask, key, scfg, num_samples=n)
+    t = out.tokens_BxT.shape[1]
+    comp_mask = jnp.arange(t)[None] < out.lengths_B[:, None]
+    seq = jnp.concatenate([jnp.repeat(prompt, n, axis=0), out.tokens_BxT], axis=1)
+    mask = jnp.concatenate([jnp.repeat(prompt_mask, n, axis=0), comp_mask], axis=1)
+    p = value_lib.prob_correct(value_lib.predict(vgd, vparams, seq, mask), head)[:, prompt.shape[1]:]
+    last = jnp.take_along_axis(p, jnp.maximum(out.lengths_B - 1, 0)[:, None], axis=1)[:, 0]
+    closing = ends.mask(out.tokens_BxT, comp_mask) | (comp_mask & (out.tokens_BxT == tok.eos_id))
+    return out.tokens_BxT, out.lengths_B, last, jnp.min(jnp.where(closing, p, 1.0), axis=1)
+
+  size = cfg.eval.batch_size
+  right, last, low = [], [], []
+  for c, lo in enumerate(range(0, len(tasks), size)):
+    idx = np.arange(lo, lo + size) % len(tasks)  # fixed shape: the last chunk wraps around
+    real = min(size, len(tasks) - lo)
+    toks, lens, s_last, s_min = jax.device_get(scores(jnp.asarray(exp.held.prompt[idx]),
+                                                      jnp.asarray(exp.held.prompt_mask[idx]),
+                                                      jax.random.fold_in(jax.random.key(seed), c)))
+    ok = data_lib.host_scorer(tok, [tasks[i] for i in idx[:real]], n)(np.asarray(toks)[:real * n],
+                                                                      np.asarray(lens)[:real * n]) == 2
+    right.append(ok)
+    last.append(np.asarray(s_last)[:real * n])
+    low.append(np.asarray(s_min)[:real * n])
+  return ranking_metrics(np.concatenate(right).reshape(-1, n), np.concatenate(last).reshape(-1, n),
+                         np.concatenate(low).reshape(-1, n))
+
+
+def ranking_metrics(right_PxN, last_PxN, min_PxN) -> dict:
+  """`policy_ranking`'s numbers from P problems x N samples: verdicts and the two PRM scores
+  (best-of-N takes the first of tied maxima)."""
+  from rlm_jax.training import prm_metrics  # pylint: disable=g-import-not-at-top
+  right_PxN = np.asarray(right_PxN, bool)
+  p, n = right_PxN.shape
+  groups = np.repeat(np.arange(p), n)
+  pick = lambda s: float(right_PxN[np.arange(p), np.argmax(s, axis=1)].mean())
+  return {'samples': n, 'sample_accuracy': float(right_PxN.mean()), 'pass_at_n': float(right_PxN.any(1).mean()),
+          'best_of_n_last': pick(last_PxN), 'best_of_n_min': pick(min_PxN),
+          'auroc_within_last': prm_metrics.grouped_auroc(np.ravel(last_PxN), right_PxN.ravel(), groups),
+          'auroc_within_min': prm_metrics.grouped_auroc(np.ravel(min_PxN), right_PxN.ravel(), groups)}
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--workdir', action='append', required=True, help='a run folder (repeatable)')
   ap.add_argument('--max_problems', type=int, default=256)
+  ap.add_argument('--samples', type=int, default=0, help='also rank N policy samples per problem (0: skip)')
   args = ap.parse_args(argv)
   print('| run | step AUROC | within-problem AUROC | accuracy | mean P(correct) by level: right / corrupted |')
   print('|---|---|---|---|---|')
+  ranked = []
   for wd in args.workdir:
     run = models_lib.load_run(wd)
     if run.value is None:
@@ -54,6 +129,17 @@ def main(argv=None):
     q = value_phase.prm_quality(exp, run.value, args.max_problems)
     levels = ', '.join(f'L{lv}: {a:.2f} / {b:.2f}' for lv, _, a, b in level_table(exp, run.value, args.max_problems))
     print(f"| {wd} | {q['prm/auroc']:.3f} | {q['prm/auroc_within']:.3f} | {q['prm/accuracy']:.3f} | {levels} |")
+    if args.samples:
+      ranked.append((wd, policy_ranking(exp, run.policy, run.value, args.samples, args.max_problems)))
+  if ranked:
+    n = args.samples
+    print(f'\nThe policy\'s own samples ({n} per held-out problem, verifier-checked), ranked by the PRM:\n')
+    print(f'| run | sample accuracy | pass@{n} | best-of-{n}, final-token P | best-of-{n}, min over steps | '
+          'within-problem AUROC, final / min |')
+    print('|---|---|---|---|---|---|')
+    for wd, r in ranked:
+      print(f"| {wd} | {r['sample_accuracy']:.3f} | {r['pass_at_n']:.3f} | {r['best_of_n_last']:.3f} | "
+            f"{r['best_of_n_min']:.3f} | {r['auroc_within_last']:.3f} / {r['auroc_within_min']:.3f} |")
 
 
 if __name__ == '__main__':

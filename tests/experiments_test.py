@@ -276,3 +276,20 @@ def test_seeds_table_has_per_seed_rows_then_mean_and_range():
   lines = seeds.table(results, ['greedy/accuracy']).splitlines()
   assert lines[2:] == ['| 0 | sft | 0.500 |', '| 0 | rl | 0.600 |', '| 1 | sft | 0.700 |', '| 1 | rl | 0.900 |',
                        '| mean [range] | sft | 0.600 [0.500-0.700] |', '| mean [range] | rl | 0.750 [0.600-0.900] |']
+
+
+def test_prm_ranking_of_policy_samples_by_hand():
+  """Two problems x 3 samples. Problem 0: samples right/wrong/right, final-token P .2/.9/.4 —
+  best-of-3 picks the wrong one, within-problem pairs (right, wrong): (.2 < .9), (.4 < .9) -> 0;
+  problem 1: wrong/right/wrong, P .1/.8/.8 — picks the right one, pairs (.8 > .1), (.8 = .8)
+  -> 1 + 1/2. AUROC (0 + 0 + 1 + .5) / 4 = .375. The min-over-steps score ranks every right
+  sample first: AUROC 1, best-of-3 1. No sample right: pass@3 counts only problems with one."""
+  spec = importlib.util.spec_from_file_location('prm_quality', os.path.join(_REPO, 'experiments', 'prm_quality.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  right = [[1, 0, 1], [0, 1, 0]]
+  got = mod.ranking_metrics(right, [[.2, .9, .4], [.1, .8, .8]], [[.9, .1, .8], [.0, .7, .3]])
+  assert got['sample_accuracy'] == 0.5 and got['pass_at_n'] == 1.0 and got['samples'] == 3
+  assert got['best_of_n_last'] == 0.5 and got['best_of_n_min'] == 1.0
+  assert got['auroc_within_last'] == 0.375 and got['auroc_within_min'] == 1.0
+  assert mod.ranking_metrics([[0, 0], [1, 0]], [[0, 1], [1, 0]], [[0, 1], [1, 0]])['pass_at_n'] == 0.5
