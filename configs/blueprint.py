@@ -41,6 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == 'countdown':  # a domain where checking a step is easier than choosing it
     c.task.update(domain='countdown', levels=(3, 4, 5), prompt_len=32, completion_len=44, answer_len=24)
     c.rl.update(reward_on='host')
+    # The policy's own samples as PRM data: its mistakes (a false step forced onto the target,
+    # e.g. `6*5=16`) are not the solver corruptions' (whose wrong final results miss the target).
+    c.value.update(labels='policy', samples_per_task=8, steps=600)
+    c.value.optim.update(learning_rate=2e-3, decay_steps=590)
   elif arg == 'smoke':  # seconds: every piece runs, nothing is learnt
     c.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
     c.task.update(levels=(1,), train_size=32, rl_size=64, prompt_len=20, completion_len=24, answer_len=10)
