@@ -1,7 +1,6 @@
 """Test-wide setup: 8 fake CPU devices so sharding code runs on one machine, one XLA compilation
 cache per test session, and tiny BPE tokenizers (`split_bpe`, `merge_bpe`) for the
 step-delimiter tests."""
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -13,14 +12,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # xdist worker and by every `python -m rlm_jax.main` subprocess (a tiny run takes ~65 s cold,
 # ~16 s from the cache). This module is imported by the controller before the workers start,
 # so workers and subprocesses inherit one fresh directory; it is removed when the session ends
-# (a cache kept across sessions would hide the cold-start time CI pays). The size limit only
-# turns on the cache's file lock, so that no process reads an entry another is still writing.
+# (a cache kept across sessions would hide the cold-start time CI pays). No size limit: with
+# one, every write scans the whole directory (quadratic over the suite's thousands of entries);
+# an entry read while another process still writes it fails to decode and is compiled again.
 _OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
 if _OWN_CACHE:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='rlm_jax_test_xla_cache_')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
-  if importlib.util.find_spec('filelock'):  # jax needs it for a size limit
-    os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(4 << 30))
 
 import pytest  # noqa: E402
 
