@@ -16,6 +16,13 @@ at load ~5. Measured (seeds 0, 1, 2; README "Value-guided search"): SFT greedy 0
 [0.565-0.660]; PRM-guided MCTS at best 0.557 at 5.2x greedy's tokens, below greedy and below
 self-consistency: the targets of the claim are not met with this PRM (step AUROC 0.71 on
 held-out solver-labelled traces, and it does not rank the policy's own solutions).
+
+`:countdown` runs the same experiment on Countdown levels 3-5 (host verifier: any expression
+reaching the target is right), a domain whose false steps (`6*5=16`, forced onto the target)
+are easier to check than the right step is to choose, with a PRM trained on the SFT policy's
+own samples judged by the verifier (README "Countdown"):
+  python experiments/blueprint.py --seeds=0,1,2 --workdir=runs/blueprint_countdown \
+      --config=configs/blueprint.py:countdown
 """
 import ml_collections
 
