@@ -108,7 +108,7 @@ class SFTConfig:
                        f'sft.batch_size={self.batch_size}')
 
 
-LabelSource = Literal['solver', 'mc', 'mcts', 'policy']
+LabelSource = Literal['solver', 'mc', 'mcts', 'policy', 'checked']
 LABEL_SOURCES: tuple[str, ...] = get_args(LabelSource)
 
 
@@ -130,7 +130,11 @@ class ValueConfig:
             best path's per-step q-values;
     policy  `samples_per_task` traces per problem sampled from the SFT policy, a step right
             while the trace follows the solver's (or when the task's verifier accepts the
-            answer): the policy's own mistakes as negatives (`labels.follow_labels`).
+            answer): the policy's own mistakes as negatives (`labels.follow_labels`);
+    checked the same samples, each step judged by the task's step checker
+            (`tasks.check_steps`): exact process labels where the domain has one (Countdown:
+            right arithmetic on available numbers that can still make the target), so a
+            route other than the solver's is not labelled wrong.
   Sources joined by '+' (e.g. 'solver+policy') pool their rows: the corruptions teach the
   step checks, the policy's samples the mistakes it actually makes (a PRM trained on
   corruptions alone can learn a cue the policy never shows, e.g. a final result that is not

@@ -19,6 +19,7 @@ from rlm_jax import checkpoint as ckpt_lib
 from rlm_jax import distributed
 from rlm_jax import metrics as metrics_lib
 from rlm_jax import sharding
+from rlm_jax import tasks as tasks_lib
 from rlm_jax.experiment import config as config_lib
 from rlm_jax.experiment import data as data_lib
 from rlm_jax.experiment import loop
@@ -61,8 +62,26 @@ class Experiment:
       raise ConfigError(f'rl.prompts_per_iteration={cfg.rl.prompts_per_iteration}: more than the '
                         f'{len(self.rl_pool.tasks)} problems of the phase-2 pool (task.rl_size={cfg.task.rl_size})')
     self._check_answer_matching()
+    self._check_label_sources()
     self.metrics = None
     self.results = loop.Results(workdir)
+
+  def _check_label_sources(self):
+    """'checked' labels need a domain that judges steps; 'policy' labels the solver's steps."""
+    cfg = self.cfg
+    if not (cfg.value.enabled and cfg.value.steps > 0):
+      return
+    sources = cfg.value.label_sources
+    if 'checked' in sources:
+      bad = next((t for t in self.train.tasks if not tasks_lib.has_step_checker(t)), None)
+      if bad is not None:
+        raise ConfigError(f"value.labels='{cfg.value.labels}': {bad.get('type')} problems have no step checker "
+                          f"(tasks.check_steps); use 'policy' or 'mc'")
+    bad = next((i for i, t in enumerate(self.train.tasks) if not t.get('steps')), None) if 'policy' in sources else None
+    if bad is not None:
+      problem = str(self.train.tasks[bad].get('problem', ''))[:40]
+      raise ConfigError(f"value.labels='{cfg.value.labels}': training problem {bad} ({problem!r}) has no solver steps "
+                        f"to compare samples with; use 'checked' (where the domain has a step checker) or 'mc'")
 
   def _check_answer_matching(self):
     """Device-side scoring (rewards, Monte Carlo / MCTS labels) compares a completion's final
@@ -79,7 +98,7 @@ class Experiment:
                         "rl.reward_on='host'")
     if cfg.value.enabled and cfg.value.steps > 0 and {'mc', 'mcts'} & set(cfg.value.label_sources):
       raise ConfigError(f"value.labels='{cfg.value.labels}': Monte Carlo and MCTS labels match rollouts with the "
-                        f"solver's answer text, but {what}: use 'policy' or 'solver'")
+                        f"solver's answer text, but {what}: use 'checked', 'policy' or 'solver'")
 
   # --- pieces -----------------------------------------------------------------------------
 

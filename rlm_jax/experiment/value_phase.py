@@ -1,7 +1,8 @@
 """Phase 1b: the value model / PRM, trained on step labels of the training problems.
 
 Labels (`config.value.labels`, `training.labels`): the solver's traces (and corrupted ones),
-Monte Carlo rollouts from the SFT policy, or MCTS q-values. The label set is a function of
+Monte Carlo rollouts from the SFT policy, MCTS q-values, or the SFT policy's own samples judged
+against the solver's trace or by the task's step checker. The label set is a function of
 (seed, SFT policy), rebuilt when the phase (re)starts.
 """
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlm_jax import tasks as tasks_lib
 from rlm_jax.data import encoding
 from rlm_jax.data.steps import StepEnds
 from rlm_jax.experiment import data as data_lib
@@ -84,16 +86,12 @@ def _mc_rows(exp, graphdef, policy_params, idx):
   return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
 
 
-def _policy_rows(exp, graphdef, policy_params, idx):
-  """The SFT policy's own samples, checked against the solver's trace and the verifier."""
-  cfg, v, tok = exp.cfg, exp.cfg.value, exp.tok
-  key, scfg, parts = jax.random.key(cfg.seed + 17), _sampling(exp), []
-  m, ends = v.samples_per_task, StepEnds.of(tok)
-  missing = [int(i) for i in idx if not exp.train.tasks[i].get('steps')]
-  if missing:
-    from rlm_jax.configlib import ConfigError  # pylint: disable=g-import-not-at-top
-    raise ConfigError(f'value.labels=policy: training problem {missing[0]} has no solver steps to compare '
-                      f'samples with ({len(missing)} of {len(idx)} lack them); use value.labels=mc')
+def _policy_samples(exp, graphdef, policy_params, idx):
+  """The SFT policy's `value.samples_per_task` samples of each training problem `idx`, by
+  chunks: yields (batch rows repeated per sample, completion [R, T], completion mask, the task
+  of each row, number of real rows)."""
+  cfg, v = exp.cfg, exp.cfg.value
+  key, scfg, m = jax.random.key(cfg.seed + 17), _sampling(exp), v.samples_per_task
   for c, real, batch in label_chunks(exp, idx):
     out = sample(graphdef, policy_params, batch['prompt'], batch['prompt_mask'], jax.random.fold_in(key, c), scfg,
                  num_samples=m)
@@ -101,21 +99,61 @@ def _policy_rows(exp, graphdef, policy_params, idx):
     rep = jax.tree.map(lambda x: jnp.repeat(x, m, axis=0), batch)
     comp_mask = jnp.arange(t)[None] < out.lengths_B[:, None]
     rows_idx = idx[c * v.label_batch:c * v.label_batch + real]
-    # The verifier decides (an answer other than the solver's may be right, e.g. Countdown).
     tasks = [exp.train.tasks[i] for i in rows_idx] + [exp.train.tasks[rows_idx[0]]] * (len(batch['prompt']) - real)
+    yield rep, out, comp_mask, [t for t in tasks for _ in range(m)], real * m
+
+
+def _policy_rows(exp, graphdef, policy_params, idx):
+  """The SFT policy's own samples, checked against the solver's trace and the verifier."""
+  v, tok = exp.cfg.value, exp.tok
+  m, ends, parts = v.samples_per_task, StepEnds.of(tok), []
+  for rep, out, comp_mask, tasks, real in _policy_samples(exp, graphdef, policy_params, idx):
+    t = out.tokens_BxT.shape[1]
+    # The verifier decides (an answer other than the solver's may be right, e.g. Countdown).
     tokens_np, lengths_np = np.asarray(jax.device_get(out.tokens_BxT)), np.asarray(jax.device_get(out.lengths_B))
-    correct = jnp.asarray(data_lib.host_scorer(tok, tasks, m)(tokens_np, lengths_np) == 2)
-    reference = np.full((len(rows_idx), t), -1, np.int64)
-    for r, i in enumerate(rows_idx):
-      ids = encoding.completion_ids(tok, exp.train.tasks[i]['steps'])[:t]
+    correct = jnp.asarray(data_lib.host_scorer(tok, tasks, 1)(tokens_np, lengths_np) == 2)
+    reference = np.full((len(tasks), t), -1, np.int64)
+    for r, task in enumerate(tasks):
+      if r % m == 0:
+        ids = encoding.completion_ids(tok, task['steps'])[:t]
       reference[r, :len(ids)] = ids
-    reference = np.concatenate([reference, np.repeat(reference[:1], len(batch['prompt']) - real, axis=0)])
-    lab = labels_lib.follow_labels(out.tokens_BxT, comp_mask, jnp.asarray(np.repeat(reference, m, axis=0)),
-                                   correct, ends, tok.eos_id, v.max_steps)
+    lab = labels_lib.follow_labels(out.tokens_BxT, comp_mask, jnp.asarray(reference), correct, ends, tok.eos_id,
+                                   v.max_steps)
     rows = labels_lib.trace_prm_batch(dict(rep, completion=out.tokens_BxT, completion_mask=comp_mask),
                                       lab['labels'], lab['valid'], ends, tok.eos_id)
-    parts.append({k: np.asarray(jax.device_get(rows[k]))[:real * m] for k in KEYS})
+    parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in KEYS})
   return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+
+
+def _checked_rows(exp, graphdef, policy_params, idx):
+  """The SFT policy's own samples, each step judged by the task's step checker
+  (`tasks.check_steps`: exact process labels where the domain has one, e.g. Countdown)."""
+  v, tok = exp.cfg.value, exp.tok
+  ends, parts = StepEnds.of(tok), []
+  for rep, out, comp_mask, tasks, real in _policy_samples(exp, graphdef, policy_params, idx):
+    ends_BxS, valid_BxS = labels_lib.step_ends(out.tokens_BxT, comp_mask, ends, tok.eos_id, v.max_steps)
+    tokens_np, ends_np, valid_np = (np.asarray(jax.device_get(x)) for x in (out.tokens_BxT, ends_BxS, valid_BxS))
+    labels = np.zeros(valid_np.shape, np.float32)
+    for r in range(real):
+      labels[r, :valid_np[r].sum()] = step_labels(tok, tasks[r], tokens_np[r], ends_np[r][valid_np[r]])
+    rows = labels_lib.trace_prm_batch(dict(rep, completion=out.tokens_BxT, completion_mask=comp_mask),
+                                      jnp.asarray(labels), valid_BxS, ends, tok.eos_id)
+    parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in KEYS})
+  return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+
+
+def step_labels(tok, task: dict, tokens_T: np.ndarray, ends_K: np.ndarray) -> list[int]:
+  """The step checker's labels of one sampled completion's first K closed steps.
+
+  Each step's text is its tokens after the previous step's closing token up to its own,
+  decoded and stripped of the delimiter. Only a step closed by EOS is the answer step: when
+  the K-th step is not (a longer or truncated trace) it is checked as an intermediate step.
+  """
+  starts = np.concatenate([[0], ends_K[:-1] + 1])
+  texts = [tok.decode(tokens_T[a:b + 1]).strip() for a, b in zip(starts, ends_K)]
+  if len(ends_K) and tokens_T[ends_K[-1]] == tok.eos_id:
+    return tasks_lib.check_steps(task, texts)
+  return tasks_lib.check_steps(task, texts + [''])[:len(texts)]
 
 
 def _mcts_rows(exp, graphdef, policy_params, idx):
@@ -132,7 +170,8 @@ def _mcts_rows(exp, graphdef, policy_params, idx):
   return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
 
 
-_SOURCES = {'solver': _solver_rows, 'mc': _mc_rows, 'policy': _policy_rows, 'mcts': _mcts_rows}
+_SOURCES = {'solver': _solver_rows, 'mc': _mc_rows, 'policy': _policy_rows, 'checked': _checked_rows,
+            'mcts': _mcts_rows}
 
 
 def run_value(exp, graphdef, sft_params, stop):

@@ -14,12 +14,12 @@ CLI: `python -m rlm_jax.tasks generate|verify --help`.
 """
 from rlm_jax.tasks.common import difficulty_of, level_of, make_rng
 from rlm_jax.tasks.files import load_tasks, save_tasks
-from rlm_jax.tasks.registry import (DOMAINS, answer_text, domain_of, generate,
-                                    generate_dataset, verify)
+from rlm_jax.tasks.registry import (DOMAINS, answer_text, check_steps, domain_of, generate,
+                                    generate_dataset, has_step_checker, verify)
 from rlm_jax.tasks.rewards import DEFAULT_REWARDS, reward, reward_array
 
 __all__ = [
-    "DEFAULT_REWARDS", "DOMAINS", "answer_text", "difficulty_of", "domain_of", "generate",
-    "generate_dataset", "level_of", "load_tasks", "make_rng", "reward", "reward_array", "save_tasks",
+    "DEFAULT_REWARDS", "DOMAINS", "answer_text", "check_steps", "difficulty_of", "domain_of", "generate",
+    "generate_dataset", "has_step_checker", "level_of", "load_tasks", "make_rng", "reward", "reward_array", "save_tasks",
     "verify",
 ]

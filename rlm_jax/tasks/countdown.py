@@ -8,6 +8,9 @@ Scores: 2 the expression obeys the rules and equals the target; 1 it obeys the r
 another value; 0 it breaks a rule (a number not given or used too often, inexact division or
 division by zero); -1 no parseable expression.
 
+Steps (`check_steps`): a step `a op b = c` is right when a and b are still available, c is
+a op b, and the numbers left can still make the target; the answer step when it verifies.
+
 Levels: 2 numbers (1-9, target < 100) at level 1 up to 6 numbers (some 2-digit, target <
 1000) at level 10; from level 5 one given number may be a distractor. Reference steps combine
 two numbers per step (`3+5=8`, `8*2=16`), then `Answer: (3+5)*2`.
@@ -279,3 +282,101 @@ def score(gold: tuple[list[int], int], output: str) -> int:
 def answer_text(task: dict) -> str:
   check_task(task, "solution")
   return str(task["solution"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Step checking (process labels of sampled traces)
+
+_STEP_RE = re.compile(r"^\s*(\d{1,9})\s*([-+*/xX\u00d7])\s*(\d{1,9})\s*=\s*(-?\d{1,12})\s*\.?\s*$")
+# Pools searched by `reachable` before giving up (bounded time on any input).
+MAX_REACH_NODES = 20_000
+MAX_POOL = 8
+
+
+def _results(a: int, b: int) -> set[int]:
+  out = {a + b, a * b, a - b, b - a}
+  if b and a % b == 0:
+    out.add(a // b)
+  if a and b % a == 0:
+    out.add(b // a)
+  return out
+
+
+def reachable(pool, target: int, max_nodes: int = MAX_REACH_NODES) -> bool | None:
+  """Whether some expression over a sub-multiset of `pool` equals `target` (None: undecided
+  within `max_nodes` pools, or a pool over `MAX_POOL` numbers)."""
+  start = tuple(sorted(pool))
+  if target in start:
+    return True
+  if len(start) > MAX_POOL:
+    return None
+  dead: set[tuple] = set()
+  budget = [max_nodes]
+
+  def go(p: tuple) -> bool:
+    if target in p:
+      return True
+    if len(p) < 2 or p in dead:
+      return False
+    budget[0] -= 1
+    if budget[0] < 0:
+      raise _OutOfBudget
+    for i in range(len(p)):
+      for j in range(i + 1, len(p)):
+        rest = p[:i] + p[i + 1:j] + p[j + 1:]
+        for r in _results(p[i], p[j]):
+          if go(tuple(sorted(rest + (r,)))):
+            return True
+    dead.add(p)
+    return False
+
+  try:
+    return go(start)
+  except _OutOfBudget:
+    return None
+
+
+class _OutOfBudget(Exception):
+  """`reachable` searched its `max_nodes` pools without deciding."""
+
+
+def check_steps(task: dict, steps: list[str]) -> list[int]:
+  """Process labels of a sampled trace: 1 for a right step, 0 from the first wrong one on.
+
+  Step k < last is right when it reads `a op b = c` with a and b among the numbers still
+  available (given, or results of earlier steps; each used once), c = a op b exactly, and
+  the numbers then left can still make the target (`reachable`; undecided counts as
+  reachable). The last step is right when the verifier accepts it as the answer. Never raises
+  on any step text; time is bounded by `MAX_REACH_NODES` per step.
+  """
+  numbers, target = parse_task(task)
+  gold = (numbers, target)
+  pool, ok, out = Counter(numbers), reachable(numbers, target) is not False, []
+  for k, step in enumerate(steps):
+    text = step if isinstance(step, str) else ""
+    if ok and k == len(steps) - 1:
+      ok = score(gold, text) == 2
+    elif ok:
+      m = _STEP_RE.match(tail(text, 200))
+      if m is None:
+        ok = False
+      else:
+        a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+        op = "*" if op in "xX\u00d7" else op
+        need = Counter([a, b])
+        ok = not (need - pool) and c == _exact(a, op, b)
+        if ok:
+          pool = pool - need + Counter([c])
+          ok = reachable(list(pool.elements()), target) is not False
+    out.append(int(ok))
+  return out
+
+
+def _exact(a: int, op: str, b: int) -> int | None:
+  if op == "+":
+    return a + b
+  if op == "-":
+    return a - b
+  if op == "*":
+    return a * b
+  return a // b if b and a % b == 0 else None

@@ -2,7 +2,8 @@
 
 Every domain module offers `NAME` (the task `type` it writes), `generate(seed, difficulty)`,
 `parse_task(task) -> gold` (raises ValueError on a malformed task), `score(gold, output) ->
-int` and `answer_text(task) -> str`.
+int` and `answer_text(task) -> str`; a domain whose steps can be judged one by one also offers
+`check_steps(task, steps) -> list[int]` (process labels of any trace).
 """
 from __future__ import annotations
 
@@ -121,6 +122,23 @@ def verify(task: dict, output: str) -> int:
     # a training loop.
     log.exception("verifier for %s raised on an output; scoring -1", task["type"])
     return -1
+
+
+def has_step_checker(task: dict) -> bool:
+  """Whether `task`'s domain judges steps one by one (`check_steps`)."""
+  return hasattr(domain_of(task), "check_steps")
+
+
+def check_steps(task: dict, steps: list[str]) -> list[int]:
+  """Process labels of a trace (1 right, 0 from the first wrong step on) by the domain's own
+  step checker; never raises because of the steps (a checker that fails scores them 0)."""
+  mod = domain_of(task)
+  mod.parse_task(task)
+  try:
+    return [int(x) for x in mod.check_steps(task, list(steps))]
+  except Exception:  # pylint: disable=broad-except
+    log.exception("step checker for %s raised on a trace; labelling it wrong", task["type"])
+    return [0] * len(steps)
 
 
 def answer_text(task: dict) -> str:

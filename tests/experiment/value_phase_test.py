@@ -223,3 +223,59 @@ def test_answer_text_matching_on_problems_with_many_answers_is_refused(tmp_path,
   with pytest.raises(configlib.ConfigError) as e:
     runner.Experiment(_countdown_cfg(*overrides), str(tmp_path))
   assert culprit in str(e.value) and 'Countdown' in str(e.value) and '\n' not in str(e.value)
+
+
+def _swap_first_step(steps):
+  """The solver's trace with the operands of its first `a+b=c` / `a*b=c` step swapped: the same
+  route in another order (the text differs from the solver's unless a == b)."""
+  import re
+  m = re.fullmatch(r'(\d+)([+*])(\d+)=(\d+)', steps[0])
+  return ([f'{m[3]}{m[2]}{m[1]}={m[4]}'] if m else steps[:1]) + steps[1:]
+
+
+def test_checked_labels_judge_each_step_by_the_task_not_the_solvers_text(tmp_path, monkeypatch):
+  """`value.labels=checked`: each sampled step is judged by Countdown's step checker. A route in
+  another order that ends in a wrong answer is right up to the answer ('policy' labels it wrong
+  from the first token that differs); wrong arithmetic in the first step is wrong throughout."""
+  exp = runner.Experiment(_countdown_cfg('value.labels=checked'), str(tmp_path))
+  exp_policy = runner.Experiment(_countdown_cfg('value.labels=policy'), str(tmp_path / 'policy'))
+
+  def labels(e, rewrite):
+    monkeypatch.setattr(value_phase, 'sample', _scripted_sampler(e, rewrite))
+    data = value_phase.value_data(e, None, None)
+    m = data['target_mask'] > 0
+    return [data['targets'][r][m[r]].tolist() for r in range(len(m))]
+
+  tasks = [exp.train.tasks[i] for i in sorted(np.random.default_rng((exp.cfg.seed, 6)).choice(
+      len(exp.train.tasks), 4, replace=False))]
+  n_steps = [len(t['steps']) for t in tasks for _ in range(2)]  # 2 samples per problem
+  swapped_wrong = lambda steps: _swap_first_step(steps)[:-1] + ['Answer: 0*0']
+  got = labels(exp, swapped_wrong)
+  assert got == [[1.0] * (n - 1) + [0.0] for n in n_steps]
+  swapped = [t['steps'][0] != _swap_first_step(t['steps'])[0] for t in tasks for _ in range(2)]
+  assert any(swapped)
+  assert [r == [0.0] * n for r, n, s in zip(labels(exp_policy, swapped_wrong), n_steps, swapped) if s] == \
+      [True] * sum(swapped)
+  wrong_first = lambda steps: [steps[0].split('=')[0] + '=' + str(int(steps[0].split('=')[1]) + 1)] + steps[1:]
+  assert labels(exp, wrong_first) == [[0.0] * n for n in n_steps]
+  assert labels(exp, lambda steps: steps) == [[1.0] * n for n in n_steps]
+
+
+def test_checked_labels_need_a_domain_with_a_step_checker(tmp_path):
+  with pytest.raises(configlib.ConfigError) as e:
+    runner.Experiment(_cfg('value.labels=solver+checked'), str(tmp_path))
+  msg = str(e.value)
+  assert "value.labels='solver+checked'" in msg and 'Arithmetic' in msg and 'step checker' in msg and '\n' not in msg
+
+
+def test_policy_labels_without_solver_steps_fail_at_start_up(tmp_path):
+  """Problems from a file with answers only (no `steps`): 'policy' labels compare samples with
+  the solver's steps, so the run stops before any phase, naming the key and the problem."""
+  path = tmp_path / 'train.jsonl'
+  path.write_text(''.join(json.dumps({'type': 'Arithmetic', 'problem': f'Compute {i}+1.', 'solution': str(i + 1)}) + '\n'
+                          for i in range(40)))
+  with pytest.raises(configlib.ConfigError) as e:
+    runner.Experiment(_cfg('value.labels=policy', 'sft.steps=0', f'task.train_file={path}'), str(tmp_path / 'run'))
+  msg = str(e.value)
+  assert "value.labels='policy'" in msg and "training problem 0 ('Compute 0+1.') has no solver steps" in msg and '\n' not in msg
+  assert not os.path.exists(tmp_path / 'run' / 'config.json')

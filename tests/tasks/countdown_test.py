@@ -55,3 +55,43 @@ def test_generated_solution_is_valid(level):
 def test_bad_problem_raises():
   with pytest.raises(ValueError, match="Use a, b, c"):
     countdown.verify({"type": "Countdown", "problem": "make 16", "solution": "x"}, "1")
+
+
+@pytest.mark.parametrize("steps,labels", [
+    (["3+5=8", "8*2=16", "Answer: (3+5)*2"], [1, 1, 1]),
+    (["5+3=8", "2*8=16", "Answer: 2*(5+3)"], [1, 1, 1]),  # another order of the same route
+    (["3+5=8", "8*2=16", "Answer: 16"], [1, 1, 0]),  # the answer is not an expression of the numbers
+    (["3+5=8", "8*2=15", "Answer: (3+5)*2"], [1, 0, 0]),  # wrong arithmetic: wrong from there on
+    (["3*5=15", "15+2=17", "Answer: 3*5+2"], [0, 0, 0]),  # right arithmetic, but 15 and 2 cannot make 16
+    (["3+3=6", "6+5=11", "Answer: 3+3+5"], [0, 0, 0]),  # 3 is given once
+    (["8*2=16", "Answer: (3+5)*2"], [0, 0]),  # 8 is not available yet
+    (["Let me think.", "3+5=8", "Answer: (3+5)*2"], [0, 0, 0]),  # not a step
+    (["5 - 3 = 2", "2 * 2 = 4", "Answer: (5-3)*2"], [0, 0, 0]),  # 5-3 leaves 2, 2: at most 4
+    (["3 + 5 = 8", "8 x 2 = 16.", "Answer: (3+5)*2"], [1, 1, 1]),  # spaces, 'x', a full stop
+    (["Answer: (3+5)*2"], [1]),
+    ([], []),
+])
+def test_check_steps_labels_each_step(steps, labels):
+  assert countdown.check_steps(TASK, steps) == labels
+
+
+def test_check_steps_accepts_a_route_only_the_search_finds():
+  # 16 from 2, 3, 4, 6: 6-2=4 keeps {3, 4, 4} (4*4, 3 unused); 6*2=12 keeps {3, 4, 12} (12+4)
+  task = {"type": "Countdown", "problem": "Use 2, 3, 4, 6 to make 16.", "solution": "6*2+4"}
+  assert countdown.check_steps(task, ["6-2=4", "4*4=16", "Answer: (6-2)*4"]) == [1, 1, 1]
+  assert countdown.check_steps(task, ["6*2=12", "12+4=16", "Answer: 6*2+4"]) == [1, 1, 1]
+  assert countdown.reachable([3, 4, 4], 16) and not countdown.reachable([2, 3], 16)
+  assert countdown.reachable([1, 1, 1, 1, 1], 16) is False
+
+
+def test_reachable_is_bounded():
+  assert countdown.reachable([7, 11, 13, 17, 19], 997, max_nodes=3) is None  # undecided
+  assert countdown.reachable(list(range(1, 12)), 5000) is None  # too many numbers to search
+  # an undecided pool counts as reachable: only the arithmetic decides
+  assert countdown.check_steps({"type": "Countdown", "problem": "Use 1, 2, 3, 4, 5, 6, 7, 8, 9 to make 999."},
+                               ["9*8=72", "Answer: 9*8"]) == [1, 0]
+
+
+@pytest.mark.parametrize("junk", ["", "=", "1+1=", "99999999999*9=1", "\x00\n" * 500, "1/0=0", "x" * 10_000])
+def test_check_steps_never_raises(junk):
+  assert countdown.check_steps(TASK, [junk, junk, junk]) == [0, 0, 0]
