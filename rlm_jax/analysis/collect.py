@@ -66,11 +66,13 @@ def guides_for(name: str, has_value: bool, verifier: bool) -> list[str]:
   return ['value' if has_value else 'policy'] + (['verifier'] if verifier else [])
 
 
-def search_setup(base, name: str, budget: int, guide: str, value_from_policy: bool):
+def search_setup(base, name: str, budget: int, guide: str, value_from_policy: bool, value_scorer: str = 'orm'):
   """The `search.config` section of one (strategy, budget, guide): `base` (a ConfigDict from
   `search.config.get_config`, not modified) with the budget's knob (BUDGET_KNOBS) and the
   guide set; `value_from_policy`: values come from the policy's own value head (PPO's
-  actor-critic), not a separate value model. Returns a `search.config.SearchSetup`."""
+  actor-critic), not a separate value model; `value_scorer` ranks value-guided best-of-N (the
+  run's `eval.prm_scorer`, so analysis and the run's own evaluation agree). Returns a
+  `search.config.SearchSetup`."""
   from rlm_jax.search import config as search_config
 
   c = base.copy_and_resolve_references()
@@ -80,7 +82,7 @@ def search_setup(base, name: str, budget: int, guide: str, value_from_policy: bo
   if name == 'greedy':
     c.chain.update(greedy=True, score='none')
   elif name == 'best_of_n':
-    c.best_of_n.update(num_samples=budget, scorer={'verifier': 'reward', 'value': 'orm', 'policy': 'logprob'}[guide])
+    c.best_of_n.update(num_samples=budget, scorer={'verifier': 'reward', 'value': value_scorer, 'policy': 'logprob'}[guide])
   else:
     knob = BUDGET_KNOBS[name]
     c[name][knob] = budget
@@ -133,7 +135,7 @@ def collect(workdir: str | os.PathLike, *, phases: Sequence[str] | None = None,
     for name, name_budgets in budgets.items():
       for guide in guides_for(name, policy.has_value, verifier):
         for budget in name_budgets:
-          setup = search_setup(base, name, budget, guide, policy.value_from_policy)
+          setup = search_setup(base, name, budget, guide, policy.value_from_policy, policy.prm_scorer)
           setup = dataclasses.replace(setup, seed=seed * 1000 + budget)
           keep = num_trees if name == 'mcts' and budget == max(name_budgets) else 0
           t0 = time.perf_counter()
@@ -176,6 +178,7 @@ class _Policy(NamedTuple):
   prompt_format: Any  # the run's data.encoding.PromptFormat
   task: Any  # the run's `task` section (prompt_len, answer_len, completion_len)
   temperature: float  # the run's eval.temperature
+  prm_scorer: str  # the run's eval.prm_scorer (value-guided best-of-N)
 
   @property
   def has_value(self) -> bool:
@@ -209,7 +212,7 @@ def _load_phase(workdir: str, phase: str) -> _Policy:
   fmt = run.cfg.tokenizer.prompt_format()
   _, held = data_lib.build_data(run.tok, run.cfg.task, run.cfg.eval.size, fmt, traces=run.cfg.sft.steps > 0)
   return _Policy(run.tok, graphdef, params, run.value, head and run.value is None, list(held.tasks), fmt,
-                 run.cfg.task, run.cfg.eval.temperature)
+                 run.cfg.task, run.cfg.eval.temperature, run.cfg.eval.prm_scorer)
 
 
 def _search(policy: _Policy, setup, tasks: Sequence[dict], num_trees: int) -> tuple[list[dict], list[dict]]:

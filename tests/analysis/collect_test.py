@@ -45,6 +45,7 @@ def test_search_setups_set_the_budget_knob_and_the_guide():
   s = analysis.search_setup(base, 'best_of_n', 4, 'verifier', False)
   assert (s.best_of_n.num_samples, s.best_of_n.scorer, s.reward) == (4, 'reward', 'answer')
   assert analysis.search_setup(base, 'best_of_n', 4, 'policy', False).best_of_n.scorer == 'logprob'
+  assert analysis.search_setup(base, 'best_of_n', 4, 'value', False, 'prm_min').best_of_n.scorer == 'prm_min'
   s = analysis.search_setup(base, 'mcts', 8, 'value', True)
   assert (s.mcts.num_simulations, s.lm.value_from_policy, s.reward) == (8, True, 'none')
   assert s.mcts.num_children == base.mcts.num_children  # other knobs keep their defaults
