@@ -43,6 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       enabled=True, labels='solver', mode='mse', init='policy', value_hidden=0,
       steps=150, batch_size=64, num_traces=1500, label_batch=64, negatives_per_task=1, max_steps=8,
       mc_rollouts=4, samples_per_task=4, temperature=1.0,
+      # The value model's own shape (0: the policy's; a deeper one starts from the policy's layers).
+      arch=dict(n_layers=0, d_model=0, n_heads=0, n_kv_heads=0, head_dim=0, d_ff=0),
       optim=dict(learning_rate=1e-3, warmup_steps=10, decay_steps=140, end_lr_factor=0.1,
                  weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0))
   # Rounds search problems of the phase-2 pool (task.rl_size, disjoint from the SFT traces).

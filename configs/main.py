@@ -41,7 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.value = dict(
       enabled=False, labels='solver', mode='mse', init='policy', value_hidden=0,
       steps=200, batch_size=32, num_traces=512, label_batch=64, negatives_per_task=1, max_steps=8,
-      mc_rollouts=4, samples_per_task=4, temperature=1.0, optim=_optim())
+      mc_rollouts=4, samples_per_task=4, temperature=1.0, optim=_optim(),
+      # The value model's own shape (0: the policy's; a deeper one starts from the policy's layers).
+      arch=dict(n_layers=0, d_model=0, n_heads=0, n_kv_heads=0, head_dim=0, d_ff=0))
   c.rl = dict(
       algo='grpo', iterations=150, prompts_per_iteration=32, group_size=8,
       temperature=1.0, top_k=0, top_p=1.0,

@@ -113,12 +113,35 @@ LABEL_SOURCES: tuple[str, ...] = get_args(LabelSource)
 
 
 @dataclasses.dataclass(frozen=True)
+class ValueArch:
+  """The value model's own shape; 0 keeps the policy's. With `value.init='policy'` only
+  `n_layers` may differ, and only upwards: the policy's layers are copied and each extra layer
+  (after them) starts as the identity (zero attention-output and MLP-down projections), so the
+  deeper model computes exactly the policy's features at the start of value training."""
+
+  n_layers: int = 0
+  d_model: int = 0
+  n_heads: int = 0
+  n_kv_heads: int = 0
+  head_dim: int = 0
+  d_ff: int = 0
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      if getattr(self, f.name) < 0:
+        raise ValueError(f'value.arch.{f.name}={getattr(self, f.name)}: must be >= 0 (0: the policy\'s)')
+
+  def overrides(self) -> dict[str, int]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name)}
+
+
+@dataclasses.dataclass(frozen=True)
 class ValueConfig:
   """Phase-1 value / PRM training (its own checkpointed phase `value`, after policy SFT).
 
-  The value model is the policy's architecture with the value head of `mode` ('mse': a
-  'sigmoid' head, targets 2p − 1; 'bce': a 'logit' head, targets p), started from the SFT
-  policy's weights (`init='policy'`) or at random. An algorithm that trains a value model
+  The value model is the policy's architecture (or the shape of `arch`) with the value head of
+  `mode` ('mse': a 'sigmoid' head, targets 2p − 1; 'bce': a 'logit' head, targets p), started
+  from the SFT policy's weights (`init='policy'`) or at random. An algorithm that trains a value model
   (rl.algo='alphazero') keeps training the same model (built from this section even when
   `enabled` is False).
 
@@ -158,6 +181,7 @@ class ValueConfig:
   temperature: float  # sampling of mc / policy traces and rollouts
   optim: OptimConfig
   samples_per_task: int = 4  # policy labels: traces sampled per problem (default: older runs)
+  arch: ValueArch = ValueArch()  # the value model's own shape (default: the policy's; older runs)
 
   @property
   def label_sources(self) -> tuple[str, ...]:

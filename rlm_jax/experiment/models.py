@@ -88,9 +88,22 @@ class ModelBuilder:
     return dataclasses.replace(self.model_cfg, value_head=head)
 
   def value_config(self) -> ModelConfig:
+    """The value model's architecture: the policy's, reshaped by `value.arch`, with the value
+    head of `value.mode`. A shape `value.init='policy'` cannot start from is a ConfigError."""
     v = self.cfg.value
-    return dataclasses.replace(self.model_cfg, value_head=value_lib.HEAD_OF_MODE[v.mode],
-                               value_hidden=v.value_hidden)
+    shape = v.arch.overrides()
+    if v.init == 'policy':
+      other = {k: x for k, x in shape.items() if k != 'n_layers' and x != getattr(self.model_cfg, k)}
+      if other or shape.get('n_layers', self.model_cfg.n_layers) < self.model_cfg.n_layers:
+        key, x = next(iter(other.items())) if other else ('n_layers', shape['n_layers'])
+        raise ConfigError(f"value.arch.{key}={x}: value.init='policy' copies the policy's weights "
+                          f"({key}={getattr(self.model_cfg, key)}); only more layers can start from them "
+                          f"(or set value.init='random')")
+    try:
+      return dataclasses.replace(self.model_cfg, value_head=value_lib.HEAD_OF_MODE[v.mode],
+                                 value_hidden=v.value_hidden, **shape)
+    except ValueError as e:
+      raise ConfigError(f'value.arch: {e}') from e
 
   # --- concrete models ---------------------------------------------------------------------
 
@@ -131,15 +144,16 @@ class ModelBuilder:
     return lora_lib.merge_lora(graphdef, params)
 
   def value_model(self, policy_params=None) -> tuple[nnx.GraphDef, nnx.State]:
-    """A new value model: the policy's architecture with the value head of `value.mode`; with
-    `value.init='policy'` every weight but the value head is copied from `policy_params`
-    (a plain policy: merge LoRA first)."""
+    """A new value model: `value_config()`; with `value.init='policy'` every weight but the
+    value head is copied from `policy_params` (a plain policy: merge LoRA first), and the
+    layers a deeper value model has beyond the policy's start as the identity."""
     from rlm_jax.training import ppo as ppo_lib  # pylint: disable=g-import-not-at-top
     vcfg = self.value_config()
     make = lambda: Transformer(vcfg, rngs=nnx.Rngs(params=self.cfg.seed + _SEED_VALUE))
     graphdef, params = sharding.init_sharded(make, self.mesh, self.rules)
     if self.cfg.value.init == 'policy' and policy_params is not None:
       params = ppo_lib.actor_critic_params(params, policy_params)
+      params = identity_layers(params, range(self.model_cfg.n_layers, vcfg.n_layers))
     return graphdef, jax.tree.map(jnp.copy, params)  # own buffers: the value state is donated
 
   def actor_critic(self, policy_params, head: str = 'sigmoid') -> tuple[nnx.GraphDef, nnx.State]:
@@ -163,6 +177,19 @@ class ModelBuilder:
   def abstract_value(self):
     vcfg = self.value_config()
     return sharding.abstract_sharded(lambda: Transformer(vcfg, rngs=nnx.Rngs(params=0)), self.mesh, self.rules)
+
+
+def identity_layers(params: nnx.State, layers) -> nnx.State:
+  """`params` with the attention-output and MLP-down projections of `layers` zeroed: those
+  residual blocks add nothing, so each is the identity until training moves them."""
+  out = jax.tree.map(lambda x: x, params)
+  d = out.to_pure_dict()
+  for i in layers:
+    block = d['layers'][i]
+    block['attn']['wo'] = jnp.zeros_like(block['attn']['wo'])
+    block['mlp']['w_down'] = jnp.zeros_like(block['mlp']['w_down'])
+  nnx.replace_by_pure_dict(out, d)
+  return out
 
 
 # ------------------------------------------------------------------------------------------

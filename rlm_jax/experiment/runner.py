@@ -43,6 +43,8 @@ class Experiment:
     self.workdir = workdir
     self.tok = models_lib.load_run_tokenizer(cfg)
     self.models = models_lib.ModelBuilder(cfg, self.tok)
+    if config_lib.has_value_model(cfg):
+      self.models.value_config()  # a value.arch the run cannot build fails here, before any phase
     self.mesh, self.rules = self.models.mesh, self.models.rules
     # The rollout's own placement, when it differs from the training mesh.
     self.rollout_at = None
