@@ -244,6 +244,15 @@ def grpo_iteration_host_scored(graphdef, tx: optax.GradientTransformation, setup
   """
   setup = dataclasses.replace(setup, score_fn=no_device_score)
   ro = rollout_jit(graphdef, state.params, batch, key, setup)
+  ro, host_metrics = score_on_host(ro, setup, score_host)
+  state, metrics = grpo_update_jit(graphdef, tx, setup, state, ref_params, ro)
+  return state, dict(metrics, **host_metrics)
+
+
+def score_on_host(ro: dict, setup: GRPOSetup, score_host: HostScorer) -> tuple[dict, dict]:
+  """The rollout `ro` with `score` and `reward` from `score_host` (see
+  `grpo_iteration_host_scored`): the completions' token ids pulled to host once, the scores
+  put back with the rollout's sharding. Returns (ro, the scorer's metrics)."""
   if jax.process_count() > 1:  # every process scores the whole batch (the verifier is cheap)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     tokens, lengths = multihost_utils.process_allgather((ro['tokens'], ro['lengths']), tiled=True)
@@ -259,9 +268,7 @@ def grpo_iteration_host_scored(graphdef, tx: optax.GradientTransformation, setup
     reward = score_to_reward(score, setup.reward)
   else:
     reward = jax.device_put(np.asarray(reward, np.float32), ro['score'].sharding)
-  ro = dict(ro, score=score, reward=reward)
-  state, metrics = grpo_update_jit(graphdef, tx, setup, state, ref_params, ro)
-  return state, dict(metrics, **host_metrics)
+  return dict(ro, score=score, reward=reward), host_metrics
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Process-supervised GRPO (DeepSeekMath §4.1.3): a PRM scores every step of every rollout.
 
-Per iteration, three compiled programs: the GRPO rollout; the PRM (the run's phase-1 value
+Per iteration, three compiled programs (with `rl.reward_on='host'` the verifier scores the
+completions' text between the first two): the GRPO rollout; the PRM (the run's phase-1 value
 model) read at each step end of the completions; the GRPO update with per-token advantages
 
     r~_{g,s} = (r_{g,s} − mean) / (std + eps)  over all steps s of all G completions of a prompt,
@@ -126,14 +127,22 @@ def build_phase(ctx, section: ProcessGRPOConfig):
                          step_id=tok.step_id, step_ends=step_ends, microbatches=rl.microbatches,
                          recompute_old_logp=rl.recompute_old_logp, logprob_chunk_tokens=rl.logprob_chunk_tokens,
                          advantage_fn=process_advantage_fn)
+  host = rl.reward_on == 'host'  # the verifier's outcome from text (many right answers, e.g. Countdown)
+  if host:
+    setup = dataclasses.replace(setup, score_fn=grpo.no_device_score)
   ref = jax.tree.map(jnp.copy, params) if section.beta > 0 else None
   state = create_train_state(params, tx, ctx.mesh, ctx.rules)
 
   def step(st, b, i):
     ro = grpo.rollout_jit(graphdef, st.params, b, phase.iteration_key(ctx.seed, 3, i), setup)
+    host_metrics = {}
+    if host:
+      scorer = ctx.host_scorer([ctx.pool.tasks[j] for j in ctx.prompts(i)], rl.group_size)
+      ro, host_metrics = grpo.score_on_host(ro, setup, scorer)
     ro = _score_steps_jit(vgd, vparams, ro, step_ends, tok.eos_id, section.max_steps, section.outcome_weight)
     st, m = grpo.grpo_update_jit(graphdef, tx, setup, st, ref, ro)
-    return st, dict(m, step_reward=jnp.sum(ro['step_reward']) / jnp.maximum(jnp.sum(ro['step_valid']), 1),
+    return st, dict(m, **host_metrics,
+                    step_reward=jnp.sum(ro['step_reward']) / jnp.maximum(jnp.sum(ro['step_valid']), 1),
                     steps=jnp.mean(jnp.sum(ro['step_valid'], axis=1)))
 
   return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),
@@ -146,4 +155,4 @@ def nnx_head(graphdef, params) -> str:
 
 
 ALGORITHM = phase.Algorithm(name='process_grpo', config=ProcessGRPOConfig, build=build_phase,
-                            capabilities=frozenset({'lora', 'microbatches'}), requires_value=True)
+                            capabilities=frozenset({'lora', 'microbatches', 'host_reward'}), requires_value=True)
