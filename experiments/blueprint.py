@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -170,24 +171,35 @@ def main(argv=None):
   p.add_argument('--config', default=os.path.join('configs', 'blueprint.py'))
   p.add_argument('--problems', type=int, default=0, help='held-out problems searched (0: the run\'s eval.size)')
   p.add_argument('--trained', action='store_true', help='also train GRPO, process GRPO and AlphaZero from SFT')
+  p.add_argument('--algos', default=','.join(TRAINED),
+                 help='with --trained: the phase-2 algorithms (e.g. grpo,process_grpo where the loop cannot score on host)')
   args, overrides = p.parse_known_args(argv)
   bad = [o for o in overrides if not o.startswith('--config.')]
   if bad:
     p.error(f'unknown arguments: {" ".join(bad)} (only --config.a.b=v overrides are passed on)')
   seeds = [int(s) for s in args.seeds.split(',')]
-  rows, trained = [], {a: [] for a in TRAINED} if args.trained else {}
+  algos = [a for a in args.algos.split(',') if a]
+  if set(algos) - set(TRAINED):
+    p.error(f'--algos={args.algos}: allowed {",".join(TRAINED)}')
+  rows, trained, wall = [], {a: [] for a in algos} if args.trained else {}, {a: [] for a in algos}
   for seed in seeds:
     run = os.path.join(os.path.abspath(args.workdir), f'seed{seed}')
     train(args.config, seed, run, *overrides)
     rows += search_rows(run, seed, args.problems)
     for algo in trained:
+      t0 = time.perf_counter()
       trained[algo].append(train_from(run, args.config, seed, algo, overrides)['rl']['greedy/accuracy'])
+      wall[algo].append(time.perf_counter() - t0)  # a reused finished run counts ~0 s
   summary = summarise(rows)
   os.makedirs(args.workdir, exist_ok=True)
   with open(os.path.join(args.workdir, 'blueprint.json'), 'w') as f:
-    json.dump({'seeds': seeds, 'rows': rows, 'summary': summary, 'trained': trained}, f, indent=1)
+    json.dump({'seeds': seeds, 'rows': rows, 'summary': summary, 'trained': trained, 'trained_seconds': wall}, f,
+              indent=1)
   plot(summary, os.path.join(args.workdir, 'blueprint.png'))
   print(f'\n{args.config} on {machine()}\n\n' + table(summary, trained, seeds) + '\n')
+  for algo, secs in wall.items():
+    if secs:
+      print(f'- {algo}: {np.mean(secs):.0f} s of training per seed (this run; a reused run counts ~0)')
   for line in check_targets(summary):
     print('-', line)
   return summary
