@@ -17,7 +17,10 @@ the run's `eval.temperature`), checks each with the task's verifier, and scores 
 PRM (P(correct) at the final token, and the minimum over step ends). Printed: the samples'
 accuracy, pass@N (some sample right: what a perfect ranker reaches), best-of-N accuracy under
 each score, and each score's within-problem AUROC against the verifier. A PRM can separate
-solver corruptions well (the first table) and still not rank these (the second).
+solver corruptions well (the first table) and still not rank these (the second). Where the
+task has a step checker (`tasks.check_steps`, e.g. Countdown) each sampled step is also
+labelled exactly, and the third table gives the PRM's step AUROC on the policy's own steps
+(pooled, within a problem, at the first step only) and where the samples first go wrong.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import argparse
 
 import numpy as np
 
+from rlm_jax import tasks as tasks_lib
 from rlm_jax.experiment import models as models_lib
 from rlm_jax.experiment import runner
 from rlm_jax.experiment import value_phase
@@ -78,23 +82,45 @@ def policy_ranking(exp, policy, value, num_samples: int, max_problems: int, seed
     p = value_lib.prob_correct(value_lib.predict(vgd, vparams, seq, mask), head)[:, prompt.shape[1]:]
     last = jnp.take_along_axis(p, jnp.maximum(out.lengths_B - 1, 0)[:, None], axis=1)[:, 0]
     closing = ends.mask(out.tokens_BxT, comp_mask) | (comp_mask & (out.tokens_BxT == tok.eos_id))
-    return out.tokens_BxT, out.lengths_B, last, jnp.min(jnp.where(closing, p, 1.0), axis=1)
+    return out.tokens_BxT, out.lengths_B, last, jnp.min(jnp.where(closing, p, 1.0), axis=1), p, closing
 
   size = cfg.eval.batch_size
-  right, last, low = [], [], []
+  checker = all(tasks_lib.has_step_checker(t) for t in tasks)
+  right, last, low, steps = [], [], [], []
   for c, lo in enumerate(range(0, len(tasks), size)):
     idx = np.arange(lo, lo + size) % len(tasks)  # fixed shape: the last chunk wraps around
     real = min(size, len(tasks) - lo)
-    toks, lens, s_last, s_min = jax.device_get(scores(jnp.asarray(exp.held.prompt[idx]),
-                                                      jnp.asarray(exp.held.prompt_mask[idx]),
-                                                      jax.random.fold_in(jax.random.key(seed), c)))
+    toks, lens, s_last, s_min, p_RxT, closing_RxT = jax.device_get(scores(
+        jnp.asarray(exp.held.prompt[idx]), jnp.asarray(exp.held.prompt_mask[idx]),
+        jax.random.fold_in(jax.random.key(seed), c)))
+    for r in range(real * n) if checker else ():  # (problem, step index, P at its end, checker label)
+      ends_K = np.flatnonzero(closing_RxT[r])
+      labels = value_phase.step_labels(tok, tasks[idx[r // n]], np.asarray(toks[r]), ends_K)
+      steps += [(lo + r // n, k, float(p_RxT[r, e]), y) for k, (e, y) in enumerate(zip(ends_K, labels))]
     ok = data_lib.host_scorer(tok, [tasks[i] for i in idx[:real]], n)(np.asarray(toks)[:real * n],
                                                                       np.asarray(lens)[:real * n]) == 2
     right.append(ok)
     last.append(np.asarray(s_last)[:real * n])
     low.append(np.asarray(s_min)[:real * n])
-  return ranking_metrics(np.concatenate(right).reshape(-1, n), np.concatenate(last).reshape(-1, n),
-                         np.concatenate(low).reshape(-1, n))
+  out = ranking_metrics(np.concatenate(right).reshape(-1, n), np.concatenate(last).reshape(-1, n),
+                        np.concatenate(low).reshape(-1, n))
+  if steps:
+    out.update(step_metrics(*map(np.asarray, zip(*steps)), samples=len(tasks) * n))
+  return out
+
+
+def step_metrics(problem_M, step_M, p_M, label_M, samples: int) -> dict:
+  """The PRM on M sampled steps with exact labels: pooled, within-problem and first-step AUROC,
+  and the share of the `samples` traces whose first wrong step is step 1, 2 or later."""
+  from rlm_jax.training import prm_metrics  # pylint: disable=g-import-not-at-top
+  y = np.asarray(label_M) > 0
+  first = step_M == 0
+  # A trace's labels are 1 up to its first wrong step, then 0: count each trace's first 0.
+  wrong_first = (~y) & (np.concatenate([[True], (step_M[1:] == 0) | y[:-1]]))
+  share = lambda k: float(np.sum(wrong_first & (step_M == k)) / samples)
+  return {'step_auroc': prm_metrics.auroc(p_M, y), 'step_auroc_within': prm_metrics.grouped_auroc(p_M, y, problem_M),
+          'step1_auroc': prm_metrics.auroc(p_M[first], y[first]), 'first_wrong_step1': share(0),
+          'first_wrong_step2': share(1), 'first_wrong_later': float(np.sum(wrong_first & (step_M >= 2)) / samples)}
 
 
 def ranking_metrics(right_PxN, last_PxN, min_PxN) -> dict:
@@ -140,6 +166,14 @@ def main(argv=None):
     for wd, r in ranked:
       print(f"| {wd} | {r['sample_accuracy']:.3f} | {r['pass_at_n']:.3f} | {r['best_of_n_last']:.3f} | "
             f"{r['best_of_n_min']:.3f} | {r['auroc_within_last']:.3f} / {r['auroc_within_min']:.3f} |")
+    checked = [(wd, r) for wd, r in ranked if 'step_auroc' in r]
+    if checked:
+      print('\nThe same samples\' steps, labelled by the task\'s step checker (exact process labels):\n')
+      print('| run | step AUROC | within-problem | first step only | first wrong step: 1 / 2 / later |')
+      print('|---|---|---|---|---|')
+      for wd, r in checked:
+        print(f"| {wd} | {r['step_auroc']:.3f} | {r['step_auroc_within']:.3f} | {r['step1_auroc']:.3f} | "
+              f"{r['first_wrong_step1']:.3f} / {r['first_wrong_step2']:.3f} / {r['first_wrong_later']:.3f} |")
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -293,3 +294,22 @@ def test_prm_ranking_of_policy_samples_by_hand():
   assert got['best_of_n_last'] == 0.5 and got['best_of_n_min'] == 1.0
   assert got['auroc_within_last'] == 0.375 and got['auroc_within_min'] == 1.0
   assert mod.ranking_metrics([[0, 0], [1, 0]], [[0, 1], [1, 0]], [[0, 1], [1, 0]])['pass_at_n'] == 0.5
+
+
+def test_prm_step_metrics_on_checked_samples_by_hand():
+  """Steps (problem, step, P, label) of 4 sampled traces, the 4th closing no step. Trace A
+  (problem 0) right, wrong, wrong at P .9/.2/.3; B (problem 0) wrong, wrong at .4/.1; C
+  (problem 1) right, right at .35/.7. Pooled: positives .9, .35, .7 over negatives .2, .3, .4,
+  .1 win 4 + 3 + 4 of 12 pairs; within problem 0 the one positive .9 beats all 4 (problem 1
+  has no wrong step); first steps: .9 and .35 against .4 -> 1/2. First wrong step: B at step 1,
+  A at step 2, out of 4 traces."""
+  spec = importlib.util.spec_from_file_location('prm_quality', os.path.join(_REPO, 'experiments', 'prm_quality.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  problem = np.array([0, 0, 0, 0, 0, 1, 1])
+  step = np.array([0, 1, 2, 0, 1, 0, 1])
+  p = np.array([.9, .2, .3, .4, .1, .35, .7])
+  label = np.array([1, 0, 0, 0, 0, 1, 1])
+  got = mod.step_metrics(problem, step, p, label, samples=4)
+  assert abs(got['step_auroc'] - 11 / 12) < 1e-9 and got['step_auroc_within'] == 1.0 and got['step1_auroc'] == 0.5
+  assert (got['first_wrong_step1'], got['first_wrong_step2'], got['first_wrong_later']) == (0.25, 0.25, 0.0)
