@@ -1,0 +1,57 @@
+"""Expert iteration's policy targets over siblings: visit shares raise the visited good step
+and lower a bad sibling the policy preferred (`alphazero.distill` on node rows)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlm_jax.models.transformer import ModelConfig, Transformer
+from rlm_jax.training import alphazero as az
+from rlm_jax.training.state import OptimConfig, create_train_state, make_optimizer
+
+V, LP, L = 12, 3, 5
+PROMPT = [4, 5, 6]
+GOOD, BAD = 7, 8  # the first token of two sibling steps from the same node (the prompt)
+
+
+def _node_row(step_token: int, weight: float) -> dict:
+  """A node row: the prompt, then one step (its token and the delimiter 3); the policy learns
+  the step's first token (policy_mask at the position before it)."""
+  tokens = np.zeros((1, L), np.int32)
+  tokens[0, :LP] = PROMPT
+  tokens[0, LP:LP + 2] = [step_token, 3]
+  mask = tokens != 0
+  policy = np.zeros((1, L), bool)
+  policy[0, LP - 1] = True
+  return {'tokens': tokens, 'mask': mask, 'targets': np.zeros((1, L), np.float32),
+          'target_mask': np.zeros((1, L), np.float32), 'policy_mask': policy, 'weight': np.array([weight], np.float32),
+          'solved': np.array([True])}
+
+
+def _buffer(*rows):
+  buf = az.empty_buffer(4, L, 0)
+  for r in rows:
+    buf = az.buffer_add(buf, r, np.ones(1, bool))
+  return buf
+
+
+def test_visit_share_targets_raise_the_good_sibling_and_lower_the_bad_one():
+  gd, params = nnx.split(Transformer(ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                                 head_dim=8, d_ff=32), rngs=nnx.Rngs(params=0)))
+  tx = make_optimizer(OptimConfig(learning_rate=3e-2, grad_clip=0.0))
+
+  @jax.jit
+  def probs(p):
+    logits = nnx.merge(gd, p)(jnp.asarray([PROMPT])).logits_BxLxV[0, -1]
+    return jax.nn.softmax(logits)[jnp.array([GOOD, BAD])]
+
+  fit = jax.jit(lambda st, buf, key: az.distill(gd, tx, st, buf, key, num_steps=60, batch_size=8, prompt_len=LP)[0])
+  # A policy that prefers the bad step (as after SFT on a misleading trace) ...
+  state = fit(create_train_state(params, tx), _buffer(_node_row(BAD, 1.0)), jax.random.key(0))
+  good0, bad0 = map(float, probs(state.params))
+  assert bad0 > 0.8 and good0 < 0.1
+  # ... then a search whose visits went 4 : 1 to the good step: rows weighted by visit share.
+  state = fit(state, _buffer(_node_row(GOOD, 0.8), _node_row(BAD, 0.2)), jax.random.key(1))
+  good1, bad1 = map(float, probs(state.params))
+  assert good1 > good0 + 0.4 and bad1 < bad0 - 0.4
+  assert abs(good1 - 0.8) < 0.15 and abs(bad1 - 0.2) < 0.15  # the target distribution over the siblings
