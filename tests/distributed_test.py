@@ -233,7 +233,7 @@ def _free_port() -> int:
 
 def _launch(outdir: str, mesh_name: str) -> list[subprocess.Popen]:
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
              PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   for k in ("RLM_COORDINATOR", "RLM_NUM_PROCESSES", "RLM_PROCESS_ID", "RLM_LOCAL_DEVICE_IDS"):
     env.pop(k, None)

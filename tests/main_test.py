@@ -10,7 +10,8 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+# One CPU device; unoptimised XLA compiles as in conftest.py (compiling is what tiny runs spend time on).
+ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
 
 
 def _cmd(workdir, *overrides):

@@ -18,7 +18,8 @@ from rlm_jax import analysis
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(REPO, 'notebooks')
-ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+# One CPU device; unoptimised XLA compiles as in conftest.py (compiling is what tiny runs spend time on).
+ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS='--xla_backend_optimization_level=0', JAX_PLATFORMS='cpu')
 BUDGETS = 'greedy=1;self_consistency=2;mcts=2'
 FIGURES = {
     '01_training_curves.ipynb': ['training_sft.png', 'training_grpo.png', 'eval_accuracy.png'],
