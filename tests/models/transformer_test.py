@@ -16,12 +16,17 @@ def _tokens(b, l, seed=0):
   return jax.random.randint(jax.random.key(seed), (b, l), 4, CFG.vocab_size)
 
 
+# One compiled forward per input shape instead of a few hundred op-by-op compiles per call
+# (the tests compare forwards with each other, which jit does not change).
+_fwd = nnx.jit(lambda model, *args, **kwargs: model(*args, **kwargs))
+
+
 def test_future_tokens_do_not_change_past_logits():
   model = tfm.init_model(CFG)
   x = _tokens(2, 10)
   y = x.at[:, 6:].set(5)
-  a = model(x).logits_BxLxV
-  b = model(y).logits_BxLxV
+  a = _fwd(model, x).logits_BxLxV
+  b = _fwd(model, y).logits_BxLxV
   np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-6)
   assert np.abs(a[:, 6:] - b[:, 6:]).max() > 1e-3
 
@@ -47,28 +52,28 @@ def test_gradient_wrt_future_embeddings_is_zero():
 def test_padding_does_not_change_real_positions(side):
   model = tfm.init_model(CFG)
   x = _tokens(1, 6)
-  ref = model(x).logits_BxLxV[0]
+  ref = _fwd(model, x).logits_BxLxV[0]
   pad = jnp.zeros((1, 3), jnp.int32)
   if side == 'left':
     xp, mask = jnp.concatenate([pad, x], 1), jnp.arange(9)[None] >= 3
-    got = model(xp, mask_BxL=mask).logits_BxLxV[0, 3:]
+    got = _fwd(model, xp, mask_BxL=mask).logits_BxLxV[0, 3:]
   else:
     xp, mask = jnp.concatenate([x, pad], 1), jnp.arange(9)[None] < 6
-    got = model(xp, mask_BxL=mask).logits_BxLxV[0, :6]
+    got = _fwd(model, xp, mask_BxL=mask).logits_BxLxV[0, :6]
   np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
 def test_kv_cache_decode_matches_full_forward():
   model = tfm.init_model(CFG)
   x = _tokens(2, 9)
-  full = model(x).logits_BxLxV
+  full = _fwd(model, x).logits_BxLxV
   cache = tfm.KVCache.zeros(CFG, 2, 12)
-  out = model(x[:, :5], cache=cache, cache_index=0)
+  out = _fwd(model, x[:, :5], cache=cache, cache_index=0)
   np.testing.assert_allclose(out.logits_BxLxV, full[:, :5], atol=1e-5)
   cache = out.cache
   for t in range(5, 9):
     pos = jnp.full((2, 1), t)
-    out = model(x[:, t : t + 1], pos, cache=cache, cache_index=t)
+    out = _fwd(model, x[:, t : t + 1], pos, cache=cache, cache_index=t)  # one compile for t = 5..8
     cache = out.cache
     np.testing.assert_allclose(out.logits_BxLxV[:, 0], full[:, t], atol=1e-5)
 
@@ -87,13 +92,13 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
       value = jnp.repeat(value, reps, axis=1)  # kv head j serves query heads j*reps..
     var[...] = value
   x = _tokens(2, 7)
-  np.testing.assert_allclose(gqa(x).logits_BxLxV, mha(x).logits_BxLxV, atol=1e-5)
+  np.testing.assert_allclose(_fwd(gqa, x).logits_BxLxV, _fwd(mha, x).logits_BxLxV, atol=1e-5)
 
 
 def test_value_head_modes():
   for mode in ('sigmoid', 'logit'):
     cfg = dataclasses.replace(CFG, lm_head=False, value_head=mode, init_std=0.5)
-    out = tfm.init_model(cfg)(_tokens(2, 5))
+    out = _fwd(tfm.init_model(cfg), _tokens(2, 5))
     assert out.logits_BxLxV is None and out.values_BxL.shape == (2, 5)
     if mode == 'sigmoid':
       assert np.all(np.abs(out.values_BxL) < 1)
@@ -103,14 +108,14 @@ def test_value_head_modes():
 
 def test_shared_trunk_with_both_heads():
   cfg = dataclasses.replace(CFG, value_head='sigmoid')
-  out = tfm.init_model(cfg)(_tokens(2, 5))
+  out = _fwd(tfm.init_model(cfg), _tokens(2, 5))
   assert out.logits_BxLxV.shape == (2, 5, CFG.vocab_size) and out.values_BxL.shape == (2, 5)
 
 
 def test_tied_embeddings_use_embedding_matrix():
   cfg = dataclasses.replace(CFG, tie_embeddings=True)
   model = tfm.init_model(cfg)
-  out = model(_tokens(1, 4))
+  out = _fwd(model, _tokens(1, 4))
   np.testing.assert_allclose(out.logits_BxLxV, out.hidden_BxLxD @ model.embed[...].T, atol=1e-5)
   assert not hasattr(model, 'lm_head')
 
@@ -120,7 +125,7 @@ def test_bf16_compute_with_fp32_params_is_close():
   model16 = tfm.init_model(dataclasses.replace(CFG, dtype='bfloat16'))
   assert model16.embed[...].dtype == jnp.float32
   x = _tokens(2, 6)
-  a, b = model32(x).logits_BxLxV, model16(x).logits_BxLxV
+  a, b = _fwd(model32, x).logits_BxLxV, _fwd(model16, x).logits_BxLxV
   assert np.abs(a - b).max() < 0.05 * np.abs(a).max() + 1e-2
 
 
