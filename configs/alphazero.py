@@ -3,7 +3,8 @@
 Command:
   python -m rlm_jax.main --config=configs/alphazero.py --workdir=runs/alphazero
   (`:rft` is rejection-sampling fine-tuning on each tree's best path, the loop as it was
-  first measured; `:smoke` is a seconds-scale version for tests)
+  first measured; `:mix` adds 32 solver traces to every distillation step against
+  forgetting; `:smoke` is a seconds-scale version for tests)
 
 Phases: policy SFT (ckpt/sft) -> value / PRM training on solver-labelled traces (ckpt/value)
 -> rl.iterations AlphaZero rounds (ckpt/alphazero: policy, value model and replay buffer):
@@ -66,7 +67,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Parents need one re-entry after their expansion (1 + K + 1 visits): the shares of a node
       # expanded once are uniform over its unique samples, no search signal.
       policy_target='visits', q_temperature=0.5, policy_min_visits=6, solved_trees_only=True,
-      value_target='mc', min_visits=2, kl_beta=0.05)
+      value_target='mc', min_visits=2, kl_beta=0.05,
+      # sft_mix > 0: the cross-entropy of sft_mix_batch solver traces joins each distillation
+      # step (a data mix against forgetting; `:mix` turns it on).
+      sft_mix=0.0, sft_mix_batch=16)
   c.eval.update(size=200, batch_size=200, num_samples=8, temperature=0.7,
                 strategies=('greedy', 'self_consistency', 'prm_best_of_n', 'prm_beam'))
   c.eval.prm_scorer = 'prm_min'
@@ -79,6 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rl.optim.update(learning_rate=5e-5)
     c.rl.alphazero.update(policy_target='best_path', value_target='q', buffer_size=512, distill_steps=2,
                           distill_batch=32, value_batch=32, kl_beta=0.0)
+  elif arg == 'mix':  # expert iteration with solver traces mixed into every distillation step
+    c.rl.alphazero.update(sft_mix=1.0, sft_mix_batch=32)
   elif arg == 'smoke':  # seconds: every phase runs, nothing is learnt
     c.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
     c.task.update(levels=(1,), train_size=32, rl_size=0, prompt_len=20, completion_len=24, answer_len=10)
@@ -94,5 +100,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   max_depth=3)
     c.checkpoint.update(save_every=1, keep=2)
   elif arg:
-    raise ValueError(f"configs/alphazero.py: unknown argument '{arg}' (allowed: 'rft', 'smoke')")
+    raise ValueError(f"configs/alphazero.py: unknown argument '{arg}' (allowed: 'rft', 'mix', 'smoke')")
   return c

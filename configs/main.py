@@ -81,7 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
           # Targets: every node's step by its visit share, Monte Carlo values ('best_path' + 'q':
           # rejection-sampling fine-tuning on each tree's best path); kl_beta anchors to the start policy.
           policy_target='visits', q_temperature=0.5, policy_min_visits=1, solved_trees_only=True,
-          value_target='mc', min_visits=2, kl_beta=0.0))
+          value_target='mc', min_visits=2, kl_beta=0.0,
+          # sft_mix > 0 adds the cross-entropy of sft_mix_batch solver traces to each distillation step.
+          sft_mix=0.0, sft_mix_batch=16))
   c.eval = dict(size=400, batch_size=200, strategies=('greedy', 'self_consistency'),
                 num_samples=8, temperature=0.7, prm_scorer='prm_min', beam_width=4, beam_expansions=4,
                 step_tokens=16, max_depth=6)

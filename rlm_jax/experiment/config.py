@@ -351,6 +351,10 @@ def check(cfg: ExperimentConfig) -> None:
       raise ConfigError(f"rl.algo='{algo.name}' reads the phase-1 value model / PRM: set value.enabled=True")
     if cfg.rl.reward_on == 'host' and cfg.rl.rollout_mesh is not None:
       raise ConfigError("rl.reward_on='host' needs the rollout on the training mesh: set rl.rollout_mesh=None")
+  az = dict(cfg.rl.sections).get('alphazero')
+  if cfg.rl.algo == 'alphazero' and az is not None and az.sft_mix > 0 and cfg.sft.steps == 0:
+    raise ConfigError(f'rl.alphazero.sft_mix={az.sft_mix} mixes in the SFT split\'s solver traces, which a run '
+                      'with sft.steps=0 does not encode: set sft.steps > 0 or sft_mix=0')
   needs_value = [s for s in cfg.eval.strategies if s in eval_lib.VALUE_STRATEGIES]
   if needs_value and not has_value_model(cfg):
     trainers = [n for n, a in algorithms.ALGORITHMS.items() if a.trains_value]

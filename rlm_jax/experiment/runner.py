@@ -179,7 +179,7 @@ class Experiment:
                         mesh=self.mesh, rules=self.rules, policy=policy, value=value, models=self.models,
                         pool=pool, device_batch=self.device_batch, prompts=prompts,
                         sampling=self.rollout_sampling(), host_scorer=self.host_scorer(),
-                        rollout_at=self.rollout_at)
+                        rollout_at=self.rollout_at, sft_data=self.train.sft)
 
   # --- phases -----------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -90,6 +91,9 @@ class AlphaZeroConfig:
       (verified terminals always do: their return is exact).
     kl_beta: weight of KL(policy || start policy) in the distillation loss (0: no anchor and
       no reference forward pass).
+    sft_mix: weight of the cross-entropy on `sft_mix_batch` solver traces of the SFT split,
+      fresh rows each distillation step, added to the distillation loss (a data mix against
+      forgetting, as expert-iteration and ReST-style loops keep the supervised data; 0: off).
   """
 
   mcts: mcts_lib.MCTSConfig = mcts_lib.MCTSConfig(num_simulations=8, num_children=4, num_walkers=2,
@@ -109,9 +113,12 @@ class AlphaZeroConfig:
   value_target: Literal['mc', 'q'] = 'mc'
   min_visits: int = 2
   kl_beta: float = 0.0
+  sft_mix: float = 0.0
+  sft_mix_batch: int = 16
 
   def __post_init__(self):
-    for name in ('step_tokens', 'buffer_size', 'distill_batch', 'value_batch', 'policy_min_visits', 'min_visits'):
+    for name in ('step_tokens', 'buffer_size', 'distill_batch', 'value_batch', 'policy_min_visits', 'min_visits',
+                 'sft_mix_batch'):
       if getattr(self, name) < 1:
         raise ValueError(f'alphazero.{name}={getattr(self, name)}: must be >= 1')
     for name in ('distill_steps', 'value_steps'):
@@ -122,6 +129,8 @@ class AlphaZeroConfig:
       raise ValueError(f'alphazero.q_temperature={self.q_temperature}: must be > 0')
     if self.kl_beta < 0:
       raise ValueError(f'alphazero.kl_beta={self.kl_beta}: must be >= 0')
+    if self.sft_mix < 0:
+      raise ValueError(f'alphazero.sft_mix={self.sft_mix}: must be >= 0')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +159,8 @@ class AZSetup:
   value_target: str = 'mc'
   min_visits: int = 2
   kl_beta: float = 0.0
+  sft_mix: float = 0.0
+  sft_mix_batch: int = 16
 
   def row_len(self) -> int:
     """L of a buffer row: the prompt and max_depth step slots."""
@@ -477,17 +488,21 @@ def anchor_kl(logits_NxLxV, ref_logits_NxLxV, mask_NxL):
   return jnp.sum(kl_NxL * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
-def distill_loss_fn(graphdef: nnx.GraphDef, params, batch: dict, ref_params=None, kl_beta: float = 0.0):
-  """Cross-entropy of the rows' policy targets + kl_beta * KL to the reference policy.
+def distill_loss_fn(graphdef: nnx.GraphDef, params, batch: dict, ref_params=None, kl_beta: float = 0.0,
+                    sft_mix: float = 0.0):
+  """Cross-entropy of the rows' policy targets + kl_beta * KL to the reference policy
+  + sft_mix * cross-entropy of solver traces.
 
   Args:
     graphdef, params: the policy.
-    batch: tokens, mask, loss_mask (`sft_rows`: policy targets) and kl_mask (path positions).
+    batch: tokens, mask, loss_mask (`sft_rows`: policy targets) and kl_mask (path positions);
+      with sft_mix > 0 also mix_tokens, mix_mask, mix_loss_mask (`encoding.encode_sft` rows).
     ref_params: the frozen start policy (same graphdef); used only when kl_beta > 0.
     kl_beta: static weight of the anchor.
+    sft_mix: static weight of the data mix.
 
   Returns:
-    (loss, aux) with aux = {'ce', 'kl', 'accuracy'}.
+    (loss, aux) with aux = {'ce', 'kl', 'mix', 'accuracy'}.
   """
   model = nnx.merge(graphdef, params)
   logits_NxLxV = model(batch['tokens'], mask_BxL=batch['mask']).logits_BxLxV[:, :-1]
@@ -497,30 +512,36 @@ def distill_loss_fn(graphdef: nnx.GraphDef, params, batch: dict, ref_params=None
     ref = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
     ref_logits_NxLxV = ref(batch['tokens'], mask_BxL=batch['mask']).logits_BxLxV[:, :-1]
     kl = anchor_kl(logits_NxLxV, ref_logits_NxLxV, batch['kl_mask'][:, :-1])
-  return ce + kl_beta * kl, {'ce': ce, 'kl': kl, 'accuracy': aux['accuracy']}
+  mix = jnp.zeros((), jnp.float32)
+  if sft_mix > 0:
+    mix_logits = model(batch['mix_tokens'], mask_BxL=batch['mix_mask']).logits_BxLxV
+    # `encode_sft`'s loss_mask is aligned with logits[:, :-1] predicting tokens[:, 1:].
+    mix, _ = losses.sft_loss(mix_logits[:, :-1], batch['mix_tokens'][:, 1:], batch['mix_loss_mask'][:, :-1])
+  return ce + kl_beta * kl + sft_mix * mix, {'ce': ce, 'kl': kl, 'mix': mix, 'accuracy': aux['accuracy']}
 
 
 def distill_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState, batch: dict,
-                 ref_params=None, kl_beta: float = 0.0):
+                 ref_params=None, kl_beta: float = 0.0, sft_mix: float = 0.0):
   """One optimizer step of `distill_loss_fn`; a non-finite loss or gradient leaves the state
-  unchanged. Returns (state, metrics: loss, ce, kl, finite)."""
-  loss_fn = lambda p, b: distill_loss_fn(graphdef, p, b, ref_params, kl_beta)
+  unchanged. Returns (state, metrics: loss, ce, kl, mix, finite)."""
+  loss_fn = lambda p, b: distill_loss_fn(graphdef, p, b, ref_params, kl_beta, sft_mix)
   (loss, aux), grads = accumulate_gradients(loss_fn, state.params, batch, 1)
   finite = jnp.isfinite(loss) & all_finite(grads)
   new = apply_gradients(state, grads, tx)
   new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-  return new, {'loss': loss, 'ce': aux['ce'], 'kl': aux['kl'], 'finite': finite}
+  return new, {'loss': loss, 'ce': aux['ce'], 'kl': aux['kl'], 'mix': aux['mix'], 'finite': finite}
 
 
 def _fit(step_fn, state: TrainState, eligible_C, make_batch, key, num_steps: int, batch_size: int,
          weight_C=None):
   """`num_steps` optimizer steps on rows drawn from the eligible ones (lax.scan; in proportion
-  to weight_C when given); a round whose buffer has no eligible row leaves the state
-  unchanged. Returns (state, metrics of every step stacked [num_steps], all finite, ok)."""
+  to weight_C when given; `make_batch(rows, step)`); a round whose buffer has no eligible row
+  leaves the state unchanged. Returns (state, metrics of every step stacked [num_steps], all
+  finite, ok)."""
 
   def body(st, i):
     idx, ok = sample_rows(eligible_C, jax.random.fold_in(key, i), batch_size, weight_C)
-    new, m = step_fn(st, make_batch(idx))
+    new, m = step_fn(st, make_batch(idx, i))
     new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st)
     return new, (m, m['finite'] | ~ok, ok)
 
@@ -530,16 +551,26 @@ def _fit(step_fn, state: TrainState, eligible_C, make_batch, key, num_steps: int
 
 def distill(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState,
             buffer: ReplayBuffer, key: jax.Array, *, num_steps: int, batch_size: int, prompt_len: int,
-            ref_params=None, kl_beta: float = 0.0):
+            ref_params=None, kl_beta: float = 0.0, sft_mix: float = 0.0, mix_rows=None):
   """Policy distillation: steps on buffer rows drawn in proportion to their weight (the
-  expected loss is the weighted cross-entropy), with the KL anchor. Traceable.
+  expected loss is the weighted cross-entropy), with the KL anchor and, with sft_mix > 0,
+  step i's solver traces `mix_rows` (tokens, mask, loss_mask, each [num_steps, M, Ls]).
+  Traceable.
 
   Returns:
-    (state, metrics_T, finite, ok): per-step loss / ce / kl, all steps finite, weighted rows
-    existed.
+    (state, metrics_T, finite, ok): per-step loss / ce / kl / mix, all steps finite, weighted
+    rows existed.
   """
-  step = lambda st, b: distill_step(graphdef, tx, st, b, ref_params, kl_beta)
-  make = lambda idx: sft_rows(buffer, idx, prompt_len)
+  if sft_mix > 0 and mix_rows is None:
+    raise ValueError(f'distill: sft_mix={sft_mix} needs mix_rows (solver traces)')
+  step = lambda st, b: distill_step(graphdef, tx, st, b, ref_params, kl_beta, sft_mix)
+
+  def make(idx, i):
+    rows = sft_rows(buffer, idx, prompt_len)
+    if sft_mix > 0:
+      rows.update({f'mix_{k}': mix_rows[k][i] for k in ('tokens', 'mask', 'loss_mask')})
+    return rows
+
   return _fit(step, state, buffer.valid_C & (buffer.weight_C > 0), make, key, num_steps, batch_size,
               buffer.weight_C)
 
@@ -552,7 +583,7 @@ def fit_value(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: T
     (state, metrics_T, finite, ok) as `distill`.
   """
   step = lambda st, b: value_step(graphdef, tx, st, b, mode)
-  make = lambda idx: value_rows(buffer, idx)
+  make = lambda idx, i: value_rows(buffer, idx)
   eligible = buffer.valid_C & (jnp.sum(buffer.target_mask_CxL, axis=1) > 0)
   return _fit(step, state, eligible, make, key, num_steps, batch_size)
 
@@ -576,7 +607,7 @@ def _mean(x_T):
 
 def alphazero_round(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef,
                     policy_tx: optax.GradientTransformation, value_tx: optax.GradientTransformation,
-                    setup: AZSetup, state: AZState, batch: dict, key: jax.Array, ref_params=None):
+                    setup: AZSetup, state: AZState, batch: dict, key: jax.Array, ref_params=None, mix_rows=None):
   """Search -> buffer -> distillation -> value regression (see the module docstring).
 
   Args:
@@ -587,12 +618,15 @@ def alphazero_round(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef,
     batch: the round's problems, as for `search_tree`.
     key: PRNG key of the round (search, distillation and value draws use split keys).
     ref_params: the frozen start policy of the KL anchor (needed when setup.kl_beta > 0).
+    mix_rows: with setup.sft_mix > 0, the round's solver traces: tokens, mask, loss_mask
+      [distill_steps · sft_mix_batch, Ls] (`encoding.encode_sft`), sft_mix_batch per step.
 
   Returns:
     (state, metrics): solve_rate (fraction of the round's problems with a verified path),
     policy_rows / value_labels (rows with a policy weight / value targets added this round),
     buffer_size, buffer_solved (rows on solved paths), sft_loss (mean cross-entropy over the
-    round's steps; 0 while no weighted row exists), kl (mean anchor KL), value_loss (mean),
+    round's steps; 0 while no weighted row exists), kl (mean anchor KL), mix_loss (mean
+    cross-entropy of the mixed-in solver traces), value_loss (mean),
     value_loss_first / value_loss_last, policy_tokens (per problem, search), finite.
   """
   if setup.kl_beta > 0 and ref_params is None:
@@ -602,9 +636,15 @@ def alphazero_round(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef,
   res = search_tree(policy_graphdef, value_gd, setup, state.policy.params, state.value.params, batch, k_search)
   rows = tree_rows(res.tree, setup)
   buffer = buffer_add(state.buffer, rows, rows['keep'])
+  if setup.sft_mix > 0:
+    if mix_rows is None:
+      raise ValueError(f'alphazero_round: sft_mix={setup.sft_mix} needs mix_rows (solver traces)')
+    mix_rows = {k: mix_rows[k].reshape((setup.distill_steps, setup.sft_mix_batch) + mix_rows[k].shape[1:])
+                for k in ('tokens', 'mask', 'loss_mask')}
   policy, d_T, sft_finite, sft_ok = distill(
       policy_graphdef, policy_tx, state.policy, buffer, k_distill, num_steps=setup.distill_steps,
-      batch_size=setup.distill_batch, prompt_len=setup.prompt_len, ref_params=ref_params, kl_beta=setup.kl_beta)
+      batch_size=setup.distill_batch, prompt_len=setup.prompt_len, ref_params=ref_params, kl_beta=setup.kl_beta,
+      sft_mix=setup.sft_mix, mix_rows=mix_rows)
   value, v_T, v_finite, _ = fit_value(
       value_graphdef, value_tx, state.value, buffer, k_value, num_steps=setup.value_steps,
       batch_size=setup.value_batch, mode=setup.value_mode)
@@ -620,6 +660,7 @@ def alphazero_round(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef,
       'buffer_solved': jnp.sum(buffer.valid_C & buffer.solved_C).astype(jnp.int32),
       'sft_loss': jnp.where(sft_ok, _mean(d_T['ce']), 0.0),
       'kl': jnp.where(sft_ok, _mean(d_T['kl']), 0.0),
+      'mix_loss': jnp.where(sft_ok, _mean(d_T['mix']), 0.0),
       'value_loss': _mean(v_loss_T),
       'value_loss_first': first(v_loss_T),
       'value_loss_last': last(v_loss_T),
@@ -642,7 +683,8 @@ def make_setup(cfg: AlphaZeroConfig, ids: lm.TokenIds, prompt_len: int, completi
                  distill_batch=cfg.distill_batch, value_steps=cfg.value_steps, value_batch=cfg.value_batch,
                  policy_target=cfg.policy_target, q_temperature=cfg.q_temperature,
                  policy_min_visits=cfg.policy_min_visits, solved_trees_only=cfg.solved_trees_only,
-                 value_target=cfg.value_target, min_visits=cfg.min_visits, kl_beta=cfg.kl_beta)
+                 value_target=cfg.value_target, min_visits=cfg.min_visits, kl_beta=cfg.kl_beta,
+                 sft_mix=cfg.sft_mix, sft_mix_batch=cfg.sft_mix_batch)
 
 
 def path_logprob(graphdef: nnx.GraphDef, params: Any, rows: dict, prompt_len: int) -> jax.Array:
@@ -677,8 +719,19 @@ def build_phase(ctx, section: AlphaZeroConfig):
   # The anchor's reference is the phase-1 policy, which a resumed run gets back from phase 1's
   # checkpoint: it is not part of the round's state.
   ref = policy_params if section.kl_beta > 0 else None
+  mix = None
+  if section.sft_mix > 0:
+    traces = ctx.sft_data or {}
+    if not traces or not len(traces.get('tokens', ())):
+      raise ValueError('rl.alphazero.sft_mix > 0 mixes in solver traces, but the run has none (set sft.steps > 0 '
+                       'with a training split that has steps)')
+    n_mix = section.distill_steps * section.sft_mix_batch
+    # The round's traces are a function of (seed, round): a resumed run draws the same ones.
+    mix = lambda i: ctx.device_batch(traces, np.random.default_rng((ctx.seed, 7, i)).choice(
+        len(traces['tokens']), n_mix, replace=n_mix > len(traces['tokens'])))
   step = lambda st, b, i: alphazero_round_jit(graphdef, vgd, ptx, vtx, setup, st, b,
-                                              phase.iteration_key(ctx.seed, 5, i), ref)
+                                              phase.iteration_key(ctx.seed, 5, i), ref,
+                                              None if mix is None else mix(i))
   return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),
                      policy=lambda st: (graphdef, st.policy.params), value=lambda st: (vgd, st.value.params))
 

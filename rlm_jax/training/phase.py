@@ -45,6 +45,8 @@ class PhaseContext:
     sampling: the rollout `SamplingConfig` (rl.temperature, top_k, top_p; task lengths).
     host_scorer: (tasks, group_size) -> scorer for `rl.reward_on='host'`.
     rollout_at: a `grpo.Placement` for `rl.rollout_mesh`, or None (the training mesh).
+    sft_data: the SFT split's host arrays (tokens, mask, loss_mask; `encoding.encode_sft`),
+      empty when the run has no solver traces: what a data mix against forgetting draws from.
   """
 
   rl: Any
@@ -63,6 +65,7 @@ class PhaseContext:
   sampling: Any
   host_scorer: Callable
   rollout_at: Any = None
+  sft_data: Any = None
 
 
 @dataclasses.dataclass

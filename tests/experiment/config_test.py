@@ -76,7 +76,7 @@ def test_derived_key_set_differently_is_refused():
     (['rl.algo=ppo', 'rl.microbatches=2'],
      "rl.microbatches=2: rl.algo='ppo' does not support it (algorithms that do: grpo, rloo, process_grpo)"),
     (['rl.algo=alphazero', 'rl.reward_on=host'],
-     "rl.reward_on='host': rl.algo='alphazero' does not support it (algorithms that do: grpo, rloo)"),
+     "rl.reward_on='host': rl.algo='alphazero' does not support it (algorithms that do: grpo, rloo, process_grpo)"),
     (['sft.batch_size=64', 'task.train_size=10'],
      'sft.batch_size=64: more than task.train_size=10 problems (each batch draws distinct problems)'),
     (['tokenizer.kind=hf'], "tokenizer.kind='hf': set tokenizer.path (or hf_checkpoint, whose folder it then uses)"),
