@@ -21,7 +21,8 @@ Held-out evaluation after phase 1 and after the loop, including two value-guided
 
 Measured (seed 0, 2-core AMD EPYC, this config and `:rft` side by side, ~11 min each; README
 "Value-guided search"): greedy 0.195 after SFT -> 0.145 with expert iteration, 0.165 with
-`:rft`; neither beats SFT. Earlier, with `:rft` (the loop before it had node targets). Hardware: 2-core CPU shared with other jobs (load ~6): 8 min wall. Printed
+`:rft`; neither beats SFT. With `:mix` (same checkpoints, seed 0): 0.215, the data mix
+keeps what SFT taught while the search's rows are distilled. Earlier, with `:rft` (the loop before it had node targets). Hardware: 2-core CPU shared with other jobs (load ~6): 8 min wall. Printed
 (seed 0):
   | after | greedy | self_consistency | prm_best_of_n | prm_beam |
   | SFT | 0.185 | 0.160 | 0.135 | 0.160 |
