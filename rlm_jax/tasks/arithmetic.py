@@ -14,7 +14,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 from rlm_jax.tasks import extract
-from rlm_jax.tasks.common import check_task, level_of, make_rng
+from rlm_jax.tasks.common import apply_op, check_task, level_of, make_rng
 
 NAME = "Arithmetic"
 
@@ -60,7 +60,7 @@ def _sample_expr(level: int, rng) -> list:
 
 
 def _value(f) -> int:
-  return _apply(f[1], f[2], f[3]) if isinstance(f, tuple) else f
+  return apply_op(f[1], f[2], f[3]) if isinstance(f, tuple) else f
 
 
 def _factor(level, rng, max_num, ops_left):
@@ -83,18 +83,6 @@ def _text(tokens) -> str:
   return "".join(out)
 
 
-def _apply(a: int, op: str, b: int) -> int | None:
-  if op == "+":
-    return a + b
-  if op == "-":
-    return a - b
-  if op == "*":
-    return a * b
-  if b == 0 or a % b:
-    return None
-  return a // b
-
-
 def _step(a: int, op: str, b: int, c: int) -> str:
   rhs = f"({b})" if b < 0 else str(b)
   return f"{a}{op}{rhs}={c}"
@@ -106,7 +94,7 @@ def solve(tokens) -> tuple[int, list[str]] | None:
   flat = []
   for t in tokens:  # parentheses first, left to right
     if isinstance(t, tuple):
-      v = _apply(t[1], t[2], t[3])
+      v = apply_op(t[1], t[2], t[3])
       steps.append(_step(t[1], t[2], t[3], v))
       flat.append(v)
     else:
@@ -117,7 +105,7 @@ def solve(tokens) -> tuple[int, list[str]] | None:
     acc = flat[i]
     i += 1
     while i < len(flat) and flat[i] in ("*", "/"):
-      v = _apply(acc, flat[i], flat[i + 1])
+      v = apply_op(acc, flat[i], flat[i + 1])
       if v is None:
         return None
       steps.append(_step(acc, flat[i], flat[i + 1], v))
@@ -129,7 +117,7 @@ def solve(tokens) -> tuple[int, list[str]] | None:
       i += 1
   acc = terms[0]
   for op, b in zip(ops, terms[1:]):  # then + and - left to right
-    v = _apply(acc, op, b)
+    v = apply_op(acc, op, b)
     steps.append(_step(acc, op, b, v))
     acc = v
   return acc, steps

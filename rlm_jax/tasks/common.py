@@ -69,6 +69,19 @@ def _nonneg(values: list[int]) -> list[int]:
   return [2 * v if v >= 0 else -2 * v - 1 for v in values]
 
 
+def apply_op(a: int, op: str, b: int) -> int | None:
+  """a op b for op in + - * / on integers; None for a division that is not exact (or by 0)."""
+  if op == "+":
+    return a + b
+  if op == "-":
+    return a - b
+  if op == "*":
+    return a * b
+  if b == 0 or a % b:
+    return None
+  return a // b
+
+
 def level_of(difficulty: float) -> int:
   """Maps difficulty in [0, 1] to the x1 level 1..10 (x1: int(10 d) + 1, with d = 1 -> 10)."""
   d = float(difficulty)

@@ -21,7 +21,7 @@ import re
 from collections import Counter
 
 from rlm_jax.tasks import extract
-from rlm_jax.tasks.common import check_task, level_of, make_rng, tail
+from rlm_jax.tasks.common import apply_op, check_task, level_of, make_rng, tail
 
 NAME = "Countdown"
 
@@ -364,19 +364,9 @@ def check_steps(task: dict, steps: list[str]) -> list[int]:
         a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
         op = "*" if op in "xX\u00d7" else op
         need = Counter([a, b])
-        ok = not (need - pool) and c == _exact(a, op, b)
+        ok = not (need - pool) and c == apply_op(a, op, b)
         if ok:
           pool = pool - need + Counter([c])
           ok = reachable(list(pool.elements()), target) is not False
     out.append(int(ok))
   return out
-
-
-def _exact(a: int, op: str, b: int) -> int | None:
-  if op == "+":
-    return a + b
-  if op == "-":
-    return a - b
-  if op == "*":
-    return a * b
-  return a // b if b and a % b == 0 else None
