@@ -232,8 +232,9 @@ class RLConfig:
   # Positions per LM-head chunk in the updates' log-prob passes (GRPO, RLOO, process GRPO, PPO,
   # EM; `losses.lm_head_logprobs`): bounds the [rows, chunk, V] logits; 0 = the whole completion.
   logprob_chunk_tokens: int = 1024
-  # GRPO, RLOO, process GRPO with num_iterations > 1: π_old from a forward pass over the rollout
-  # instead of the sampler's log-probs (for a rollout whose numerics differ from the update's).
+  # GRPO, RLOO, process GRPO with num_iterations > 1, and PPO (π_old and V_old): from a forward
+  # pass over the rollout instead of the sampler's own log-probs and values (for a rollout whose
+  # numerics differ from the update's).
   recompute_old_logp: bool = False
   # The typed `rl.<name>` sections present in the config, as (name, section) pairs (filled by
   # `parse`; a tuple so the config stays hashable).

@@ -336,6 +336,7 @@ class Transformer(nnx.Module):
       cache: KVCache | None = None,
       cache_index: jax.Array | int = 0,
       logits: Literal['all', 'last', 'none'] = 'all',
+      values: Literal['all', 'last', 'none'] = 'all',
   ) -> ModelOutput:
     """Runs the trunk and the heads.
 
@@ -344,13 +345,17 @@ class Transformer(nnx.Module):
       logits: where the LM head runs: every position ('all', logits [B, L, V]), the last
         position only ('last', [B, 1, V]: a prefill needs nothing else), or nowhere ('none':
         the caller applies `lm_logits` to the hidden states it needs, e.g. in chunks).
+      values: where the value head runs, the same choices ('last': values [B, 1]; a search
+        reads a node's value at its last token only).
 
     Returns:
-      ModelOutput; `logits_BxLxV` is None without an LM head or with logits='none'.
+      ModelOutput; `logits_BxLxV` is None without an LM head or with logits='none',
+      `values_BxL` without a value head or with values='none'.
     """
     cfg = self.cfg
-    if logits not in ('all', 'last', 'none'):
-      raise ValueError(f"Transformer(logits={logits!r}): must be 'all', 'last' or 'none'")
+    for name, where in (('logits', logits), ('values', values)):
+      if where not in ('all', 'last', 'none'):
+        raise ValueError(f"Transformer({name}={where!r}): must be 'all', 'last' or 'none'")
     b, l = tokens_BxL.shape
     if mask_BxL is None:
       mask_BxL = jnp.ones((b, l), bool)
@@ -389,13 +394,13 @@ class Transformer(nnx.Module):
         new_v.append(new_kv[1])
     h_BxLxD = self.final_norm(x)
 
-    logits_out = values = None
+    logits_out = values_out = None
     if cfg.lm_head and logits != 'none':
       logits_out = self.lm_logits(h_BxLxD[:, -1:] if logits == 'last' else h_BxLxD)
-    if cfg.value_head != 'none':
-      values = self.value_head(h_BxLxD)
+    if cfg.value_head != 'none' and values != 'none':
+      values_out = self.value_head(h_BxLxD[:, -1:] if values == 'last' else h_BxLxD)
     new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), valid_BxT)
-    return ModelOutput(logits_out, values, h_BxLxD, new_cache)
+    return ModelOutput(logits_out, values_out, h_BxLxD, new_cache)
 
   def lm_head_DxV(self) -> jax.Array:
     """The LM head's [D, V] weight in the compute dtype (the embedding's transpose if tied)."""

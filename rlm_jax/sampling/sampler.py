@@ -66,6 +66,12 @@ class SampleOutput(NamedTuple):
   logprobs_BxT: jax.Array
   lengths_B: jax.Array  # tokens generated, the stop token included
   stop_reason_B: jax.Array  # StopReason codes
+  # With `return_values=True` (a model with a value head, e.g. an actor-critic): the value
+  # head's output at each generated token (the value of the state that ends with it), 0 on
+  # padding, and at the last prompt token. Read from the decode's own hidden states: the
+  # forward that writes token t's keys and values computes them, so no second pass.
+  values_BxT: jax.Array | None = None
+  prompt_values_B: jax.Array | None = None
 
 
 def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
@@ -113,13 +119,15 @@ def generate(
     step_table_V: jax.Array | None = None,
     step_ends: StepEnds | None = None,
     tempered_logprobs: bool = False,
+    return_values: bool = False,
 ) -> SampleOutput:
   """Samples up to `cfg.max_new_tokens` tokens for each left-padded prompt.
 
   With `num_samples = N > 1` each prompt is prefilled once and its KV cache (and last
   logits) broadcast to N rows, prompt-major: output row b·N + j is sample j of prompt b.
-  For the same key that gives exactly what N = 1 gives on `jnp.repeat(prompts, N, axis=0)`,
-  without N prefills.
+  For the same key that gives what N = 1 gives on `jnp.repeat(prompts, N, axis=0)` (log-probs
+  up to float rounding: a matmul over B rows may round unlike one over B·N), without N
+  prefills.
 
   Args:
     graphdef, state: the policy, split with `nnx.split` (must have an LM head).
@@ -138,6 +146,9 @@ def generate(
       never completes a delimiter: each row starts a fresh step. Excludes `step_table_V`.
     tempered_logprobs: return log-probs of softmax(logits / T), T = `logprob_temperature(cfg)`
       (what RL losses need as π_old) instead of those of the untempered model (static).
+    return_values: also return the value head's output at every generated token and at the
+      last prompt token (`SampleOutput.values_BxT`, `prompt_values_B`; static). The model
+      must have a value head; its cost is the head on one position per decode step.
 
   Returns:
     SampleOutput with B·N rows and T = cfg.max_new_tokens columns.
@@ -149,6 +160,8 @@ def generate(
   if not isinstance(num_samples, int) or num_samples < 1:
     raise ValueError(f'generate(num_samples={num_samples!r}): must be an int >= 1')
   model = nnx.merge(graphdef, state)
+  if return_values and model.cfg.value_head == 'none':
+    raise ValueError("generate(return_values=True): the model has no value head (model.value_head='none')")
   b, lp = prompt_BxLp.shape
   t_max = cfg.max_new_tokens
   if step_table_V is not None and step_table_V.shape != (model.cfg.vocab_size,):
@@ -162,12 +175,15 @@ def generate(
   sizes = decode_spans(lp, t_max)  # the cache grows through these sizes as the decode fills it
   cache = KVCache.zeros(model.cfg, b, sizes[0])
   # The prefill needs the next-token logits of the last prompt slot only: no [B, Lp, V] head.
+  heads = {'values': 'last'} if return_values else {}  # (scripted test models take no `values`)
   out = model(prompt_BxLp, positions_from_mask(prompt_mask_BxLp), prompt_mask_BxLp, cache=cache, cache_index=0,
-              logits='last')
+              logits='last', **heads)
   cache, logits_BxV = out.cache, out.logits_BxLxV[:, -1]
+  prompt_values_B = out.values_BxL[:, -1].astype(jnp.float32) if return_values else jnp.zeros((b,), jnp.float32)
   if num_samples > 1:  # one prefill per distinct prompt, then N rows per prompt
     rep = lambda x: jnp.repeat(x, num_samples, axis=0)
-    cache, logits_BxV, prompt_len_B = jax.tree.map(rep, (cache, logits_BxV, prompt_len_B))
+    cache, logits_BxV, prompt_len_B, prompt_values_B = jax.tree.map(
+        rep, (cache, logits_BxV, prompt_len_B, prompt_values_B))
     b = b * num_samples
   empty_B = prompt_len_B == 0
   logp_t = logprob_temperature(cfg) if tempered_logprobs else 1.0
@@ -181,6 +197,7 @@ def generate(
     logprobs_BxT: jax.Array
     lengths_B: jax.Array
     reason_B: jax.Array
+    values_BxT: jax.Array  # [B, 0] unless return_values
 
   def cond(c: Carry):
     return (c.i < t_max) & ~jnp.all(c.done_B)
@@ -204,9 +221,11 @@ def generate(
       is_step_B = live_B & (tok_B == cfg.step_id) & cfg.stop_at_step
     reason_B = jnp.where(is_eos_B, StopReason.EOS, jnp.where(is_step_B, StopReason.STEP, c.reason_B))
     positions_Bx1 = (prompt_len_B + c.i)[:, None]
-    step_out = model(
-        tok_B[:, None], positions_Bx1, live_B[:, None], cache=c.cache, cache_index=lp + c.i
-    )
+    step_out = model(tok_B[:, None], positions_Bx1, live_B[:, None], cache=c.cache, cache_index=lp + c.i)
+    values_BxT = c.values_BxT
+    if return_values:  # the value of the state ending with tok_B: this forward's hidden state
+      v_B = jnp.where(live_B, step_out.values_BxL[:, -1].astype(jnp.float32), 0.0)
+      values_BxT = values_BxT.at[:, c.i].set(v_B)
     return Carry(
         i=c.i + 1,
         cache=step_out.cache,
@@ -216,6 +235,7 @@ def generate(
         logprobs_BxT=c.logprobs_BxT.at[:, c.i].set(logp_B),
         lengths_B=c.lengths_B + live_B.astype(jnp.int32),
         reason_B=reason_B.astype(jnp.int32),
+        values_BxT=values_BxT,
     )
 
   init = Carry(
@@ -227,12 +247,17 @@ def generate(
       logprobs_BxT=jnp.zeros((b, t_max), jnp.float32),
       lengths_B=jnp.zeros((b,), jnp.int32),
       reason_B=jnp.where(empty_B, StopReason.EMPTY, StopReason.LENGTH).astype(jnp.int32),
+      values_BxT=jnp.zeros((b, t_max if return_values else 0), jnp.float32),
   )
   final = init
   for size in sizes:  # one loop per cache size: a step attends over `size` slots, not lp + t_max
     fits = lambda c, size=size: cond(c) & (lp + c.i < size)
     final = jax.lax.while_loop(fits, body, final._replace(cache=final.cache.resize(size)))
-  return SampleOutput(final.tokens_BxT, final.logprobs_BxT, final.lengths_B, final.reason_B)
+  if not return_values:
+    return SampleOutput(final.tokens_BxT, final.logprobs_BxT, final.lengths_B, final.reason_B)
+  prompt_values_B = jnp.where(empty_B, 0.0, prompt_values_B)
+  return SampleOutput(final.tokens_BxT, final.logprobs_BxT, final.lengths_B, final.reason_B, final.values_BxT,
+                      prompt_values_B)
 
 
-sample = jax.jit(generate, static_argnames=('graphdef', 'cfg', 'num_samples', 'tempered_logprobs'))
+sample = jax.jit(generate, static_argnames=('graphdef', 'cfg', 'num_samples', 'tempered_logprobs', 'return_values'))

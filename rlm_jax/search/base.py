@@ -43,6 +43,12 @@ class Steps(NamedTuple):
   lengths_MxK: jax.Array  # int32, tokens generated (0 < length <= L)
   logprob_MxK: jax.Array  # float32, sum of log pi over the generated tokens
   terminal_MxK: jax.Array  # bool, the continuation ended the solution (EOS)
+  # float32 value (reward units) of the state each continuation ends in, read from the
+  # policy's own decode when it carries the value head (actor-critic); None: a value model
+  # scores the new states (`SearchModel.value_fn`).
+  value_MxK: Optional[jax.Array] = None
+  # The same at every generated token (the value of the state ending there), 0 on padding.
+  values_MxKxL: Optional[jax.Array] = None
 
 
 class PolicyFn(Protocol):
@@ -88,6 +94,8 @@ class SearchModel(NamedTuple):
     pad_id, eos_id, step_id: special tokens of the tokenizer.
     step_ends: the tokenizer's step-end tables (`data.steps.StepEnds`; a BPE delimiter merges
       or splits); None: a step ends at `step_id` only.
+    last_value_fn: `(params, nodes) -> values_M`, each node's value at its last token only
+      (what a search reads), without the other positions' head; None: `value_fn(...)[:, -1]`.
   """
 
   policy_fn: PolicyFn
@@ -97,6 +105,7 @@ class SearchModel(NamedTuple):
   eos_id: int
   step_id: int
   step_ends: Optional[StepEnds] = None
+  last_value_fn: Optional[Callable[[Params, NodeBatch], jax.Array]] = None
 
 
 @chex.dataclass(frozen=True)

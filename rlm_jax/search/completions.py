@@ -34,6 +34,9 @@ class Completions(NamedTuple):
   lengths_BxN: jax.Array
   logprob_BxN: jax.Array
   terminal_BxN: jax.Array
+  # Value (reward units) at every token, read from the policy's decode (actor-critic); None:
+  # the value model scores the completions.
+  values_BxNxL: Optional[jax.Array] = None
 
 
 def sample_completions(params: Params, key: jax.Array, model: SearchModel, roots: NodeBatch, num: int,
@@ -42,7 +45,8 @@ def sample_completions(params: Params, key: jax.Array, model: SearchModel, roots
   out = model.policy_fn(params, key, roots, num, to_end=True, greedy=greedy)
   lc = out.tokens_MxKxL.shape[-1]
   mask = jnp.arange(lc) < out.lengths_MxK[..., None]
-  return Completions(out.tokens_MxKxL, mask, out.lengths_MxK, out.logprob_MxK, out.terminal_MxK)
+  return Completions(out.tokens_MxKxL, mask, out.lengths_MxK, out.logprob_MxK, out.terminal_MxK,
+                     out.values_MxKxL)
 
 
 def _flat(x):
@@ -74,6 +78,9 @@ def score_completions(params: Params, model: SearchModel, roots: NodeBatch, comp
   step = model.step_id if model.step_ends is None else model.step_ends
   c_mask = _flat(comp.mask_BxNxL)
   is_end = c_mask & (as_step_ends(step).mask(tok, c_mask) | (tok == model.eos_id))
+  if comp.values_BxNxL is not None:  # values read from the decode: no value pass
+    return _decode_scores(_flat(comp.values_BxNxL), is_end, _flat(comp.lengths_BxN), scorer).reshape(b, n), \
+        jnp.zeros((b, n), jnp.int32)
   p_tok = jnp.repeat(roots.tokens_MxT, n, axis=0)
   p_mask = jnp.repeat(roots.mask_MxT, n, axis=0)
   full, full_mask, _ = tree_lib.pack(jnp.concatenate([p_tok, tok], 1),
@@ -96,6 +103,20 @@ def score_completions(params: Params, model: SearchModel, roots: NodeBatch, comp
   # A completion without any step end (cut inside its first step) gets its last value.
   v = jnp.where(end_mask.any(axis=1), v, values[:, -1])
   return v.reshape(b, n), calls
+
+
+def _decode_scores(values_MxL, is_end_MxL, lengths_M, scorer: str) -> jax.Array:
+  """The value scorers on per-token values in the completion's own (left-aligned) layout."""
+  l = values_MxL.shape[1]
+  last_tok = jnp.take_along_axis(values_MxL, jnp.clip(lengths_M - 1, 0, l - 1)[:, None], axis=1)[:, 0]
+  if scorer == 'orm':
+    return last_tok
+  if scorer == 'prm_min':
+    v = jnp.min(jnp.where(is_end_MxL, values_MxL, jnp.inf), axis=1)
+  else:  # prm_last
+    last = jnp.max(jnp.where(is_end_MxL, jnp.arange(l), -1), axis=1)
+    v = jnp.take_along_axis(values_MxL, jnp.clip(last, 0, l - 1)[:, None], axis=1)[:, 0]
+  return jnp.where(is_end_MxL.any(axis=1), v, last_tok)
 
 
 def _result(comp: Completions, pick_B, score_B, policy_tokens_B, model_calls_B, extra) -> SearchResult:

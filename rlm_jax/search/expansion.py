@@ -2,7 +2,8 @@
 
 Shared by MCTS and beam search. For B trees with W leaves each, the policy samples K next steps
 per leaf in ONE call (B*W*K rows); the new children get consecutive slots, are written into the
-tree, and are scored in ONE value call (B*W*K rows). Terminal children are scored by the
+tree, and are scored in ONE value call (B*W*K rows; none when the policy carries the value
+head: its decode already computed each child's value, `lm.make_search_model`). Terminal children are scored by the
 verifier (training mode) or by the value model / PRM (inference); non-terminal children can mix
 in rollouts to the end: q = (1 - alpha) q_model + alpha * mean(rollout rewards).
 
@@ -100,6 +101,8 @@ def last_values(model: SearchModel, params: Params, nodes: NodeBatch) -> jax.Arr
   """Value / PRM score of each node's full state (last column); zeros without a value model."""
   if model.value_fn is None:
     return jnp.zeros(nodes.depth_M.shape, jnp.float32)
+  if model.last_value_fn is not None:  # the head at the last token only
+    return model.last_value_fn(params, nodes).astype(jnp.float32)
   return model.value_fn(params, nodes)[:, -1].astype(jnp.float32)
 
 
@@ -133,6 +136,9 @@ def _rollout_values(params, key, model: SearchModel, sol, child_nodes: NodeBatch
     tok, msk, _ = tree_lib.pack(tok, msk, model.pad_id, align='left')
     rew = model.reward_fn(params, tok, msk, rep(child_nodes.problem_M)).astype(jnp.float32)
     calls_M = jnp.full((m,), r, jnp.int32)
+  elif out.value_MxK is not None:  # the value of each rollout's end, read from its decode
+    rew = out.value_MxK.reshape(m * r)
+    calls_M = jnp.full((m,), r, jnp.int32)
   else:
     tok = jnp.concatenate([rep(child_nodes.tokens_MxT), comp], axis=1)
     msk = jnp.concatenate([rep(child_nodes.mask_MxT), comp_mask], axis=1)
@@ -157,6 +163,7 @@ class _Evaluated(NamedTuple):
   reward_M: jax.Array  # verifier reward of terminal children, NaN elsewhere
   roll_tokens_M: jax.Array
   roll_calls_M: jax.Array
+  scored_M: jax.Array  # bool: a value model scored the child (not read from the decode)
 
 
 def _sample_and_score(params: Params, key: jax.Array, tree: tree_lib.Tree, b_M, path_MxD, expand_M, *,
@@ -194,7 +201,12 @@ def _sample_and_score(params: Params, key: jax.Array, tree: tree_lib.Tree, b_M, 
       tokens_MxT=jnp.concatenate([rep(nodes.tokens_MxT)[:, drop:], tok_MxKxL.reshape(m * k, ls)], axis=1),
       mask_MxT=jnp.concatenate([rep(nodes.mask_MxT)[:, drop:], smask_MxKxL.reshape(m * k, ls)], axis=1),
       depth_M=rep(nodes.depth_M) + 1, problem_M=rep(nodes.problem_M))
-  q0_M = last_values(model, params, child_nodes)
+  if steps.value_MxK is not None:  # read from the policy's decode: no second pass over the children
+    q0_M = steps.value_MxK.reshape(m * k).astype(jnp.float32)
+    scored_M = jnp.zeros((m * k,), bool)
+  else:
+    q0_M = last_values(model, params, child_nodes)
+    scored_M = jnp.full((m * k,), model.value_fn is not None)
   term_M = steps.terminal_MxK.reshape(-1)
   reward_M = jnp.full(term_M.shape, jnp.nan, jnp.float32)
   sol = None
@@ -216,7 +228,7 @@ def _sample_and_score(params: Params, key: jax.Array, tree: tree_lib.Tree, b_M, 
     q0_M = jnp.where(term_M, q0_M, (1.0 - a) * q0_M + a * mean_M)
     roll_tokens_M, roll_calls_M = jnp.where(use, roll_tokens_M, 0), jnp.where(use, roll_calls_M, 0)
   return _Evaluated(tok_MxKxL, steps.lengths_MxK, steps.logprob_MxK, steps.terminal_MxK, keep_MxK, count_MxK,
-                    q0_M, reward_M, roll_tokens_M, roll_calls_M)
+                    q0_M, reward_M, roll_tokens_M, roll_calls_M, scored_M)
 
 
 def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, path_BxWxD1, expand_BxW, *,
@@ -296,16 +308,14 @@ def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, pat
 
   # Compute spent: every sampled candidate of an expanding leaf (duplicates were generated
   # too), one value row per created child that needs the value model (the verifier is not a
-  # model).
+  # model, and values read from the policy's decode cost no extra row).
   active_BxWK = jnp.repeat(expand_BxW, k, axis=1)
   gen_tokens_B = jnp.where(active_BxWK, ev.lengths_MxK.reshape(b, w * k), 0).sum(axis=1)
   gen_calls_B = active_BxWK.sum(axis=1)
-  if model.value_fn is None:
-    value_calls_B = jnp.zeros((b,), jnp.int32)
-  elif model.reward_fn is None:
-    value_calls_B = keep_BxWK.sum(axis=1)
-  else:
-    value_calls_B = (keep_BxWK & ~term_BxWK).sum(axis=1)
+  scored_BxWK = keep_BxWK & ev.scored_M.reshape(b, w * k)
+  if model.reward_fn is not None:
+    scored_BxWK = scored_BxWK & ~term_BxWK
+  value_calls_B = scored_BxWK.sum(axis=1)
   counters = Counters(
       policy_tokens_B=(gen_tokens_B + ev.roll_tokens_M.reshape(b, -1).sum(axis=1)).astype(jnp.int32),
       model_calls_B=(gen_calls_B + value_calls_B + ev.roll_calls_M.reshape(b, -1).sum(axis=1)).astype(jnp.int32))

@@ -13,9 +13,13 @@
   BPE tokenizer merges it with its neighbours or splits it over two tokens), `to_end=True` at
   EOS. The step's prior comes from the sampler's
   untempered log-probs.
-* Value: a separate value model (`value_graphdef`), or the policy's own value head
-  (`value_from_policy=True`, actor-critic), read at every position. A 'logit' head (P(correct))
-  is mapped to reward units 2 sigmoid(z) - 1 so every q lives in [-1, 1].
+* Value: a separate value model (`value_graphdef`), its head run at the last token of each
+  node's state only (`last_value_fn`; PRM-min scoring reads every step end through
+  `value_fn`), or the policy's own value head (`value_from_policy=True`, actor-critic): then
+  the value of a new step's end state is read from the decode that sampled it (the forward
+  that writes the step's last token computes its hidden state), so an expansion runs no
+  second model over the children. A 'logit' head (P(correct)) is mapped to reward units
+  2 sigmoid(z) - 1 so every q lives in [-1, 1].
 * Reward (training mode / data generation): `reward_fn(reward_params, tokens_BxL, mask_BxL,
   problem_idx_B) -> reward_B` on the solution tokens (right-padded, no prompt); the per-problem
   data (e.g. answer tokens) travels in `LMParams.reward`, so a new batch of problems does not
@@ -25,6 +29,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -91,13 +96,19 @@ class TokenIds(NamedTuple):
     return self.step_id if self.step_ends is None else self.step_ends
 
 
-def _values(graphdef, state, tokens_MxT, mask_MxT) -> jax.Array:
+def _values(graphdef, state, tokens_MxT, mask_MxT, where: str = 'all') -> jax.Array:
+  """Value head output in reward units, at every position ('all': [M, T]) or the last one
+  ('last': [M, 1]); the LM head of an actor-critic does not run."""
   model = nnx.merge(graphdef, state)
   if model.cfg.value_head == 'none':
     raise ValueError('value model has no value head (model.value_head is "none")')
-  out = model(tokens_MxT, positions_from_mask(mask_MxT), mask_MxT)
-  v = out.values_BxL.astype(jnp.float32)
-  return 2.0 * jax.nn.sigmoid(v) - 1.0 if model.cfg.value_head == 'logit' else v
+  out = model(tokens_MxT, positions_from_mask(mask_MxT), mask_MxT, logits='none', values=where)
+  return _reward_units(model.cfg, out.values_BxL)
+
+
+def _reward_units(cfg, v):
+  v = v.astype(jnp.float32)
+  return 2.0 * jax.nn.sigmoid(v) - 1.0 if cfg.value_head == 'logit' else v
 
 
 def make_search_model(policy_graphdef: nnx.GraphDef, options: LMOptions, ids: TokenIds, *,
@@ -128,23 +139,36 @@ def make_search_model(policy_graphdef: nnx.GraphDef, options: LMOptions, ids: To
         eos_id=ids.eos_id, pad_id=ids.pad_id, step_id=ids.step_id, stop_at_step=not to_end,
         greedy=greedy, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
     out = sampler_lib.generate(policy_graphdef, params.policy, nodes.tokens_MxT, nodes.mask_MxT, key, cfg,
-                               num_samples=num, step_ends=ids.step_ends)
+                               num_samples=num, step_ends=ids.step_ends, return_values=options.value_from_policy)
     shape = lambda x: x.reshape((m, num) + x.shape[1:])
+    value = values = None
+    if options.value_from_policy:  # the value head at every generated token, from the decode itself
+      units = functools.partial(_reward_units, nnx.merge(policy_graphdef, params.policy).cfg)
+      t = out.values_BxT.shape[1]
+      gen_BxT = jnp.arange(t)[None] < out.lengths_B[:, None]
+      values_BxT = jnp.where(gen_BxT, units(out.values_BxT), 0.0)
+      last = jnp.clip(out.lengths_B - 1, 0, t - 1)
+      v_B = jnp.take_along_axis(values_BxT, last[:, None], axis=1)[:, 0]
+      v_B = jnp.where(out.lengths_B > 0, v_B, units(out.prompt_values_B))  # nothing generated: the state itself
+      value, values = shape(v_B), shape(values_BxT)
     return Steps(tokens_MxKxL=shape(out.tokens_BxT), lengths_MxK=shape(out.lengths_B),
                  logprob_MxK=shape(out.logprobs_BxT.sum(axis=1)),
-                 terminal_MxK=shape(out.stop_reason_B == sampler_lib.StopReason.EOS))
+                 terminal_MxK=shape(out.stop_reason_B == sampler_lib.StopReason.EOS), value_MxK=value,
+                 values_MxKxL=values)
 
-  value_fn = None
-  if value_graphdef is not None:
-    value_fn = lambda params, nodes: _values(value_graphdef, params.value, nodes.tokens_MxT, nodes.mask_MxT)
-  elif options.value_from_policy:
-    value_fn = lambda params, nodes: _values(policy_graphdef, params.policy, nodes.tokens_MxT, nodes.mask_MxT)
+  value_fn = last_value_fn = None
+  if value_graphdef is not None or options.value_from_policy:
+    graphdef, which = (value_graphdef, 'value') if value_graphdef is not None else (policy_graphdef, 'policy')
+    value_fn = lambda params, nodes: _values(graphdef, getattr(params, which), nodes.tokens_MxT, nodes.mask_MxT)
+    last_value_fn = lambda params, nodes: _values(graphdef, getattr(params, which), nodes.tokens_MxT,
+                                                  nodes.mask_MxT, 'last')[:, 0]
 
   search_reward = None
   if reward_fn is not None:
     search_reward = lambda params, tokens, mask, problem: reward_fn(params.reward, tokens, mask, problem)
   return SearchModel(policy_fn=policy_fn, value_fn=value_fn, reward_fn=search_reward,
-                     pad_id=ids.pad_id, eos_id=ids.eos_id, step_id=ids.step_id, step_ends=ids.step_ends)
+                     pad_id=ids.pad_id, eos_id=ids.eos_id, step_id=ids.step_id, step_ends=ids.step_ends,
+                     last_value_fn=last_value_fn)
 
 
 # ------------------------------------------------------------------------------------------

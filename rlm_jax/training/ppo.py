@@ -3,7 +3,8 @@
 One model carries both heads (`lm_head=True`, `value_head='sigmoid'|'logit'`). An iteration:
 rollout (G samples per prompt, on-device sampler) -> jittable verifier score -> per-token
 rewards (sparse terminal reward + optional KL penalty to a frozen reference) -> GAE(γ, λ) with
-the value head's predictions -> `num_ppo_epochs` passes (lax.scan) over `num_minibatches`
+the value head's predictions (π_old and V_old as the sampler computed them while decoding:
+no forward pass before the updates) -> `num_ppo_epochs` passes (lax.scan) over `num_minibatches`
 shuffled minibatches of the clipped policy + clipped value loss − entropy bonus.
 
 Token t of a completion is the action taken in state "prompt + tokens < t". Its log-prob and
@@ -66,8 +67,14 @@ class PPOSetup:
   # The tokenizer's step-end tables for the default final-step match (`StepEnds.of(tok)`: a BPE
   # delimiter merges or splits); None: a step ends at `step_id` only.
   step_ends: StepEnds | None = None
+  # π_old and V_old by a forward pass over the rollout instead of the sampler's own log-probs
+  # and values (equal up to float error; set it when the sampler's numerics differ from the
+  # update's, e.g. a rollout mesh with other precision).
+  recompute_old: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.recompute_old, bool):
+      raise ValueError(f'PPOSetup.recompute_old must be True or False, got {self.recompute_old!r}')
     if not isinstance(self.logprob_chunk_tokens, int) or self.logprob_chunk_tokens < 0:
       raise ValueError(f'PPOSetup.logprob_chunk_tokens must be an int >= 0, got {self.logprob_chunk_tokens!r}')
     if not isinstance(self.group_size, int) or self.group_size < 1:
@@ -170,7 +177,7 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
     raise ValueError(f'PPOSetup.num_minibatches={setup.num_minibatches} does not divide the '
                      f'{n} rollouts (batch × group_size)')
   k_roll, k_shuffle = jax.random.split(key)
-  ro = rollout(graphdef, state.params, batch, k_roll, setup)
+  ro = rollout(graphdef, state.params, batch, k_roll, setup, return_values=not setup.recompute_old)
   lp = ro['prompt'].shape[1]
   mask_BxT = ro['completion_mask']
   seq = jnp.concatenate([ro['prompt'], ro['tokens']], axis=1)
@@ -178,7 +185,11 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
 
   sg = jax.lax.stop_gradient
   temp, chunk = logprob_temperature(setup.sampling), setup.logprob_chunk_tokens
-  old_logp_BxT, _, old_v_BxT = sg(forward(graphdef, state.params, seq, seq_mask, lp, temp, chunk))
+  if setup.recompute_old:
+    old_logp_BxT, _, old_v_BxT = sg(forward(graphdef, state.params, seq, seq_mask, lp, temp, chunk))
+  else:  # the decode computed both: the tempered log-probs it sampled with, the value head at each state
+    old_logp_BxT = jnp.where(mask_BxT, ro['sample_logprobs'], 0.0)
+    old_v_BxT = ro['state_values']
   kl_BxT = jnp.zeros_like(old_logp_BxT)
   if cfg.kl_coef > 0:
     ref_logp_BxT = sg(forward(graphdef, ref_params, seq, seq_mask, lp, temp, chunk)[0])
@@ -265,7 +276,7 @@ def build_phase(ctx, section: PPOSection):
   setup = PPOSetup(loss=section, sampling=ctx.sampling, reward=rl.reward, step_id=ctx.tok.step_id,
                    step_ends=StepEnds.of(ctx.tok), group_size=rl.group_size,
                    num_minibatches=section.num_minibatches, whiten_advantages=section.whiten_advantages,
-                   logprob_chunk_tokens=rl.logprob_chunk_tokens)
+                   logprob_chunk_tokens=rl.logprob_chunk_tokens, recompute_old=rl.recompute_old_logp)
   state = create_train_state(params, tx, ctx.mesh, ctx.rules)
   step = lambda st, b, i: ppo_iteration_jit(graphdef, tx, setup, st, ref, b, phase.iteration_key(ctx.seed, 3, i))
   return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),

@@ -42,7 +42,8 @@ def answer_match_score(out: SampleOutput, batch: dict, step_id: StepEnds | int) 
                           batch['answer_len'], step_id)
 
 
-def rollout(graphdef, params, batch: dict, key: jax.Array, setup: RolloutSetup) -> dict:
+def rollout(graphdef, params, batch: dict, key: jax.Array, setup: RolloutSetup, *,
+            return_values: bool = False) -> dict:
   """Samples G completions per prompt and scores them. Rows are prompt-major: [B·G].
 
   Args:
@@ -51,13 +52,17 @@ def rollout(graphdef, params, batch: dict, key: jax.Array, setup: RolloutSetup) 
       answer_len [B] for the default).
     key: PRNG key of the sampler.
     setup: a `RolloutSetup`.
+    return_values: the policy has a value head (actor-critic): also return its values, read
+      from the decode (static).
 
   Returns:
     dict of [B·G, ...] rows: prompt, prompt_mask, tokens, completion_mask, lengths, truncated,
-    score, reward, sample_logprobs (tempered, as the losses use them).
+    score, reward, sample_logprobs (tempered, as the losses use them); with `return_values`,
+    state_values [B·G, T]: V(s_t), the value of the state before completion token t (the last
+    prompt token's for t = 0; 0 past the completion).
   """
   out = generate(graphdef, params, batch['prompt'], batch['prompt_mask'], key, setup.sampling,
-                 num_samples=setup.group_size, tempered_logprobs=True)
+                 num_samples=setup.group_size, tempered_logprobs=True, return_values=return_values)
   batch = jax.tree.map(lambda x: jnp.repeat(x, setup.group_size, axis=0), batch)
   prompt, prompt_mask = batch['prompt'], batch['prompt_mask']
   if setup.score_fn is None:
@@ -66,12 +71,16 @@ def rollout(graphdef, params, batch: dict, key: jax.Array, setup: RolloutSetup) 
     score = setup.score_fn(out, batch)
   t = out.tokens_BxT.shape[1]
   completion_mask = jnp.arange(t)[None] < out.lengths_B[:, None]
-  return {
+  ro = {
       'prompt': prompt, 'prompt_mask': prompt_mask, 'tokens': out.tokens_BxT,
       'completion_mask': completion_mask, 'lengths': out.lengths_B,
       'truncated': out.stop_reason_B == StopReason.LENGTH, 'score': score,
       'reward': score_to_reward(score, setup.reward), 'sample_logprobs': out.logprobs_BxT,
   }
+  if return_values:  # V(s_t) is the value after token t - 1
+    before_BxT = jnp.concatenate([out.prompt_values_B[:, None], out.values_BxT[:, :-1]], axis=1)
+    ro['state_values'] = jnp.where(completion_mask, before_BxT, 0.0)
+  return ro
 
 
 def head_model(graphdef, params):

@@ -153,8 +153,10 @@ def test_bad_sampling_config_names_field():
 
 @pytest.mark.parametrize('greedy', [True, False])
 def test_shared_prefix_equals_repeated_prompts(model, greedy):
-  """num_samples=N (one prefill per prompt) gives exactly the tokens, log-probs, lengths and
-  stop reasons of the N = 1 path on prompts repeated N times, for the same key."""
+  """num_samples=N (one prefill per prompt) gives exactly the tokens, lengths and stop reasons
+  of the N = 1 path on prompts repeated N times, for the same key, and its log-probs up to
+  float rounding (the prefill runs over B rows instead of B·N, which a CPU matmul may block
+  differently: 2e-6 apart on an AVX-512 Xeon)."""
   gdef, state = model
   cfg = smp.SamplingConfig(max_new_tokens=6, eos_id=EOS, pad_id=PAD, greedy=greedy, temperature=1.3,
                            step_id=STEP, stop_at_step=True)
@@ -162,8 +164,10 @@ def test_shared_prefix_equals_repeated_prompts(model, greedy):
   shared = smp.sample(gdef, state, tokens, mask, jax.random.key(2), cfg, num_samples=4)
   repeated = smp.sample(gdef, state, jnp.repeat(tokens, 4, 0), jnp.repeat(mask, 4, 0), jax.random.key(2), cfg)
   assert shared.tokens_BxT.shape == (12, 6)
-  for a, b in zip(shared, repeated):
-    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(shared.tokens_BxT, repeated.tokens_BxT)
+  np.testing.assert_array_equal(shared.lengths_B, repeated.lengths_B)
+  np.testing.assert_array_equal(shared.stop_reason_B, repeated.stop_reason_B)
+  np.testing.assert_allclose(shared.logprobs_BxT, repeated.logprobs_BxT, rtol=1e-5, atol=1e-5)
   if not greedy:  # the N samples of one prompt differ (rows are prompt-major)
     assert len({tuple(r) for r in np.asarray(shared.tokens_BxT[:4]).tolist()}) > 1
 
@@ -250,3 +254,30 @@ def test_tempered_logprobs_are_those_of_logits_over_t(model):
   np.testing.assert_allclose(out.logprobs_BxT, pick(logits / 0.5), atol=1e-4)
   np.testing.assert_allclose(raw.logprobs_BxT, pick(logits), atol=1e-4)
   assert np.abs(np.asarray(out.logprobs_BxT - raw.logprobs_BxT)).max() > 1e-2
+
+
+@pytest.mark.parametrize('num_samples', [1, 3])
+def test_values_from_the_decode_equal_a_full_forward(num_samples):
+  """`return_values`: the value head at each generated token (and at the last prompt token)
+  equals the full forward's value at that position of prompt + completion; 0 on padding."""
+  cfg = dataclasses.replace(CFG, value_head='logit')
+  gdef, state = nnx.split(tfm.init_model(cfg, seed=4))
+  scfg = smp.SamplingConfig(max_new_tokens=5, eos_id=EOS, pad_id=PAD, step_id=STEP, stop_at_step=True,
+                            temperature=1.5)
+  tokens, mask = _batch()
+  out = smp.sample(gdef, state, tokens, mask, jax.random.key(4), scfg, num_samples=num_samples,
+                   return_values=True)
+  plain = smp.sample(gdef, state, tokens, mask, jax.random.key(4), scfg, num_samples=num_samples)
+  np.testing.assert_array_equal(out.tokens_BxT, plain.tokens_BxT)  # the values change no sample
+  full = jax.jit(lambda t, m: nnx.merge(gdef, state)(t, mask_BxL=m).values_BxL)
+  rows = np.repeat(np.arange(len(PROMPTS)), num_samples)
+  lengths = np.asarray(out.lengths_B)
+  assert lengths.min() >= 1 and (lengths < 5).any()  # some rows stopped early
+  for r, row in enumerate(rows):
+    seq = PROMPTS[row] + np.asarray(out.tokens_BxT[r, :lengths[r]]).tolist()
+    ref = np.asarray(full(jnp.asarray([seq]), None))[0]
+    np.testing.assert_allclose(out.values_BxT[r, :lengths[r]], ref[len(PROMPTS[row]):], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.prompt_values_B[r], ref[len(PROMPTS[row]) - 1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out.values_BxT[r, lengths[r]:], 0.0)
+  with pytest.raises(ValueError, match='no value head'):
+    smp.sample(*nnx.split(tfm.init_model(CFG)), tokens, mask, jax.random.key(0), scfg, return_values=True)

@@ -116,8 +116,8 @@ def test_strategy_end_to_end(name):
   elif name in ('best_of_n', 'self_consistency'):
     n = 3
     np.testing.assert_array_equal(r.policy_tokens_B, r.extra['lengths_BxN'].sum(1))
-    # best-of-N scores with the ORM (the policy's value head): one value row per sample.
-    np.testing.assert_array_equal(r.model_calls_B, 2 * n if name == 'best_of_n' else n)
+    # best-of-N scores with the policy's value head, read from its decode: no value rows.
+    np.testing.assert_array_equal(r.model_calls_B, n)
   else:
     d = 3
     t = r.tree
@@ -126,9 +126,9 @@ def test_strategy_end_to_end(name):
     k = 2
     expanded = (t.first_child_BxN >= 0).sum(1)
     used = np.arange(t.parent_BxN.shape[1])[None] < t.num_nodes_B[:, None]
-    nonterminal_children = (used & ~t.terminal_BxN).sum(1) - 1
-    # root value + K samples per expansion + one value row per non-terminal child.
-    np.testing.assert_array_equal(r.model_calls_B, 1 + k * expanded + nonterminal_children)
+    # root value + K samples per expansion; the children's values come from the policy's
+    # decode (value_from_policy), so no value row per child.
+    np.testing.assert_array_equal(r.model_calls_B, 1 + k * expanded)
     stored = np.where(used, t.step_len_BxN, 0).sum(1)
     assert (r.policy_tokens_B >= stored).all()
     assert (r.policy_tokens_B <= k * expanded * OPTS.step_tokens).all()
@@ -224,3 +224,58 @@ def test_beam_steps_end_at_bpe_delimiters(which, split_bpe, merge_bpe):
   old = jax.device_get(run(lm.TokenIds(tok.pad_id, tok.eos_id, tok.step_id)).tree)
   first = np.flatnonzero(old.depth_BxN[0] == 1)
   assert int(old.step_len_BxN[0, first[0]]) == 8 != len(spans[0])
+
+
+def test_policy_values_read_from_the_decode_equal_the_value_pass():
+  """An actor-critic's step values come from the decode that sampled the step: equal to the
+  value head over the child state (parent + step) at its last token."""
+  model = lm.make_search_model(GD, OPTS, IDS)
+  p, m = _prompts()
+  nodes = NodeBatch(p, m, jnp.zeros((2,), jnp.int32), jnp.arange(2))
+  params = lm.LMParams(policy=STATE)
+  steps = jax.jit(lambda p, k, n: model.policy_fn(p, k, n, 3, to_end=False, greedy=False))(
+      params, jax.random.key(5), nodes)
+  assert steps.value_MxK.shape == (2, 3)
+  for i in range(2):
+    for j in range(3):
+      n = int(steps.lengths_MxK[i, j])
+      tok = jnp.concatenate([p[i], steps.tokens_MxKxL[i, j, :n]])[None]
+      msk = jnp.concatenate([m[i], jnp.ones((n,), bool)])[None]
+      child = NodeBatch(tok, msk, jnp.ones((1,), jnp.int32), jnp.array([i]))
+      np.testing.assert_allclose(steps.value_MxK[i, j], model.value_fn(params, child)[0, -1], rtol=1e-4, atol=1e-5)
+      np.testing.assert_allclose(model.last_value_fn(params, child)[0], model.value_fn(params, child)[0, -1],
+                                 rtol=1e-5, atol=1e-6)
+  # Without value_from_policy the policy returns no values (a value model scores the children).
+  plain = lm.make_search_model(GD, dataclasses.replace(OPTS, value_from_policy=False), IDS)
+  assert plain.policy_fn(params, jax.random.key(5), nodes, 3, to_end=False, greedy=False).value_MxK is None
+
+
+@pytest.mark.parametrize('strategy', ['mcts', 'beam'])
+def test_actor_critic_search_equals_the_same_weights_as_a_value_model(strategy):
+  """MCTS / beam with the policy's own value head read from its decode build the tree that the
+  same weights give as a separate value model (one more forward over every child), minus
+  those value rows in the compute count."""
+  from rlm_jax.search.beam import BeamConfig, beam_search
+  from rlm_jax.search.mcts import MCTSConfig, mcts_search
+  if strategy == 'mcts':
+    search, config = mcts_search, MCTSConfig(num_simulations=4, num_children=2, num_walkers=2, max_depth=3)
+  else:
+    search, config = beam_search, BeamConfig(beam_width=2, expansions=2, max_depth=3)
+  run = lambda model, params: jax.device_get(jax.jit(functools.partial(search, model=model, config=config))(
+      params, jax.random.key(1), *_prompts()))
+  decode = run(lm.make_search_model(GD, OPTS, IDS), lm.LMParams(policy=STATE))
+  separate = run(lm.make_search_model(GD, dataclasses.replace(OPTS, value_from_policy=False), IDS, value_graphdef=GD),
+                 lm.LMParams(policy=STATE, value=STATE))
+  t_a, t_b = decode.tree, separate.tree
+  for name in t_a.keys():
+    a, b = np.asarray(getattr(t_a, name)), np.asarray(getattr(t_b, name))
+    if a.dtype.kind == 'f':
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
+    else:
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  np.testing.assert_array_equal(decode.tokens_BxL, separate.tokens_BxL)
+  np.testing.assert_array_equal(decode.policy_tokens_B, separate.policy_tokens_B)
+  used = np.arange(t_a.parent_BxN.shape[1])[None] < t_a.num_nodes_B[:, None]
+  children = used.sum(1) - 1  # every created node but the root had a value row
+  np.testing.assert_array_equal(separate.model_calls_B - decode.model_calls_B, children)
+  assert children.min() > 0

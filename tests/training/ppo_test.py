@@ -114,3 +114,22 @@ def test_actor_critic_params_take_the_policy_trunk_and_keep_the_value_head():
   small = tfm.ModelConfig(**{**policy_cfg.__dict__, 'd_ff': 16})
   with pytest.raises(ValueError, match=r'/layers/0/mlp/w_\w+ has shape \(16, 16\) in the policy'):
     ppo.actor_critic_params(ac, nnx.split(tfm.init_model(small, seed=0))[1])
+
+
+def test_old_logprobs_and_values_from_the_sampler_equal_a_recomputing_forward():
+  """π_old and V_old read from the decode (the default) give the iteration that a forward pass
+  over the rollout gives (`recompute_old=True`): the same metrics and updated weights, with a
+  KL penalty, GAE over several tokens and EOS stops (rows of different lengths)."""
+  gdef, params = nnx.split(tfm.init_model(CFG, seed=5))
+  ref = nnx.split(tfm.init_model(CFG, seed=6))[1]
+  tx = make_optimizer(OptimConfig(learning_rate=1e-2, grad_clip=0.0))
+  run = lambda recompute: ppo.ppo_iteration_jit(
+      gdef, tx, _setup(max_new_tokens=4, group_size=2, loss=dict(kl_coef=0.05), recompute_old=recompute),
+      create_train_state(jax.tree.map(jnp.copy, params), tx), ref, _batch(), jax.random.key(2))
+  (s_a, m_a), (s_b, m_b) = run(False), run(True)
+  assert 1.0 < float(m_a['completion_length']) < 4.0  # some rows stopped at EOS
+  for k in ('reward', 'kl', 'value_mean', 'return_mean', 'explained_variance', 'pg_loss', 'vf_loss', 'loss'):
+    np.testing.assert_allclose(float(m_a[k]), float(m_b[k]), rtol=1e-4, atol=1e-6, err_msg=k)
+  chex.assert_trees_all_close(s_a.params, s_b.params, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match='recompute_old must be True or False'):
+    _setup(recompute_old='yes')
