@@ -4,7 +4,15 @@ Command:
   python -m rlm_jax.main --config=configs/alphazero.py --workdir=runs/alphazero
   (`:rft` is rejection-sampling fine-tuning on each tree's best path, the loop as it was
   first measured; `:mix` adds 32 solver traces to every distillation step against
-  forgetting; `:smoke` is a seconds-scale version for tests)
+  forgetting; `:countdown` runs the loop on Countdown, see below; `:smoke` is a
+  seconds-scale version for tests)
+
+`:countdown`: the task of configs/blueprint.py:countdown (levels 3-5, any expression reaching
+the target is right) with rl.reward_on='host': the search's terminal steps are judged by the
+Countdown verifier on host (`search.host_reward`), not by matching the solver's expression, and
+the PRM learns from the SFT policy's own samples (value.labels='policy'). Steps are up to 20
+tokens (the longest answer step of levels 3-5 is 18 with its EOS) and paths 4 steps deep.
+Not yet measured beyond a few-round smoke run.
 
 Phases: policy SFT (ckpt/sft) -> value / PRM training on solver-labelled traces (ckpt/value)
 -> rl.iterations AlphaZero rounds (ckpt/alphazero: policy, value model and replay buffer):
@@ -86,6 +94,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           distill_batch=32, value_batch=32, kl_beta=0.0)
   elif arg == 'mix':  # expert iteration with solver traces mixed into every distillation step
     c.rl.alphazero.update(sft_mix=1.0, sft_mix_batch=32)
+  elif arg == 'countdown':  # many right answers: the verifier judges terminals on host
+    c.task.update(domain='countdown', levels=(3, 4, 5), prompt_len=32, completion_len=44, answer_len=24)
+    c.rl.update(reward_on='host')
+    c.value.update(labels='policy', samples_per_task=8)
+    c.rl.alphazero.mcts.update(max_depth=4)
+    c.rl.alphazero.update(step_tokens=20)
+    c.eval.update(step_tokens=20, max_depth=4)
   elif arg == 'smoke':  # seconds: every phase runs, nothing is learnt
     c.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
     c.task.update(levels=(1,), train_size=32, rl_size=0, prompt_len=20, completion_len=24, answer_len=10)
@@ -101,5 +116,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                   max_depth=3)
     c.checkpoint.update(save_every=1, keep=2)
   elif arg:
-    raise ValueError(f"configs/alphazero.py: unknown argument '{arg}' (allowed: 'rft', 'mix', 'smoke')")
+    raise ValueError(f"configs/alphazero.py: unknown argument '{arg}' (allowed: 'rft', 'mix', 'countdown', 'smoke')")
   return c

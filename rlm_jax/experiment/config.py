@@ -162,6 +162,9 @@ class ValueConfig:
   step checks, the policy's samples the mistakes it actually makes (a PRM trained on
   corruptions alone can learn a cue the policy never shows, e.g. a final result that is not
   Countdown's target).
+  mc and mcts judge finished solutions with the task verifier on host where the training
+  problems have many right answers or rl.reward_on='host' (`value_phase.label_verifier`),
+  else by the final-step match on device.
   The label set is rebuilt deterministically from (seed, SFT checkpoint) when the phase
   (re)starts; `label_batch` problems go through one compiled labelling call.
   """
@@ -353,6 +356,9 @@ def check(cfg: ExperimentConfig) -> None:
     if cfg.rl.reward_on == 'host' and cfg.rl.rollout_mesh is not None:
       raise ConfigError("rl.reward_on='host' needs the rollout on the training mesh: set rl.rollout_mesh=None")
   az = dict(cfg.rl.sections).get('alphazero')
+  if cfg.rl.algo == 'alphazero' and cfg.rl.reward_fns:
+    raise ConfigError(f"rl.reward_fns={cfg.rl.reward_fns}: rl.algo='alphazero' rewards terminals with the verifier "
+                      "(+1 solved, -1 otherwise); remove rl.reward_fns")
   if cfg.rl.algo == 'alphazero' and az is not None and az.sft_mix > 0 and cfg.sft.steps == 0:
     raise ConfigError(f'rl.alphazero.sft_mix={az.sft_mix} mixes in the SFT split\'s solver traces, which a run '
                       'with sft.steps=0 does not encode: set sft.steps > 0 or sft_mix=0')

@@ -86,9 +86,11 @@ class Experiment:
                         f"to compare samples with; use 'checked' (where the domain has a step checker) or 'mc'")
 
   def _check_answer_matching(self):
-    """Device-side scoring (rewards, Monte Carlo / MCTS labels) compares a completion's final
-    step with the solver's answer text; problems with many right answers (`unique_solution`
-    False, e.g. Countdown) need the verifier, on host."""
+    """Device-side rewards compare a completion's final step with the solver's answer text;
+    problems with many right answers (`unique_solution` False, e.g. Countdown) need the
+    verifier, on host: every phase-2 algorithm (search-based ones included) with
+    rl.reward_on='device' is refused. Monte Carlo and MCTS labels switch to the host verifier
+    on such problems by themselves (`value_phase.label_verifier`)."""
     cfg = self.cfg
     many = next((t for ts in (self.train.tasks, self.rl_pool.tasks) for t in ts
                  if t.get('unique_solution') is False), None)
@@ -98,9 +100,6 @@ class Experiment:
     if cfg.rl.algo != 'none' and cfg.rl.iterations > 0 and cfg.rl.reward_on == 'device':
       raise ConfigError(f"rl.reward_on='device' matches the solver's answer text, but {what}: set "
                         "rl.reward_on='host'")
-    if cfg.value.enabled and cfg.value.steps > 0 and {'mc', 'mcts'} & set(cfg.value.label_sources):
-      raise ConfigError(f"value.labels='{cfg.value.labels}': Monte Carlo and MCTS labels match rollouts with the "
-                        f"solver's answer text, but {what}: use 'checked', 'policy' or 'solver'")
 
   # --- pieces -----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from rlm_jax.data import encoding
 from rlm_jax.data.steps import StepEnds
 from rlm_jax.experiment import data as data_lib
 from rlm_jax.sampling.sampler import SamplingConfig, sample
+from rlm_jax.search import host_reward
 from rlm_jax.search import lm as search_lm
 from rlm_jax.training import alphazero as az_lib
 from rlm_jax.training import labels as labels_lib
@@ -29,8 +30,10 @@ KEYS = ('tokens', 'mask', 'targets', 'target_mask')
 
 def label_chunks(exp, idx: np.ndarray):
   """Fixed-shape device batches of training problems `idx` (the last chunk padded with its
-  first row): yields (chunk index, number of real rows, batch)."""
-  n, size, arrays = len(idx), exp.cfg.value.label_batch, exp.train.prompt_batch()
+  first row): yields (chunk index, number of real rows, batch); `batch['problem']` is each
+  row's index into `exp.train.tasks`."""
+  n, size = len(idx), exp.cfg.value.label_batch
+  arrays = dict(exp.train.prompt_batch(), problem=np.arange(len(exp.train.tasks), dtype=np.int32))
   for c, lo in enumerate(range(0, n, size)):
     rows = idx[lo:lo + size]
     full = np.concatenate([rows, np.repeat(rows[:1], size - len(rows))])
@@ -62,6 +65,19 @@ def _solver_rows(exp, graphdef, policy_params, idx):
   return {k: np.asarray(jax.device_get(rows[k])) for k in KEYS}
 
 
+def label_verifier(exp):
+  """How Monte Carlo and MCTS labels judge a finished solution: None for the final-step match
+  on device, or the task verifier on host (`host_reward.HostReward` over the training split)
+  when matching the solver's answer text would be wrong (training problems with many right
+  answers, `unique_solution` False, e.g. Countdown) or the run scores on host
+  (`rl.reward_on='host'`). A label source builds it once for all its chunks (a static
+  argument of the labelling program, hashed by identity)."""
+  many = any(t.get('unique_solution') is False for t in exp.train.tasks)
+  if many or exp.cfg.rl.reward_on == 'host':
+    return host_reward.HostReward(exp.tok, exp.train.tasks)
+  return None
+
+
 def _sampling(exp) -> SamplingConfig:
   cfg, tok = exp.cfg, exp.tok
   return SamplingConfig(max_new_tokens=cfg.task.completion_len, eos_id=tok.eos_id, pad_id=tok.pad_id,
@@ -72,8 +88,10 @@ def _mc_rows(exp, graphdef, policy_params, idx):
   """One SFT-policy trace per problem, each step labelled by its rollouts' success rate."""
   cfg, v, tok = exp.cfg, exp.cfg.value, exp.tok
   key, scfg, parts = jax.random.key(cfg.seed + 17), _sampling(exp), []
+  verifier = label_verifier(exp)
   setup = labels_lib.MCLabelSetup(num_rollouts=v.mc_rollouts, max_steps=v.max_steps, sampling=scfg,
-                                  step_id=tok.step_id, step_ends=StepEnds.of(tok))
+                                  step_id=tok.step_id, step_ends=StepEnds.of(tok),
+                                  score_fn=None if verifier is None else verifier.score_fn)
   for c, real, batch in label_chunks(exp, idx):
     k_trace, k_roll = jax.random.split(jax.random.fold_in(key, c))
     out = sample(graphdef, policy_params, batch['prompt'], batch['prompt_mask'], k_trace, scfg)
@@ -163,7 +181,7 @@ def _mcts_rows(exp, graphdef, policy_params, idx):
   az = dict(cfg.rl.sections)['alphazero']
   setup = az_lib.make_setup(dataclasses.replace(az, use_value_model=False),
                             search_lm.TokenIds.of(tok), cfg.task.prompt_len, cfg.task.completion_len, cfg.value.mode,
-                            rl.temperature, rl.top_k, rl.top_p)
+                            rl.temperature, rl.top_k, rl.top_p, reward=label_verifier(exp))
   for c, real, batch in label_chunks(exp, idx):
     rows = az_lib.search_rows_jit(graphdef, None, setup, policy_params, None, batch, jax.random.fold_in(key, c))
     parts.append({k: np.asarray(jax.device_get(rows[k]))[:real] for k in KEYS})

@@ -4,8 +4,10 @@ distill + fit value.
 One round is ONE compiled program (`alphazero_round_jit`):
 
   1. Search: MCTS (`search.mcts.mcts_search`) over P training problems with the current policy,
-     the value model for non-terminal children (optional) and the verifier reward (the final
-     step must equal the canonical answer) for terminal ones.
+     the value model for non-terminal children (optional) and the verifier reward for terminal
+     ones: the final step must equal the canonical answer (on device), or with
+     `rl.reward_on='host'` the task verifier judges the decoded solution (`search.host_reward`:
+     any right answer of a problem with many, e.g. Countdown).
   2. Restructure (`tree_rows`), by `policy_target`:
      * 'visits' / 'q_softmax' (AlphaZero, ExIt, ReST-MCTS*): every node of every tree is a row,
        prompt + the steps to its parent + its own step. Its policy weight is the step's visit
@@ -48,6 +50,7 @@ from flax import nnx
 from rlm_jax import configlib
 from rlm_jax import sharding
 from rlm_jax.search import export
+from rlm_jax.search import host_reward
 from rlm_jax.search import lm
 from rlm_jax.search import mcts as mcts_lib
 from rlm_jax.search import tree as tree_lib
@@ -139,7 +142,10 @@ class AZSetup:
 
   search: MCTS config; lm: sampling of the expansions; ids: special tokens; prompt_len: Lp,
   width of the (left-padded) prompts, where completions start in buffer rows; value_mode:
-  'mse' | 'bce' (`training.value`); the rest as in `AlphaZeroConfig`.
+  'mse' | 'bce' (`training.value`); reward: the terminal reward, None for the answer match on
+  device (the batch's answer / answer_len) or a `host_reward.HostReward` (the verifier on host;
+  the batch's `problem` holds each row's index into its tasks; hashed by identity, so rounds
+  with the same one share a compiled program); the rest as in `AlphaZeroConfig`.
   """
 
   search: mcts_lib.MCTSConfig
@@ -161,6 +167,7 @@ class AZSetup:
   kl_beta: float = 0.0
   sft_mix: float = 0.0
   sft_mix_batch: int = 16
+  reward: Any = None
 
   def row_len(self) -> int:
     """L of a buffer row: the prompt and max_depth step slots."""
@@ -439,17 +446,24 @@ def search_tree(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef | No
     policy_graphdef, policy_params: the policy.
     value_graphdef, value_params: the value model, or None (q = 0 at non-terminal children).
     setup: static settings.
-    batch: prompt [P, Lp] (left-padded), prompt_mask, answer [P, A] (canonical final step
-      tokens, right-padded) and answer_len [P] for the verifier reward.
+    batch: prompt [P, Lp] (left-padded), prompt_mask, and for the verifier reward answer
+      [P, A] (canonical final step tokens, right-padded) and answer_len [P], or with a host
+      reward (`setup.reward`) problem [P] (int32, index of each problem in its tasks).
     key: PRNG key of the search.
 
   Returns:
     SearchResult (its tree holds the verifier's rewards at terminals).
   """
+  if setup.reward is None:
+    reward_fn, reward = lm.answer_reward_fn(setup.ids), lm.AnswerTable(batch['answer'], batch['answer_len'])
+  else:
+    if 'problem' not in batch:
+      raise ValueError("search_tree: a host reward needs batch['problem'] (indices into its tasks)")
+    reward_fn, reward = setup.reward, batch['problem']
   model = lm.make_search_model(policy_graphdef, setup.lm, setup.ids, value_graphdef=value_graphdef,
-                               reward_fn=lm.answer_reward_fn(setup.ids))
+                               reward_fn=reward_fn)
   params = lm.LMParams(policy=policy_params, value=value_params if value_graphdef is not None else None,
-                       reward=lm.AnswerTable(batch['answer'], batch['answer_len']))
+                       reward=reward)
   return mcts_lib.mcts_search(params, key, batch['prompt'], batch['prompt_mask'], model=model,
                               config=setup.search)
 
@@ -674,8 +688,9 @@ alphazero_round_jit = jax.jit(alphazero_round, static_argnums=(0, 1, 2, 3, 4), d
 
 
 def make_setup(cfg: AlphaZeroConfig, ids: lm.TokenIds, prompt_len: int, completion_len: int,
-               value_mode: str, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> AZSetup:
-  """AZSetup from the config sections (the pipeline's boundary)."""
+               value_mode: str, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               reward=None) -> AZSetup:
+  """AZSetup from the config sections (the pipeline's boundary); `reward` as `AZSetup.reward`."""
   opts = lm.LMOptions(step_tokens=cfg.step_tokens, completion_tokens=completion_len, temperature=temperature,
                       top_k=top_k, top_p=top_p)
   return AZSetup(search=cfg.mcts, lm=opts, ids=ids, prompt_len=prompt_len, value_mode=value_mode,
@@ -684,7 +699,7 @@ def make_setup(cfg: AlphaZeroConfig, ids: lm.TokenIds, prompt_len: int, completi
                  policy_target=cfg.policy_target, q_temperature=cfg.q_temperature,
                  policy_min_visits=cfg.policy_min_visits, solved_trees_only=cfg.solved_trees_only,
                  value_target=cfg.value_target, min_visits=cfg.min_visits, kl_beta=cfg.kl_beta,
-                 sft_mix=cfg.sft_mix, sft_mix_batch=cfg.sft_mix_batch)
+                 sft_mix=cfg.sft_mix, sft_mix_batch=cfg.sft_mix_batch, reward=reward)
 
 
 def path_logprob(graphdef: nnx.GraphDef, params: Any, rows: dict, prompt_len: int) -> jax.Array:
@@ -709,8 +724,14 @@ def build_phase(ctx, section: AlphaZeroConfig):
   graphdef, policy_params = ctx.policy
   ptx, vtx = make_optimizer(rl.optim), make_optimizer(section.value_optim)
   vgd, vparams = ctx.value if ctx.value is not None else ctx.models.value_model(policy_params)
+  # rl.reward_on='host': the verifier judges terminals on host, over the whole pool (a round
+  # sends only its problems' indices, so rounds share one compiled program).
+  reward = host_reward.HostReward(tok, ctx.pool.tasks) if rl.reward_on == 'host' else None
   setup = make_setup(section, lm.TokenIds.of(tok), ctx.task.prompt_len, ctx.task.completion_len, ctx.value_mode,
-                     rl.temperature, rl.top_k, rl.top_p)
+                     rl.temperature, rl.top_k, rl.top_p, reward=reward)
+  arrays = ctx.pool.prompt_batch()
+  if reward is not None:
+    arrays = dict(arrays, problem=np.arange(len(ctx.pool.tasks), dtype=np.int32))
   buffer = empty_buffer(section.buffer_size, setup.row_len(), tok.pad_id)
   buffer = jax.device_put(buffer, jax.sharding.NamedSharding(ctx.mesh, jax.sharding.PartitionSpec()))
   copy = lambda t: jax.tree.map(jnp.copy, t)  # the round donates its state
@@ -732,14 +753,15 @@ def build_phase(ctx, section: AlphaZeroConfig):
   step = lambda st, b, i: alphazero_round_jit(graphdef, vgd, ptx, vtx, setup, st, b,
                                               phase.iteration_key(ctx.seed, 5, i), ref,
                                               None if mix is None else mix(i))
-  return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),
+  return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(arrays, ctx.prompts(i)),
                      policy=lambda st: (graphdef, st.policy.params), value=lambda st: (vgd, st.value.params))
 
 
 def _algorithm():
   from rlm_jax.training import phase  # pylint: disable=g-import-not-at-top
   return phase.Algorithm(name='alphazero', config=AlphaZeroConfig, build=build_phase,
-                         policy_path=('policy', 'params'), value_path=('value', 'params'), trains_value=True)
+                         capabilities=frozenset({'host_reward'}), policy_path=('policy', 'params'),
+                         value_path=('value', 'params'), trains_value=True)
 
 
 ALGORITHM = _algorithm()

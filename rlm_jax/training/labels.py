@@ -156,8 +156,11 @@ class MCLabelSetup:
   step_id: the step delimiter.
   step_ends: the tokenizer's step-end tables (`StepEnds.of(tok)`); None: only step_id ends a
     step. Used for the step ends of the traces and the default final-step match.
-  score_fn: jittable (SampleOutput, batch rows repeated) -> verifier score; None = the final
-    step must equal batch['answer'] (`final_step_score`). Score 2 counts as correct.
+  score_fn: jittable (SampleOutput, batch rows repeated) -> verifier score, given the whole
+    solution of each rollout (the trace's steps up to the prefix's end, then the sampled
+    continuation; e.g. `host_reward.HostReward.score_fn`); None = the final step must equal
+    batch['answer'] (`final_step_score`, which reads the continuation: it holds the final
+    step). Score 2 counts as correct.
   """
 
   num_rollouts: int
@@ -252,6 +255,17 @@ def mc_rollout_labels(graphdef: nnx.GraphDef, params: nnx.State, setup: MCLabelS
   rows = lambda x: jnp.repeat(x.reshape((b * s,) + x.shape[2:]), m, axis=0)  # (b, s, m) order
   out = generate(graphdef, params, rows(prefix_BxSxW), rows(keep_BxSxW), key, sc)
   batch_rep = jax.tree.map(lambda x: jnp.repeat(x, s * m, axis=0), batch)
+  if setup.score_fn is not None:  # the scorer judges whole solutions: trace steps 1..k + rollout
+    pre_mask_BxSxT = comp_mask_BxT[:, None] & (jnp.arange(t)[None, None] <= ends_c_BxS[..., None])
+    pre_BxSxT = jnp.broadcast_to(comp_BxT[:, None], (b, s, t))
+    tn = out.tokens_BxT.shape[1]
+    sol_tokens = jnp.concatenate([rows(pre_BxSxT), out.tokens_BxT], axis=1)
+    sol_mask = jnp.concatenate([rows(pre_mask_BxSxT), jnp.arange(tn)[None] < out.lengths_B[:, None]], axis=1)
+    order = jnp.argsort(~sol_mask, axis=1, stable=True)  # real tokens first, in order
+    sol_mask = jnp.take_along_axis(sol_mask, order, axis=1)
+    sol_tokens = jnp.where(sol_mask, jnp.take_along_axis(sol_tokens, order, axis=1), sc.pad_id)
+    out = SampleOutput(sol_tokens, jnp.zeros(sol_tokens.shape, jnp.float32),
+                       sol_mask.sum(axis=1).astype(jnp.int32), out.stop_reason_B)
   correct_BxSxM = (_score(setup, out, batch_rep) == 2).reshape(b, s, m)
   num_correct_BxS = correct_BxSxM.sum(axis=2).astype(jnp.int32)
 

@@ -75,8 +75,12 @@ def test_derived_key_set_differently_is_refused():
 @pytest.mark.parametrize('overrides, message', [
     (['rl.algo=ppo', 'rl.microbatches=2'],
      "rl.microbatches=2: rl.algo='ppo' does not support it (algorithms that do: grpo, rloo, process_grpo)"),
-    (['rl.algo=alphazero', 'rl.reward_on=host'],
-     "rl.reward_on='host': rl.algo='alphazero' does not support it (algorithms that do: grpo, rloo, process_grpo)"),
+    (['rl.algo=alphazero', 'rl.microbatches=2'],
+     "rl.microbatches=2: rl.algo='alphazero' does not support it (algorithms that do: grpo, rloo, process_grpo)"),
+    (['rl.algo=alphazero', 'rl.reward_on=host'], None),  # the verifier on host judges the search's terminals
+    (['rl.algo=alphazero', 'rl.reward_on=host', "rl.reward_fns=('correctness',)"],
+     "rl.reward_fns=('correctness',): rl.algo='alphazero' rewards terminals with the verifier (+1 solved, "
+     "-1 otherwise); remove rl.reward_fns"),
     (['sft.batch_size=64', 'task.train_size=10'],
      'sft.batch_size=64: more than task.train_size=10 problems (each batch draws distinct problems)'),
     (['tokenizer.kind=hf'], "tokenizer.kind='hf': set tokenizer.path (or hf_checkpoint, whose folder it then uses)"),

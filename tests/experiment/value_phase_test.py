@@ -215,9 +215,26 @@ def test_label_sources_joined_by_plus_pool_their_rows_in_order(tmp_path, monkeyp
   assert len(alone['solver']['tokens']) == 4 * (1 + cfg.value.negatives_per_task) and len(alone['policy']['tokens']) == 8
 
 
+def test_monte_carlo_labels_on_problems_with_many_answers_are_verified_on_host(tmp_path, monkeypatch):
+  """`value.labels=mc` on Countdown: the final step of a trace whose answer is the solver's
+  expression in parentheses is labelled right (the verifier's outcome), not wrong (the answer
+  text match); a trace ending in an unreachable answer is wrong at its final step."""
+  exp = runner.Experiment(_countdown_cfg('value.labels=mc', 'value.mc_rollouts=2'), str(tmp_path))
+  graphdef, params = exp.models.init_policy()  # rollouts from an untrained policy: ~never right
+
+  def final_labels(rewrite):
+    monkeypatch.setattr(value_phase, 'sample', _scripted_sampler(exp, rewrite))
+    data = value_phase.value_data(exp, graphdef, params)
+    m = data['target_mask'] > 0
+    return [float(data['targets'][r][m[r]][-1]) for r in range(len(m))]
+
+  assert final_labels(lambda steps: steps[:-1] + ['Answer: (' + steps[-1].removeprefix('Answer: ') + ')']) == [1.0] * 4
+  assert final_labels(lambda steps: steps[:-1] + ['Answer: 0*0']) == [0.0] * 4
+
+
 @pytest.mark.parametrize('overrides, culprit', [
     (['rl.algo=grpo', 'rl.reward_on=device', 'rl.prompts_per_iteration=2'], "rl.reward_on='device'"),
-    (['value.labels=solver+mc'], "value.labels='solver+mc'"),
+    (['rl.algo=alphazero', 'rl.reward_on=device', 'rl.prompts_per_iteration=2'], "rl.reward_on='device'"),
 ])
 def test_answer_text_matching_on_problems_with_many_answers_is_refused(tmp_path, overrides, culprit):
   with pytest.raises(configlib.ConfigError) as e:
