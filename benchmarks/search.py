@@ -11,7 +11,9 @@ tiny transformer.
     rows of K candidates; mctx: recurrent_fn rows), "nodes/s" counts created, evaluated nodes.
 (b) A tiny random Transformer (char vocab) as policy + value head at B = 256, with node states
     always at the widest width ('full') and at widths by depth ('halving', the default; the
-    column "per simulation" lists the children's state width of each simulation). The same
+    column "per simulation" lists the children's state width of each simulation); the
+    children's values read from the policy's decode ('decode', actor-critic) or by the same
+    weights as a separate value model over every child state ('value pass'). The same
     policy / value calls the search makes, at the same widths, are timed alone in one compiled
     program whose inputs depend on the previous call's outputs (nothing can be hoisted); the
     rest of the search's time is bookkeeping (selection, tree writes, backup, state building).
@@ -142,8 +144,9 @@ def part_a(repeats: int, batches=(256, 1024), walkers=(1, 4)):
 
 def _models_alone(model, params, key, prompt, mask, depths, cfg, ls, t_full):
   """The model calls one search makes, alone: the root value call, then per simulation one
-  policy call on B*W node states (K samples each) and one value call on their B*W*K children,
-  at the widths the search used (`depths[s]` steps of state in simulation s)."""
+  policy call on B*W node states (K samples each) and, unless the policy's decode returned the
+  children's values (actor-critic), one value call on their B*W*K children, at the widths the
+  search used (`depths[s]` steps of state in simulation s)."""
   b, lp = prompt.shape
   w, k = cfg.num_walkers, cfg.num_children
   acc = expansion.last_values(model, params, expansion.root_nodes(prompt, mask, jnp.arange(b), 0)).sum()
@@ -159,10 +162,13 @@ def _models_alone(model, params, key, prompt, mask, depths, cfg, ls, t_full):
                       jnp.zeros((b * w,), jnp.int32), jnp.arange(b * w) % b)
     steps = model.policy_fn(params, jax.random.fold_in(key, s), nodes, k, to_end=False, greedy=False)
     first = steps.tokens_MxKxL[..., 0].reshape(-1)
-    children = NodeBatch(pad(prompt, t_child).repeat(k, 0).at[:, -1].set(first),
-                         pad(mask, t_child).repeat(k, 0) & (first >= 0)[:, None],
-                         jnp.ones((b * w * k,), jnp.int32), jnp.arange(b * w * k) % b)
-    v = expansion.last_values(model, params, children)
+    if steps.value_MxK is not None:
+      v = steps.value_MxK.reshape(-1)
+    else:
+      children = NodeBatch(pad(prompt, t_child).repeat(k, 0).at[:, -1].set(first),
+                           pad(mask, t_child).repeat(k, 0) & (first >= 0)[:, None],
+                           jnp.ones((b * w * k,), jnp.int32), jnp.arange(b * w * k) % b)
+      v = expansion.last_values(model, params, children)
     last_M = jnp.where(v.reshape(-1, k)[:, 0] > 2.0, first[::k], last_M)
     acc = acc + v.sum() + steps.logprob_MxK.sum()
   return acc + last_M.sum()
@@ -178,8 +184,10 @@ def part_b(repeats: int, b: int = 256):
                      d_ff=128, value_head='sigmoid')
   gd, st = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(params=0)))
   opts = lm.LMOptions(step_tokens=8, completion_tokens=32, value_from_policy=True)
-  model = lm.make_search_model(gd, opts, lm.TokenIds.of(tok))
-  params = lm.LMParams(policy=st)
+  models = {  # the actor-critic's values read from its decode, or the same weights as a value model
+      'decode': (lm.make_search_model(gd, opts, lm.TokenIds.of(tok)), lm.LMParams(policy=st)),
+      'value pass': (lm.make_search_model(gd, dataclasses.replace(opts, value_from_policy=False), lm.TokenIds.of(tok),
+                                          value_graphdef=gd), lm.LMParams(policy=st, value=st))}
   ids = tok.encode('What is 12+30?', bos=True) + [tok.step_id]
   lp = len(ids)
   prompt = jnp.tile(jnp.asarray(ids)[None], (b, 1))
@@ -190,10 +198,11 @@ def part_b(repeats: int, b: int = 256):
   t_full = lp + d * ls
   print(f'\n(b) tiny transformer (d=64, 2 layers, vocab {tok.vocab_size}), B={b}, K={k}, W={w}, '
         f'S={base.num_simulations}, step {ls} tokens, prompt {lp}, widest state {t_full} tokens')
-  print('| state widths | per simulation | search wall s | model calls alone | outside (wall) | '
+  print('| state widths | child values | per simulation | search wall s | model calls alone | outside (wall) | '
         'search CPU s | model calls alone | outside (CPU) | trivial model (wall) |')
-  print('|' + '---|' * 9)
-  for width in ('full', 'halving'):
+  print('|' + '---|' * 10)
+  for width, values in (('full', 'decode'), ('halving', 'decode'), ('halving', 'value pass')):
+    model, params = models[values]
     cfg = dataclasses.replace(base, state_width=width)
     search = jax.jit(functools.partial(mcts_lib.mcts_search, model=model, config=cfg))
     t_search, c_search = _time(search, params, key, prompt, mask, repeats=repeats)
@@ -204,7 +213,7 @@ def part_b(repeats: int, b: int = 256):
     trivial = jax.jit(functools.partial(mcts_lib.mcts_search, model=trivial_model(64, ls), config=cfg))
     t_book, _ = _time(trivial, None, key, prompt, mask, repeats=repeats)
     widths = '/'.join(str(lp + min(x + 1, d) * ls) for x in depths)  # the children's states
-    print(f'| {width} | {widths} | {t_search:.3f} | {t_models:.3f} | {100 * (1 - t_models / t_search):.1f}% | '
+    print(f'| {width} | {values} | {widths} | {t_search:.3f} | {t_models:.3f} | {100 * (1 - t_models / t_search):.1f}% | '
           f'{c_search:.3f} | {c_models:.3f} | {100 * (1 - c_models / c_search):.1f}% | '
           f'{t_book:.4f} ({100 * t_book / t_search:.1f}%) |', flush=True)
 
