@@ -27,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -62,6 +61,13 @@ def train_from(run: str, config: str, seed: int, algo: str, overrides=()) -> dic
     if os.path.isdir(src) and not os.path.isdir(dst):
       shutil.copytree(src, dst)
   return train(config, seed, out, *overrides, f'--config.rl.algo={algo}')
+
+
+def phase_seconds(run: str, phase: str) -> float:
+  """Training wall seconds of `phase` in `run`: the sum of its logged `<phase>/seconds` (every
+  step's wall time, across resumes; 0 for a run logged before that metric existed)."""
+  from rlm_jax.analysis import files  # pylint: disable=g-import-not-at-top
+  return float(sum(r.get(f'{phase}/seconds', 0.0) for r in files.read_metrics(run)))
 
 
 def search_rows(run: str, seed: int, problems: int) -> list[dict]:
@@ -171,6 +177,8 @@ def main(argv=None):
   p.add_argument('--config', default=os.path.join('configs', 'blueprint.py'))
   p.add_argument('--problems', type=int, default=0, help='held-out problems searched (0: the run\'s eval.size)')
   p.add_argument('--trained', action='store_true', help='also train GRPO, process GRPO and AlphaZero from SFT')
+  p.add_argument('--no_search', action='store_true',
+                 help='skip the searches (with --trained: only the trained policies\' table)')
   p.add_argument('--algos', default=','.join(TRAINED),
                  help='with --trained: the phase-2 algorithms (e.g. grpo,process_grpo where the loop cannot score on host)')
   args, overrides = p.parse_known_args(argv)
@@ -182,25 +190,31 @@ def main(argv=None):
   if set(algos) - set(TRAINED):
     p.error(f'--algos={args.algos}: allowed {",".join(TRAINED)}')
   rows, trained, wall = [], {a: [] for a in algos} if args.trained else {}, {a: [] for a in algos}
+  if trained:  # the start of every trained policy, as its own row
+    trained = {'sft': [], **trained}
   for seed in seeds:
     run = os.path.join(os.path.abspath(args.workdir), f'seed{seed}')
-    train(args.config, seed, run, *overrides)
-    rows += search_rows(run, seed, args.problems)
-    for algo in trained:
-      t0 = time.perf_counter()
+    start = train(args.config, seed, run, *overrides)
+    if trained:
+      trained['sft'].append(start['sft']['greedy/accuracy'])
+    if not args.no_search:
+      rows += search_rows(run, seed, args.problems)
+    for algo in algos if trained else ():
       trained[algo].append(train_from(run, args.config, seed, algo, overrides)['rl']['greedy/accuracy'])
-      wall[algo].append(time.perf_counter() - t0)  # a reused finished run counts ~0 s
+      wall[algo].append(phase_seconds(f'{run}-{algo}', algo))
   summary = summarise(rows)
   os.makedirs(args.workdir, exist_ok=True)
   with open(os.path.join(args.workdir, 'blueprint.json'), 'w') as f:
     json.dump({'seeds': seeds, 'rows': rows, 'summary': summary, 'trained': trained, 'trained_seconds': wall}, f,
               indent=1)
-  plot(summary, os.path.join(args.workdir, 'blueprint.png'))
+  if summary:
+    plot(summary, os.path.join(args.workdir, 'blueprint.png'))
   print(f'\n{args.config} on {machine()}\n\n' + table(summary, trained, seeds) + '\n')
   for algo, secs in wall.items():
     if secs:
-      print(f'- {algo}: {np.mean(secs):.0f} s of training per seed (this run; a reused run counts ~0)')
-  for line in check_targets(summary):
+      print(f'- {algo}: {np.mean(secs):.0f} s of phase-2 training per seed [{min(secs):.0f}-{max(secs):.0f}] '
+            f'(the runs\' own {algo}/seconds)')
+  for line in check_targets(summary) if summary else ():
     print('-', line)
   return summary
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import jax
 from etils import epath
@@ -40,7 +41,9 @@ def run_phase(name: str, num_steps: int, step_offset: int, state, step_fn, batch
     metrics: the run's writer.
 
   Returns:
-    (state, finished): finished is False when stopped early by `stop`.
+    (state, finished): finished is False when stopped early by `stop`. Besides the step's own
+    metrics each row logs `<name>/seconds`, the step's wall time (the first step's includes
+    compiling): their sum over the phase is its training time, across resumes.
 
   Raises:
     TrainingDiverged: a non-finite loss or gradient (the last good checkpoint stays).
@@ -78,14 +81,18 @@ def run_phase(name: str, num_steps: int, step_offset: int, state, step_fn, batch
 
   finished = True
   bar = metrics_lib.progress(range(start, num_steps), total=num_steps, initial=start, desc=name)
+  tick = time.perf_counter()
   try:
     for step in bar:
       state, m = step_fn(state, batch_fn(step), step)
       if pending is not None:
         flush(pending)
-      pending = (step, m)
       stopping = stop()
       ck.save(step, state, {'step': step}, force=stopping or step == num_steps - 1)
+      # Wall seconds of the step, from the previous step's end (its batch, dispatch, the wait
+      # for the previous step's metrics, its checkpoint): summed over a phase, its training time.
+      now = time.perf_counter()
+      pending, tick = (step, dict(m, seconds=now - tick)), now
       if stopping:
         finished = False
         break
