@@ -229,17 +229,21 @@ class Attention(nnx.Module):
       self.bv = _zeros((kv, dh), ('kv_heads', 'head_dim'), cfg)
 
   def __call__(self, x_BxLxD, positions_BxL, visible_BxLxT, kv_cache, cache_index, rope=None, *,
-               n_keys=None):
-    """`n_keys` (static): attend over the first n_keys key slots only (None: all of them)."""
+               n_keys=None, q_from=0):
+    """`n_keys` (static): attend over the first n_keys key slots only (None: all of them).
+    `q_from` (static): queries (and outputs) for positions q_from.. only; keys and values for all."""
     cfg = self.cfg
     dt = cfg.compute_dtype
-    q = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wq[...].astype(dt))
+    if rope is None:
+      rope = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)
+    q_rope = rope if not q_from else tuple(t[:, q_from:] for t in rope)
+    q = jnp.einsum('bld,dhk->blhk', x_BxLxD[:, q_from:], self.wq[...].astype(dt))
     k = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wk[...].astype(dt))
     v = jnp.einsum('bld,dhk->blhk', x_BxLxD, self.wv[...].astype(dt))
     if cfg.qkv_bias:
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
-    q = apply_rope(q, positions_BxL, cfg.rope_theta, rope)
+    q = apply_rope(q, positions_BxL[:, q_from:], cfg.rope_theta, q_rope)
     k_BxJxDxT = apply_rope(k, positions_BxL, cfg.rope_theta, rope).transpose(0, 2, 3, 1)
     v_BxJxTxD = v.transpose(0, 2, 1, 3)
     if kv_cache is not None:
@@ -252,7 +256,7 @@ class Attention(nnx.Module):
     b, l, h, dh = q.shape
     q_BxJxRxLxD = q.reshape(b, l, cfg.n_kv_heads, h // cfg.n_kv_heads, dh).transpose(0, 2, 3, 1, 4)
     k_BxJxDxT, v_BxJxTxD = k_BxJxDxT.astype(dt), v_BxJxTxD.astype(dt)
-    out = _attend(q_BxJxRxLxD, k_BxJxDxT, v_BxJxTxD, visible_BxLxT, n_keys)
+    out = _attend(q_BxJxRxLxD, k_BxJxDxT, v_BxJxTxD, visible_BxLxT[:, q_from:], n_keys)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, dh)
     out = jnp.einsum('blhk,hkd->bld', out, self.wo[...].astype(dt))
     return out, new_kv
@@ -282,9 +286,10 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x, positions, visible, kv_cache, cache_index, rope=None, *, n_keys=None):
-    h, new_kv = self.attn(self.attn_norm(x), positions, visible, kv_cache, cache_index, rope, n_keys=n_keys)
-    x = x + h
+  def __call__(self, x, positions, visible, kv_cache, cache_index, rope=None, *, n_keys=None, q_from=0):
+    h, new_kv = self.attn(self.attn_norm(x), positions, visible, kv_cache, cache_index, rope, n_keys=n_keys,
+                          q_from=q_from)
+    x = x[:, q_from:] + h
     x = x + self.mlp(self.mlp_norm(x))
     return sharding.constrain(x, ('batch', 'length', 'embed')), new_kv
 
@@ -337,6 +342,7 @@ class Transformer(nnx.Module):
       cache_index: jax.Array | int = 0,
       logits: Literal['all', 'last', 'none'] = 'all',
       values: Literal['all', 'last', 'none'] = 'all',
+      hidden_from: int = 0,
   ) -> ModelOutput:
     """Runs the trunk and the heads.
 
@@ -347,6 +353,10 @@ class Transformer(nnx.Module):
         the caller applies `lm_logits` to the hidden states it needs, e.g. in chunks).
       values: where the value head runs, the same choices ('last': values [B, 1]; a search
         reads a node's value at its last token only).
+      hidden_from: positions the outputs start at (static; no cache): the last layer computes
+        its queries, attention output and MLP for positions hidden_from.. only (its keys and
+        values for all), so `hidden_BxLxD` (and logits, values) has L - hidden_from positions.
+        A loss over completion tokens needs nothing before the last prompt position.
 
     Returns:
       ModelOutput; `logits_BxLxV` is None without an LM head or with logits='none',
@@ -357,6 +367,8 @@ class Transformer(nnx.Module):
       if where not in ('all', 'last', 'none'):
         raise ValueError(f"Transformer({name}={where!r}): must be 'all', 'last' or 'none'")
     b, l = tokens_BxL.shape
+    if not 0 <= hidden_from < l or (hidden_from and cache is not None):
+      raise ValueError(f'Transformer(hidden_from={hidden_from}): must be in [0, {l}) and used without a cache')
     if mask_BxL is None:
       mask_BxL = jnp.ones((b, l), bool)
     mask_BxL = mask_BxL.astype(bool)
@@ -388,7 +400,9 @@ class Transformer(nnx.Module):
     rope = rope_tables(positions_BxL, cfg.head_dim, cfg.rope_theta)  # once, not once per layer
     for i, block in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, new_kv = _call_block(block, cfg.remat, n_keys, x, positions_BxL, visible_BxLxT, kv, cache_index, rope)
+      q_from = hidden_from if i == len(self.layers) - 1 else 0
+      x, new_kv = _call_block(block, cfg.remat, n_keys, q_from, x, positions_BxL, visible_BxLxT, kv, cache_index,
+                              rope)
       if new_kv is not None:
         new_k.append(new_kv[0])
         new_v.append(new_kv[1])
@@ -415,13 +429,13 @@ class Transformer(nnx.Module):
     return sharding.constrain(logits_BxLxV, ('batch', 'length', 'vocab'))
 
 
-def _call_block(block: Block, remat: str, n_keys: int | None, *args):
+def _call_block(block: Block, remat: str, n_keys: int | None, q_from: int, *args):
   if remat == 'none':
-    return block(*args, n_keys=n_keys)
+    return block(*args, n_keys=n_keys, q_from=q_from)
   # 'full' saves only the block inputs; 'dots' also keeps matmul outputs (less recompute).
   policy = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}[remat]
-  # The static n_keys stays out of the traced arguments.
-  return nnx.remat(lambda blk, *a: blk(*a, n_keys=n_keys), policy=policy)(block, *args)
+  # The static n_keys and q_from stay out of the traced arguments.
+  return nnx.remat(lambda blk, *a: blk(*a, n_keys=n_keys, q_from=q_from), policy=policy)(block, *args)
 
 
 def count_params(state) -> int:

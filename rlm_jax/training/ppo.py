@@ -142,11 +142,10 @@ def forward(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int, temperatur
     (logp_BxT, entropy_BxT, values_BxT) float32, T = seq length − prompt_len.
   """
   model = head_model(graphdef, params)
-  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none')
+  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none', hidden_from=prompt_len - 1)
   logp_BxT, entropy_BxT = losses.lm_head_logprobs(
-      out.hidden_BxLxD[:, prompt_len - 1:-1], model.lm_head_DxV(), seq_BxL[:, prompt_len:],
-      temperature, chunk_tokens)
-  values_BxT = out.values_BxL[:, prompt_len - 1:-1].astype(jnp.float32)
+      out.hidden_BxLxD[:, :-1], model.lm_head_DxV(), seq_BxL[:, prompt_len:], temperature, chunk_tokens)
+  values_BxT = out.values_BxL[:, :-1].astype(jnp.float32)
   return logp_BxT, entropy_BxT, values_BxT
 
 

@@ -97,7 +97,8 @@ def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int
   """log π(completion tokens) and entropies for sequences laid out as [prompt | completion].
 
   The LM head runs only over the positions that predict completion tokens, in chunks
-  (`losses.lm_head_logprobs`): no [B, L, V] logits.
+  (`losses.lm_head_logprobs`): no [B, L, V] logits; the last layer too, but for its keys and
+  values (`Transformer(hidden_from=...)`).
 
   Args:
     graphdef, params: the policy.
@@ -111,6 +112,7 @@ def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int
     (logp_BxT, entropy_BxT) float32, T = L - prompt_len columns.
   """
   model = head_model(graphdef, params)
-  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none')
-  return losses.lm_head_logprobs(out.hidden_BxLxD[:, prompt_len - 1 : -1], model.lm_head_DxV(),
+  # The last layer runs from the last prompt position on: nothing before it reaches a loss.
+  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none', hidden_from=prompt_len - 1)
+  return losses.lm_head_logprobs(out.hidden_BxLxD[:, :-1], model.lm_head_DxV(),
                                  seq_BxL[:, prompt_len:], temperature, chunk_tokens)

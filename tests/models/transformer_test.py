@@ -1,6 +1,7 @@
 """Behavioural tests of the decoder: causality, padding, KV cache, GQA, heads, dtypes."""
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,3 +169,27 @@ def test_logits_last_and_none_match_the_full_head():
   np.testing.assert_allclose(model.lm_logits(none.hidden_BxLxD), full.logits_BxLxV, atol=1e-6)
   with pytest.raises(ValueError, match="logits='some'"):
     model(x, logits='some')
+
+
+@pytest.mark.parametrize('remat', ['none', 'full'])
+def test_hidden_from_equals_the_slice_of_the_full_forward(remat):
+  """`hidden_from=k`: the last layer runs its queries, attention output and MLP from position
+  k on; hidden states, logits and values equal the full forward's positions k.. (left padding
+  included), and the gradient of a loss over those positions is the same."""
+  cfg = tfm.ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
+                    value_head='sigmoid', remat=remat)
+  gd, st = nnx.split(tfm.init_model(cfg, seed=2))
+  tokens = jax.random.randint(jax.random.key(0), (3, 9), 1, 50)
+  mask = jnp.arange(9)[None] >= jnp.array([0, 2, 4])[:, None]
+  fwd = lambda s, k: nnx.merge(gd, s)(tokens, tfm.positions_from_mask(mask), mask, hidden_from=k)
+  full, part = fwd(st, 0), fwd(st, 5)
+  assert part.hidden_BxLxD.shape == (3, 4, 32)
+  np.testing.assert_allclose(part.hidden_BxLxD, full.hidden_BxLxD[:, 5:], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(part.logits_BxLxV, full.logits_BxLxV[:, 5:], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(part.values_BxL, full.values_BxL[:, 5:], rtol=1e-5, atol=1e-5)
+  loss = lambda s, k, sl: jnp.sum(jnp.sin(fwd(s, k).logits_BxLxV[:, sl]))
+  g_full = jax.grad(loss)(st, 0, slice(5, None))
+  g_part = jax.grad(loss)(st, 5, slice(None))
+  chex.assert_trees_all_close(g_part, g_full, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match='hidden_from=9'):
+    fwd(st, 9)
