@@ -279,3 +279,19 @@ def test_actor_critic_search_equals_the_same_weights_as_a_value_model(strategy):
   children = used.sum(1) - 1  # every created node but the root had a value row
   np.testing.assert_array_equal(separate.model_calls_B - decode.model_calls_B, children)
   assert children.min() > 0
+
+
+@pytest.mark.parametrize('scorer', ['orm', 'prm_min', 'prm_last'])
+def test_best_of_n_scores_from_the_decode_equal_the_value_pass(scorer):
+  """Best-of-N with an actor-critic scores its samples with the values its decode computed:
+  the scores (and picks) of the same weights as a separate value model, no value rows."""
+  from rlm_jax.search.completions import BestOfNConfig, best_of_n
+  config = BestOfNConfig(num_samples=4, scorer=scorer)
+  run = lambda model, params: jax.device_get(jax.jit(functools.partial(best_of_n, model=model, config=config))(
+      params, jax.random.key(3), *_prompts()))
+  decode = run(lm.make_search_model(GD, OPTS, IDS), lm.LMParams(policy=STATE))
+  separate = run(lm.make_search_model(GD, dataclasses.replace(OPTS, value_from_policy=False), IDS, value_graphdef=GD),
+                 lm.LMParams(policy=STATE, value=STATE))
+  np.testing.assert_allclose(decode.extra['scores_BxN'], separate.extra['scores_BxN'], rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(decode.tokens_BxL, separate.tokens_BxL)
+  np.testing.assert_array_equal(separate.model_calls_B - decode.model_calls_B, 4)
