@@ -29,6 +29,7 @@ from rlm_jax.data import encoding
 from rlm_jax.data.steps import StepEnds, as_step_ends
 from rlm_jax.data.tokenizer import Tokenizer, pad_batch
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, StopReason, generate
+from rlm_jax.search import tree as tree_lib
 from rlm_jax.training import value as value_lib
 from rlm_jax.training.rewards import final_step_score
 
@@ -261,11 +262,8 @@ def mc_rollout_labels(graphdef: nnx.GraphDef, params: nnx.State, setup: MCLabelS
     tn = out.tokens_BxT.shape[1]
     sol_tokens = jnp.concatenate([rows(pre_BxSxT), out.tokens_BxT], axis=1)
     sol_mask = jnp.concatenate([rows(pre_mask_BxSxT), jnp.arange(tn)[None] < out.lengths_B[:, None]], axis=1)
-    order = jnp.argsort(~sol_mask, axis=1, stable=True)  # real tokens first, in order
-    sol_mask = jnp.take_along_axis(sol_mask, order, axis=1)
-    sol_tokens = jnp.where(sol_mask, jnp.take_along_axis(sol_tokens, order, axis=1), sc.pad_id)
-    out = SampleOutput(sol_tokens, jnp.zeros(sol_tokens.shape, jnp.float32),
-                       sol_mask.sum(axis=1).astype(jnp.int32), out.stop_reason_B)
+    sol_tokens, sol_mask, sol_len = tree_lib.pack(sol_tokens, sol_mask, sc.pad_id, align='left')
+    out = SampleOutput(sol_tokens, jnp.zeros(sol_tokens.shape, jnp.float32), sol_len, out.stop_reason_B)
   correct_BxSxM = (_score(setup, out, batch_rep) == 2).reshape(b, s, m)
   num_correct_BxS = correct_BxSxM.sum(axis=2).astype(jnp.int32)
 
