@@ -175,7 +175,7 @@ def generate(
   sizes = decode_spans(lp, t_max)  # the cache grows through these sizes as the decode fills it
   cache = KVCache.zeros(model.cfg, b, sizes[0])
   # The prefill needs the next-token logits of the last prompt slot only: no [B, Lp, V] head.
-  heads = {'values': 'last'} if return_values else {}  # (scripted test models take no `values`)
+  heads = {'values': 'last'} if return_values else {}  # (a model without a `values` argument still works)
   out = model(prompt_BxLp, positions_from_mask(prompt_mask_BxLp), prompt_mask_BxLp, cache=cache, cache_index=0,
               logits='last', **heads)
   cache, logits_BxV = out.cache, out.logits_BxLxV[:, -1]

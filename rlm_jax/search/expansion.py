@@ -3,9 +3,10 @@
 Shared by MCTS and beam search. For B trees with W leaves each, the policy samples K next steps
 per leaf in ONE call (B*W*K rows); the new children get consecutive slots, are written into the
 tree, and are scored in ONE value call (B*W*K rows; none when the policy carries the value
-head: its decode already computed each child's value, `lm.make_search_model`). Terminal children are scored by the
-verifier (training mode) or by the value model / PRM (inference); non-terminal children can mix
-in rollouts to the end: q = (1 - alpha) q_model + alpha * mean(rollout rewards).
+head: its decode already computed each child's value, `lm.make_search_model`). Terminal
+children are scored by the verifier (training mode) or by the value model / PRM (inference);
+non-terminal children can mix in rollouts to the end:
+q = (1 - alpha) q_model + alpha * mean(rollout rewards).
 
 State width by depth: a leaf at depth d needs only Lp + d * L columns (its child one step
 more), not the Lp + max_depth * L of the deepest node. Each expansion builds its leaves'
