@@ -52,6 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # e.g. `6*5=16`) are not the solver corruptions' (whose wrong final results miss the target).
     c.value.update(labels='policy', samples_per_task=8, steps=600)
     c.value.optim.update(learning_rate=2e-3, decay_steps=590)
+    # Expert iteration's steps hold a whole answer step (up to 18 tokens with its EOS); paths of
+    # 4 steps reach level 5's answer.
+    c.rl.alphazero.update(step_tokens=20)
+    c.rl.alphazero.mcts.update(max_depth=4)
   elif arg == 'smoke':  # seconds: every piece runs, nothing is learnt
     c.model.update(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32)
     c.task.update(levels=(1,), train_size=32, rl_size=64, prompt_len=20, completion_len=24, answer_len=10)
