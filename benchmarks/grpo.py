@@ -97,6 +97,8 @@ def parse_args(argv=None):
   p.add_argument('--group', type=int, default=8, help='G: samples per prompt')
   p.add_argument('--mu', type=int, default=1, help='μ: updates per rollout (num_iterations)')
   p.add_argument('--beta', type=float, default=0.04, help='KL coefficient (0: no reference model)')
+  p.add_argument('--shared-prompt', type=int, default=1,
+                 help="ours: 1 = the update's log-prob passes run each prompt once for its G samples, 0 = whole rows")
   p.add_argument('--warmup', type=int, default=1, help='untimed iterations (the first compiles)')
   p.add_argument('--repeats', type=int, default=5, help='timed iterations (median)')
   p.add_argument('--peers', default='ours,hostloop,tunix,trl', help=f'comma-separated subset of {PEERS}')
@@ -285,7 +287,7 @@ def _setup(args):
                     num_iterations=args.mu, max_completion_length=args.completion_len)
   sampling = SamplingConfig(max_new_tokens=args.completion_len, eos_id=NO_EOS, pad_id=PAD, temperature=1.0)
   return GRPOSetup(group_size=args.group, loss=loss, sampling=sampling, reward=RewardConfig(correct=1.0),
-                   step_id=-1, score_fn=even_majority_score)
+                   step_id=-1, score_fn=even_majority_score, shared_prompt=bool(args.shared_prompt))
 
 
 def _optimizer():

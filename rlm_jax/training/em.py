@@ -56,6 +56,8 @@ class EMSetup:
   # The tokenizer's step-end tables for the default final-step match (`StepEnds.of(tok)`: a BPE
   # delimiter merges or splits); None: a step ends at `step_id` only.
   step_ends: StepEnds | None = None
+  # The M-step's log-prob pass runs each prompt once for its G samples (`completion_logprobs`).
+  shared_prompt: bool = True
 
   def __post_init__(self):
     if not isinstance(self.logprob_chunk_tokens, int) or self.logprob_chunk_tokens < 0:
@@ -103,7 +105,8 @@ def em_iteration(graphdef, tx: optax.GradientTransformation, setup: EMSetup, sta
   temp = logprob_temperature(setup.sampling)
 
   def loss_fn(params):
-    logp, _ = completion_logprobs(graphdef, params, seq, seq_mask, lp, temp, setup.logprob_chunk_tokens)
+    logp, _ = completion_logprobs(graphdef, params, seq, seq_mask, lp, temp, setup.logprob_chunk_tokens,
+                                  g if setup.shared_prompt else 1)
     return losses.em_pg_loss(logp, w_B, mask, setup.normalize, setup.neg_logp_floor)
 
   def m_step(st: TrainState, _):
@@ -164,7 +167,7 @@ def build_phase(ctx, section: EMConfig):
   setup = EMSetup(group_size=rl.group_size, sampling=ctx.sampling, reward=rl.reward, step_id=ctx.tok.step_id,
                   step_ends=StepEnds.of(ctx.tok), weights=section.weights, normalize=section.normalize,
                   num_m_steps=section.num_m_steps, neg_logp_floor=section.neg_logp_floor,
-                  logprob_chunk_tokens=rl.logprob_chunk_tokens)
+                  logprob_chunk_tokens=rl.logprob_chunk_tokens, shared_prompt=rl.shared_prompt)
   state = create_train_state(params, tx, ctx.mesh, ctx.rules)
   step = lambda st, b, i: em_iteration_jit(graphdef, tx, setup, st, b, phase.iteration_key(ctx.seed, 3, i))
   return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),

@@ -79,14 +79,25 @@ class GRPOSetup:
   # The tokenizer's step-end tables for the default final-step match (`StepEnds.of(tok)`: a BPE
   # delimiter merges or splits); None: a step ends at `step_id` only.
   step_ends: StepEnds | None = None
+  # The update's log-prob passes run each prompt once for its G completions (its keys and
+  # values broadcast; `rollout.completion_logprobs(group_size=...)`); False: every row whole.
+  shared_prompt: bool = True
 
   def __post_init__(self):
     if not isinstance(self.microbatches, int) or self.microbatches < 1:
       raise ValueError(f'GRPOSetup.microbatches must be an int >= 1, got {self.microbatches!r}')
     if not isinstance(self.logprob_chunk_tokens, int) or self.logprob_chunk_tokens < 0:
       raise ValueError(f'GRPOSetup.logprob_chunk_tokens must be an int >= 0, got {self.logprob_chunk_tokens!r}')
-    if not isinstance(self.recompute_old_logp, bool):
-      raise ValueError(f'GRPOSetup.recompute_old_logp must be True or False, got {self.recompute_old_logp!r}')
+    for name in ('recompute_old_logp', 'shared_prompt'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'GRPOSetup.{name} must be True or False, got {getattr(self, name)!r}')
+
+  @property
+  def prompt_group(self) -> int:
+    """Rows per shared prompt inside one microbatch: microbatches take every k-th row
+    (`split_microbatches`), so each holds G/k rows of every prompt when k divides G."""
+    g, k = self.group_size, self.microbatches
+    return g // k if self.shared_prompt and g % k == 0 else 1
 
 
 def grpo_update(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup, state: TrainState,
@@ -132,7 +143,7 @@ def grpo_update(graphdef, tx: optax.GradientTransformation, setup: GRPOSetup, st
   }
   temp = logprob_temperature(setup.sampling)
   logp_fn = lambda p, r: completion_logprobs(graphdef, p, r['seq'], r['seq_mask'], lp, temp,
-                                             setup.logprob_chunk_tokens)
+                                             setup.logprob_chunk_tokens, setup.prompt_group)
   frozen_logp = lambda p: jax.lax.stop_gradient(
       map_microbatches(lambda r: logp_fn(p, r)[0], rows, k))
   if cfg.num_iterations > 1 and setup.recompute_old_logp:
@@ -367,7 +378,7 @@ def build_phase(ctx, section: losses.GRPOConfig, advantage_fn=None):
   setup = GRPOSetup(group_size=rl.group_size, loss=section, sampling=ctx.sampling, reward=rl.reward,
                     step_id=ctx.tok.step_id, step_ends=StepEnds.of(ctx.tok), microbatches=rl.microbatches,
                     recompute_old_logp=rl.recompute_old_logp, logprob_chunk_tokens=rl.logprob_chunk_tokens,
-                    **extra)
+                    shared_prompt=rl.shared_prompt, **extra)
   # The policy state is donated; the reference keeps its own copy.
   ref = jax.tree.map(jnp.copy, params) if section.beta > 0 else None
   state = create_train_state(params, tx, ctx.mesh, ctx.rules)

@@ -126,7 +126,7 @@ def build_phase(ctx, section: ProcessGRPOConfig):
   setup = grpo.GRPOSetup(group_size=rl.group_size, loss=loss, sampling=ctx.sampling, reward=rl.reward,
                          step_id=tok.step_id, step_ends=step_ends, microbatches=rl.microbatches,
                          recompute_old_logp=rl.recompute_old_logp, logprob_chunk_tokens=rl.logprob_chunk_tokens,
-                         advantage_fn=process_advantage_fn)
+                         shared_prompt=rl.shared_prompt, advantage_fn=process_advantage_fn)
   host = rl.reward_on == 'host'  # the verifier's outcome from text (many right answers, e.g. Countdown)
   if host:
     setup = dataclasses.replace(setup, score_fn=grpo.no_device_score)

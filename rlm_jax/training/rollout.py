@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlm_jax.data.steps import StepEnds
-from rlm_jax.models.transformer import positions_from_mask
+from rlm_jax.models.transformer import KVCache, positions_from_mask
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, StopReason, generate
 from rlm_jax.training import losses
 from rlm_jax.training.rewards import RewardConfig, final_step_score, score_to_reward
@@ -93,12 +93,18 @@ def head_model(graphdef, params):
 
 
 def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int,
-                        temperature: float = 1.0, chunk_tokens: int = 1024):
+                        temperature: float = 1.0, chunk_tokens: int = 1024, group_size: int = 1):
   """log π(completion tokens) and entropies for sequences laid out as [prompt | completion].
 
   The LM head runs only over the positions that predict completion tokens, in chunks
   (`losses.lm_head_logprobs`): no [B, L, V] logits; the last layer too, but for its keys and
   values (`Transformer(hidden_from=...)`).
+
+  With `group_size = G > 1` the rows come in runs of G that share one prompt (a rollout's
+  prompt-major layout): each prompt runs through the trunk once and its keys and values are
+  broadcast to its G completions (`shared_prompt_hidden`), the same numbers up to float
+  rounding with (B/G)·Lp + B·T token positions instead of B·(Lp + T). Gradients reach the
+  prompt's positions summed over the group, as the repeated rows would give them.
 
   Args:
     graphdef, params: the policy.
@@ -107,12 +113,45 @@ def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int
     temperature: T of the policy softmax(logits / T) (static); the rollout's
       `logprob_temperature(sampling)`.
     chunk_tokens: positions per LM-head chunk (static; 0 = one chunk).
+    group_size: G, rows per shared prompt (static; 1 = every row on its own).
 
   Returns:
     (logp_BxT, entropy_BxT) float32, T = L - prompt_len columns.
   """
   model = head_model(graphdef, params)
-  # The last layer runs from the last prompt position on: nothing before it reaches a loss.
-  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none', hidden_from=prompt_len - 1)
-  return losses.lm_head_logprobs(out.hidden_BxLxD[:, :-1], model.lm_head_DxV(),
-                                 seq_BxL[:, prompt_len:], temperature, chunk_tokens)
+  if group_size > 1:
+    hidden_BxTxD = shared_prompt_hidden(model, seq_BxL, seq_mask_BxL, prompt_len, group_size)
+  else:
+    # The last layer runs from the last prompt position on: nothing before it reaches a loss.
+    out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none', values='none',
+                hidden_from=prompt_len - 1)
+    hidden_BxTxD = out.hidden_BxLxD[:, :-1]
+  return losses.lm_head_logprobs(hidden_BxTxD, model.lm_head_DxV(), seq_BxL[:, prompt_len:], temperature,
+                                 chunk_tokens)
+
+
+def shared_prompt_hidden(model, seq_BxL, seq_mask_BxL, prompt_len: int, group_size: int) -> jax.Array:
+  """Final-norm hidden states at positions Lp-1 .. L-2 (those predicting the completion), with
+  each prompt computed once for the G rows that share it.
+
+  The first row of each run of G holds the prompt (the others are assumed equal to it, as in
+  a rollout). A prefill of those B/G prompts fills a KV cache of L slots, broadcast to the B
+  rows; the completions then run as one chunk at cache index Lp against it. The position
+  predicting the first completion token is the prompt's last, shared by the group.
+
+  Returns:
+    [B, L - Lp, D] in the compute dtype.
+  """
+  b, length = seq_BxL.shape
+  g, lp = group_size, prompt_len
+  if b % g:
+    raise ValueError(f'shared_prompt_hidden: {b} rows are not runs of group_size={g}')
+  positions_BxL = positions_from_mask(seq_mask_BxL)
+  first = lambda x: x[::g, :lp]  # the group's prompt (row b·G)
+  cache = KVCache.zeros(model.cfg, b // g, length)
+  pre = model(first(seq_BxL), first(positions_BxL), first(seq_mask_BxL), cache=cache, cache_index=0, logits='none',
+              values='none')
+  rep = lambda x: jnp.repeat(x, g, axis=0)
+  out = model(seq_BxL[:, lp:], positions_BxL[:, lp:], seq_mask_BxL[:, lp:], cache=jax.tree.map(rep, pre.cache),
+              cache_index=lp, logits='none', values='none')
+  return jnp.concatenate([rep(pre.hidden_BxLxD[:, -1:]), out.hidden_BxLxD[:, :-1]], axis=1)
