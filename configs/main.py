@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
       reward_fns=(), reward_weights=(),  # host reward functions (reward_on='host'), e.g. ('correctness', 'format')
       # LM-head chunk of the updates' log-prob passes (0 = all at once); π_old recomputed by a
       # forward pass instead of the sampler's log-probs (grpo family, num_iterations > 1); each
-      # prompt run once for its G completions in those passes (grpo family, EM).
+      # prompt run once for its G completions in those passes (grpo family, EM, PPO).
       logprob_chunk_tokens=1024, recompute_old_logp=False, shared_prompt=True,
       # One section per algorithm (`--config.rl.algo=NAME` picks one; training/algorithms.py).
       # grpo's max_completion_length is task.completion_len.

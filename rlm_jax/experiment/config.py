@@ -239,7 +239,7 @@ class RLConfig:
   # pass over the rollout instead of the sampler's own log-probs and values (for a rollout whose
   # numerics differ from the update's).
   recompute_old_logp: bool = False
-  # GRPO, RLOO, process GRPO, EM: the update's log-prob passes run each prompt once for its G
+  # GRPO, RLOO, process GRPO, EM, PPO: the update's log-prob passes run each prompt once for its G
   # completions (keys and values broadcast; `rollout.completion_logprobs`); False: every row whole.
   shared_prompt: bool = True
   # The typed `rl.<name>` sections present in the config, as (name, section) pairs (filled by

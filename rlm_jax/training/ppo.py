@@ -36,7 +36,7 @@ from rlm_jax.data.steps import StepEnds
 from rlm_jax.models.transformer import positions_from_mask
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, logprob_temperature
 from rlm_jax.training import advantages, losses
-from rlm_jax.training.rollout import head_model, rollout
+from rlm_jax.training.rollout import head_model, rollout, shared_prompt_hidden
 from rlm_jax.training.rewards import RewardConfig
 from rlm_jax.training.state import TrainState, all_finite, apply_gradients
 
@@ -71,10 +71,15 @@ class PPOSetup:
   # and values (equal up to float error; set it when the sampler's numerics differ from the
   # update's, e.g. a rollout mesh with other precision).
   recompute_old: bool = False
+  # The forward passes run each prompt once for its G completions (`rollout.shared_prompt_hidden`)
+  # when the update takes the rollout whole (num_minibatches = 1: shuffled minibatches split
+  # the groups); False: every row whole.
+  shared_prompt: bool = True
 
   def __post_init__(self):
-    if not isinstance(self.recompute_old, bool):
-      raise ValueError(f'PPOSetup.recompute_old must be True or False, got {self.recompute_old!r}')
+    for name in ('recompute_old', 'shared_prompt'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'PPOSetup.{name} must be True or False, got {getattr(self, name)!r}')
     if not isinstance(self.logprob_chunk_tokens, int) or self.logprob_chunk_tokens < 0:
       raise ValueError(f'PPOSetup.logprob_chunk_tokens must be an int >= 0, got {self.logprob_chunk_tokens!r}')
     if not isinstance(self.group_size, int) or self.group_size < 1:
@@ -132,20 +137,27 @@ def _check_model(model, setup: PPOSetup, ref_params):
 
 
 def forward(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int, temperature: float = 1.0,
-            chunk_tokens: int = 1024):
+            chunk_tokens: int = 1024, group_size: int = 1):
   """log π, entropy and V(s_t) for the completion tokens of [prompt | completion] rows.
 
   π is the tempered policy softmax(logits / temperature) the rollout samples from. The LM
   head runs over completion positions only, in chunks of `chunk_tokens` (`losses.lm_head_logprobs`).
+  `group_size` = G > 1: rows come in runs of G sharing one prompt, run once for the G
+  (`rollout.shared_prompt_hidden`).
 
   Returns:
     (logp_BxT, entropy_BxT, values_BxT) float32, T = seq length − prompt_len.
   """
   model = head_model(graphdef, params)
-  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none', hidden_from=prompt_len - 1)
-  logp_BxT, entropy_BxT = losses.lm_head_logprobs(
-      out.hidden_BxLxD[:, :-1], model.lm_head_DxV(), seq_BxL[:, prompt_len:], temperature, chunk_tokens)
-  values_BxT = out.values_BxL[:, :-1].astype(jnp.float32)
+  if group_size > 1:
+    hidden_BxTxD = shared_prompt_hidden(model, seq_BxL, seq_mask_BxL, prompt_len, group_size)
+  else:
+    out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none', values='none',
+                hidden_from=prompt_len - 1)
+    hidden_BxTxD = out.hidden_BxLxD[:, :-1]
+  logp_BxT, entropy_BxT = losses.lm_head_logprobs(hidden_BxTxD, model.lm_head_DxV(), seq_BxL[:, prompt_len:],
+                                                  temperature, chunk_tokens)
+  values_BxT = model.value_head(hidden_BxTxD).astype(jnp.float32)
   return logp_BxT, entropy_BxT, values_BxT
 
 
@@ -184,14 +196,17 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
 
   sg = jax.lax.stop_gradient
   temp, chunk = logprob_temperature(setup.sampling), setup.logprob_chunk_tokens
+  nmb = setup.num_minibatches
+  group = setup.group_size if setup.shared_prompt else 1
+  forward_all = lambda p: forward(graphdef, p, seq, seq_mask, lp, temp, chunk, group)
   if setup.recompute_old:
-    old_logp_BxT, _, old_v_BxT = sg(forward(graphdef, state.params, seq, seq_mask, lp, temp, chunk))
+    old_logp_BxT, _, old_v_BxT = sg(forward_all(state.params))
   else:  # the decode computed both: the tempered log-probs it sampled with, the value head at each state
     old_logp_BxT = jnp.where(mask_BxT, ro['sample_logprobs'], 0.0)
     old_v_BxT = ro['state_values']
   kl_BxT = jnp.zeros_like(old_logp_BxT)
   if cfg.kl_coef > 0:
-    ref_logp_BxT = sg(forward(graphdef, ref_params, seq, seq_mask, lp, temp, chunk)[0])
+    ref_logp_BxT = sg(forward_all(ref_params)[0])
     kl_BxT = jnp.where(mask_BxT, old_logp_BxT - ref_logp_BxT, 0.0)
   t = mask_BxT.shape[1]
   last_BxT = jnp.arange(t)[None] == (ro['lengths'] - 1)[:, None]
@@ -206,7 +221,8 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
           'old_v': old_v_BxT, 'adv': adv_BxT, 'returns': returns_BxT}
 
   def loss_fn(params, mb):
-    logp, entropy, values = forward(graphdef, params, mb['seq'], mb['seq_mask'], lp, temp, chunk)
+    logp, entropy, values = forward(graphdef, params, mb['seq'], mb['seq_mask'], lp, temp, chunk,
+                                    group if nmb == 1 else 1)
     return losses.ppo_loss(logp, mb['old_logp'], mb['adv'], values, mb['old_v'], mb['returns'],
                            mb['mask'], entropy, cfg)
 
@@ -216,8 +232,6 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
     new = apply_gradients(st, grads, tx)
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, st)
     return new, dict(aux, loss=loss, grad_norm=optax.global_norm(grads), finite=finite)
-
-  nmb = setup.num_minibatches
 
   def epoch(st: TrainState, k):
     perm = jax.random.permutation(k, n) if nmb > 1 else jnp.arange(n)
@@ -275,7 +289,8 @@ def build_phase(ctx, section: PPOSection):
   setup = PPOSetup(loss=section, sampling=ctx.sampling, reward=rl.reward, step_id=ctx.tok.step_id,
                    step_ends=StepEnds.of(ctx.tok), group_size=rl.group_size,
                    num_minibatches=section.num_minibatches, whiten_advantages=section.whiten_advantages,
-                   logprob_chunk_tokens=rl.logprob_chunk_tokens, recompute_old=rl.recompute_old_logp)
+                   logprob_chunk_tokens=rl.logprob_chunk_tokens, recompute_old=rl.recompute_old_logp,
+                   shared_prompt=rl.shared_prompt)
   state = create_train_state(params, tx, ctx.mesh, ctx.rules)
   step = lambda st, b, i: ppo_iteration_jit(graphdef, tx, setup, st, ref, b, phase.iteration_key(ctx.seed, 3, i))
   return phase.Phase(state=state, step=step, batch=lambda i: ctx.device_batch(ctx.pool.prompt_batch(), ctx.prompts(i)),
