@@ -185,8 +185,8 @@ def test_host_rewards_weight_the_reward_functions_and_report_each():
 
 
 def test_logprob_and_old_logp_knobs_reach_the_compiled_setups(tmp_path, monkeypatch):
-  """rl.logprob_chunk_tokens, rl.recompute_old_logp and rl.em.neg_logp_floor set away from their
-  defaults arrive in the static setups the GRPO / RLOO / process-GRPO / PPO / EM steps compile,
+  """rl.logprob_chunk_tokens, rl.recompute_old_logp, rl.shared_prompt and rl.em.neg_logp_floor set
+  away from their defaults arrive in the static setups the GRPO / RLOO / process-GRPO / PPO / EM steps compile,
   together with the tokenizer's step-end tables."""
   import dataclasses
 
@@ -200,7 +200,8 @@ def test_logprob_and_old_logp_knobs_reach_the_compiled_setups(tmp_path, monkeypa
   from rlm_jax.training import em, grpo, ppo, process_grpo, rloo
 
   base = configlib.load_config('configs/tiny.py', ['rl.logprob_chunk_tokens=7', 'rl.recompute_old_logp=True',
-                                                   'rl.em.neg_logp_floor=-2.5', 'sft.steps=0'])
+                                                   'rl.shared_prompt=False', 'rl.em.neg_logp_floor=-2.5',
+                                                   'sft.steps=0'])
   cfg = config_lib.parse(base)
   assert (cfg.rl.logprob_chunk_tokens, cfg.rl.recompute_old_logp) == (7, True)
   exp = runner.Experiment(cfg, str(tmp_path))
@@ -234,6 +235,7 @@ def test_logprob_and_old_logp_knobs_reach_the_compiled_setups(tmp_path, monkeypa
   assert set(seen) == {'grpo', 'rloo', 'ppo', 'em', 'process_grpo'}
   assert all(seen[k].recompute_old_logp for k in ('grpo', 'rloo', 'process_grpo'))
   assert seen['em'].neg_logp_floor == -2.5
+  assert not any(s.shared_prompt for s in seen.values())
   assert all(s.step_ends is StepEnds.of(exp.tok) for s in seen.values())
   with pytest.raises(configlib.ConfigError, match='rl.em.neg_logp_floor=0.5'):
     config_lib.parse(configlib.load_config('configs/tiny.py', ['rl.em.neg_logp_floor=0.5']))
