@@ -20,8 +20,10 @@ tiny transformer.
     Cross-check: the same search with a trivial model (random steps of the same width) is pure
     bookkeeping.
 
-Timings: minimum over `--repeats` runs after one warm-up (compile) run, wall clock and process
-CPU time (all threads); on a shared machine the CPU-time ratio is the steadier one.
+Timings: wall clock and process CPU time (all threads) after one warm-up (compile) run. Part (a):
+the median over max(--repeats, 10) rounds, each round running every search once in turn (so
+mctx and ours see the same machine load); part (b): the minimum over --repeats runs. On a
+shared machine the CPU-time ratio is the steadier one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import statistics
 import time
 
 import jax
@@ -84,22 +87,22 @@ def trivial_model(vocab: int = 16, step_tokens: int = 1) -> SearchModel:
   return SearchModel(policy_fn, value_fn, None, pad_id=0, eos_id=2, step_id=3)
 
 
-def run_ours(b: int, k: int, s: int, w: int, repeats: int):
+def build_ours(b: int, k: int, s: int, w: int):
+  """(call, expansions, nodes) of our search on B trees."""
   cfg = mcts_lib.MCTSConfig(num_simulations=s, num_children=k, num_walkers=w, max_depth=16,
                             merge_duplicates=False, gamma=1.0)
   model = trivial_model(k)
   fn = jax.jit(functools.partial(mcts_lib.mcts_search, model=model, config=cfg))
   prompt = jnp.full((b, 1), 5, jnp.int32)
   mask = jnp.ones((b, 1), bool)
-  sec = _time(fn, None, jax.random.key(0), prompt, mask, repeats=repeats)
-  res = fn(None, jax.random.key(0), prompt, mask)
-  t = jax.device_get(res.tree)
+  call = lambda: fn(None, jax.random.key(0), prompt, mask)
+  t = jax.device_get(call().tree)
   expansions = int((t.first_child_BxN >= 0).sum())
   nodes = int(t.num_nodes_B.sum()) - b
-  return sec, expansions, nodes
+  return call, expansions, nodes
 
 
-def run_mctx(b: int, k: int, s: int, repeats: int):
+def build_mctx(b: int, k: int, s: int):
   def recurrent_fn(params, key, action, embedding):
     del params, action
     k1, k2 = jax.random.split(key)
@@ -116,24 +119,41 @@ def run_mctx(b: int, k: int, s: int, repeats: int):
                                      max_num_considered_actions=k)
 
   fn = jax.jit(search)
-  sec = _time(fn, jax.random.key(0), repeats=repeats)
-  return sec, b * s, b * s
+  return (lambda: fn(jax.random.key(0))), b * s, b * s
+
+
+def _time_rounds(calls: dict, repeats: int) -> dict:
+  """Median (wall, CPU) seconds of each call over `repeats` rounds after a warm-up; every round
+  runs each call once, in turn, so all of them see the same machine load."""
+  for call in calls.values():
+    jax.block_until_ready(call())  # compile + warm up
+  wall, cpu = {n: [] for n in calls}, {n: [] for n in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      t0, c0 = time.perf_counter(), time.process_time()
+      jax.block_until_ready(call())
+      wall[name].append(time.perf_counter() - t0)
+      cpu[name].append(time.process_time() - c0)
+  return {n: (statistics.median(wall[n]), statistics.median(cpu[n])) for n in calls}
 
 
 def part_a(repeats: int, batches=(256, 1024), walkers=(1, 4)):
   k, s = 16, 64
-  print(f'\n(a) trivial model, K={k}, S={s} ({jax.devices()[0].platform}, {jax.device_count()} devices)')
+  repeats = max(repeats, 10)
+  print(f'\n(a) trivial model, K={k}, S={s} ({jax.devices()[0].platform}, {jax.device_count()} devices); '
+        f'median of {repeats} interleaved rounds')
   print('| search | B | ms/search (wall) | ms/search (CPU) | leaf exp/s (wall) | vs mctx (wall) | '
         'vs mctx (CPU) | nodes/s (wall) |')
   print('|' + '---|' * 8)
   for b in batches:
-    (wall, cpu), exp, nodes = run_mctx(b, k, s, repeats)
-    base_w, base_c = exp / wall, exp / cpu
-    rows = [('mctx gumbel_muzero', wall, cpu, exp, nodes)]
+    built = {'mctx gumbel_muzero': build_mctx(b, k, s)}
     for w in walkers:
-      (wall, cpu), exp, nodes = run_ours(b, k, s, w, repeats)
-      rows.append((f'rlm_jax mcts W={w}', wall, cpu, exp, nodes))
-    for name, wall, cpu, exp, nodes in rows:
+      built[f'rlm_jax mcts W={w}'] = build_ours(b, k, s, w)
+    times = _time_rounds({n: v[0] for n, v in built.items()}, repeats)
+    (wall0, cpu0), (_, exp0, _) = times['mctx gumbel_muzero'], built['mctx gumbel_muzero']
+    base_w, base_c = exp0 / wall0, exp0 / cpu0
+    for name, (_, exp, nodes) in built.items():
+      wall, cpu = times[name]
       print(f'| {name} | {b} | {1e3 * wall:.1f} | {1e3 * cpu:.1f} | {exp / wall:.0f} | '
             f'{exp / wall / base_w:.2f}x | {exp / cpu / base_c:.2f}x | {nodes / wall:.0f} |', flush=True)
 

@@ -274,7 +274,7 @@ def expand_and_evaluate(params: Params, key: jax.Array, tree: tree_lib.Tree, pat
   rank_BxWK = jnp.cumsum(keep_BxWK, axis=1, dtype=jnp.int32) - 1
   ids_BxWK = tree.num_nodes_B[:, None] + rank_BxWK
   ids_BxWK = jnp.where(keep_BxWK, ids_BxWK, n_slots)  # out of bounds: the write is dropped
-  count_BxW = ev.keep_MxK.reshape(b, w, k).sum(axis=2).astype(jnp.int32)
+  count_BxW = operators.short_sum(ev.keep_MxK.reshape(b, w, k).astype(jnp.int32))
   first_BxW = tree.num_nodes_B[:, None] + jnp.cumsum(count_BxW, axis=1) - count_BxW
 
   bb = jnp.broadcast_to(jnp.arange(b)[:, None], (b, w * k))

@@ -221,7 +221,7 @@ def _descend(tree: tree_lib.Tree, prev_BxWxD1, vl_BxW, config: MCTSConfig, root_
       vl_BxK = jnp.sum(jnp.where(hit_BxKxW, vl_BxW[:, None, :], 0.0), axis=2)
       vl_B = jnp.sum(jnp.where(here == node_B[:, None], vl_BxW, 0.0), axis=1)
     child_BxK, scores = _child_scores(tree, bi, node_B, config, vl_BxK, vl_B)
-    pick = jnp.take_along_axis(child_BxK, jnp.argmax(scores, axis=1)[:, None], axis=1)[:, 0]
+    pick = child_BxK[:, 0] + operators.short_argmax(scores)  # the K children are consecutive slots
     if root_pick_B is not None:
       pick = jnp.where(i == 0, root_pick_B, pick)
     node_B = jnp.where(done_B, node_B, pick)

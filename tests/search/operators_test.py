@@ -135,3 +135,21 @@ def test_host_vote():
   assert operators.majority_vote_host(['4', None, '5', '5', '4', '5']) == 2
   assert operators.majority_vote_host([None, None]) == -1
   assert operators.vote_texts(['Answer: 3', 'Answer: 4', 'Answer: 4'], lambda t: t.split()[-1]) == 1
+
+
+@pytest.mark.parametrize('n', [1, 4, 16, 32, 40])
+def test_short_sum_and_argmax_equal_the_reductions(n):
+  """The unrolled sum and argmax (first maximum on ties, all -inf -> 0) give jnp.sum's and
+  jnp.argmax's results, also past SHORT_AXIS where they are those reductions."""
+  rng = np.random.default_rng(n)
+  x = rng.normal(size=(7, 3, n)).astype(np.float32)
+  x[0, 0] = -np.inf  # a node without valid children
+  x[1, 1, :] = 2.0  # ties everywhere: the first wins
+  x[2, 2, -1] = x[2, 2].max() + 1.0  # the last wins
+  ints = rng.integers(0, 5, size=(7, n)).astype(np.int32)
+  np.testing.assert_allclose(operators.short_sum(jnp.asarray(np.where(np.isinf(x), 0, x))),
+                             np.where(np.isinf(x), 0, x).sum(-1), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(operators.short_sum(jnp.asarray(ints)), ints.sum(-1))
+  np.testing.assert_array_equal(operators.short_argmax(jnp.asarray(x)), np.argmax(x, -1))
+  assert int(operators.short_argmax(jnp.asarray(x))[1, 1]) == 0
+  assert n == 1 or int(operators.short_argmax(jnp.asarray(x))[2, 2]) == n - 1
