@@ -218,8 +218,8 @@ def _descend(tree: tree_lib.Tree, prev_BxWxD1, vl_BxW, config: MCTSConfig, root_
       below = jax.lax.dynamic_index_in_dim(prev_BxWxD1, i + 1, axis=2, keepdims=False)
       first = tree.first_child_BxN[bi, node_B][:, None] + jnp.arange(config.num_children)
       hit_BxKxW = first[:, :, None] == below[:, None, :]
-      vl_BxK = jnp.sum(jnp.where(hit_BxKxW, vl_BxW[:, None, :], 0.0), axis=2)
-      vl_B = jnp.sum(jnp.where(here == node_B[:, None], vl_BxW, 0.0), axis=1)
+      vl_BxK = operators.short_sum(jnp.where(hit_BxKxW, vl_BxW[:, None, :], 0.0))
+      vl_B = operators.short_sum(jnp.where(here == node_B[:, None], vl_BxW, 0.0))
     child_BxK, scores = _child_scores(tree, bi, node_B, config, vl_BxK, vl_B)
     pick = child_BxK[:, 0] + operators.short_argmax(scores)  # the K children are consecutive slots
     if root_pick_B is not None:
@@ -363,8 +363,8 @@ def backpropagate(tree: tree_lib.Tree, path_BxWxD1, delta_BxW, config: MCTSConfi
     # walker's) one level down takes the q just recomputed there.
     hit_BxWxKxW = ((kids[..., None] == path[below][:, None, None, :])
                    & (live[below] & (depth + 1 < d1))[:, None, None, :])
-    fresh = jnp.max(jnp.where(hit_BxWxKxW, new_D1xBxW[below][:, None, None, :], -jnp.inf), axis=-1)
-    q_kids = jnp.where(hit_BxWxKxW.any(axis=-1), fresh, tree.q_BxN[bk, kids])
+    fresh = operators.short_max(jnp.where(hit_BxWxKxW, new_D1xBxW[below][:, None, None, :], -jnp.inf))
+    q_kids = jnp.where(operators.short_any(hit_BxWxKxW), fresh, tree.q_BxN[bk, kids])
     n_c = tree.visits_BxN[bk, kids]
     if config.backup == 'td':
       new = operators.backup_td(q_s[depth], q_kids, n_c, valid, config.gamma, config.td_lambda)

@@ -123,21 +123,34 @@ def uct_scores(qn_K, visits_K, parent_visits, c: float):
 SHORT_AXIS = 32  # the longest axis short_sum / short_argmax unroll
 
 
+def _unrolled(x, op, reduce):
+  n = x.shape[-1]
+  if n > SHORT_AXIS:
+    return reduce(x, -1)
+  total = x[..., 0]
+  for i in range(1, n):  # static length: unrolled at trace time
+    total = op(total, x[..., i])
+  return total
+
+
 def short_sum(x):
-  """Sum over a short last axis (e.g. the K children of a node) as elementwise adds.
+  """Sum over a short last axis (the K children of a node, the W walkers) as elementwise adds.
 
   XLA:CPU hands a reduce (or a dot) to a library kernel whose fixed cost, ~10-50 µs, is many
   times that of adding 16 numbers per row; the adds fuse into one loop with their inputs. In
-  the search's backup this cut a third of the bookkeeping of a 64-simulation search
-  (`benchmarks/search.py` part (a), B=256). Axes longer than SHORT_AXIS use jnp.sum.
+  the search's backup and selection this cut a third of the bookkeeping of a 64-simulation
+  search (`benchmarks/search.py` part (a), B=256). Axes longer than SHORT_AXIS use jnp.sum;
+  `short_max` and `short_any` likewise.
   """
-  n = x.shape[-1]
-  if n > SHORT_AXIS:
-    return jnp.sum(x, -1)
-  total = x[..., 0]
-  for i in range(1, n):  # static length: unrolled at trace time
-    total = total + x[..., i]
-  return total
+  return _unrolled(x, jnp.add, jnp.sum)
+
+
+def short_max(x):
+  return _unrolled(x, jnp.maximum, jnp.max)
+
+
+def short_any(x):
+  return _unrolled(x, jnp.logical_or, jnp.any)
 
 
 def short_argmax(x):

@@ -138,8 +138,8 @@ def test_host_vote():
 
 
 @pytest.mark.parametrize('n', [1, 4, 16, 32, 40])
-def test_short_sum_and_argmax_equal_the_reductions(n):
-  """The unrolled sum and argmax (first maximum on ties, all -inf -> 0) give jnp.sum's and
+def test_short_reductions_equal_the_reductions(n):
+  """The unrolled sum, max, any and argmax (first maximum on ties, all -inf -> 0) give jnp.sum's and
   jnp.argmax's results, also past SHORT_AXIS where they are those reductions."""
   rng = np.random.default_rng(n)
   x = rng.normal(size=(7, 3, n)).astype(np.float32)
@@ -151,5 +151,7 @@ def test_short_sum_and_argmax_equal_the_reductions(n):
                              np.where(np.isinf(x), 0, x).sum(-1), rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(operators.short_sum(jnp.asarray(ints)), ints.sum(-1))
   np.testing.assert_array_equal(operators.short_argmax(jnp.asarray(x)), np.argmax(x, -1))
+  np.testing.assert_array_equal(operators.short_max(jnp.asarray(x)), x.max(-1))
+  np.testing.assert_array_equal(operators.short_any(jnp.asarray(x > 1.0)), (x > 1.0).any(-1))
   assert int(operators.short_argmax(jnp.asarray(x))[1, 1]) == 0
   assert n == 1 or int(operators.short_argmax(jnp.asarray(x))[2, 2]) == n - 1
