@@ -38,8 +38,7 @@ def _rows(seed=0):
   return jnp.asarray(seq, jnp.int32), jnp.asarray(seq_mask), jnp.asarray(comp_mask)
 
 
-@pytest.mark.parametrize('temperature', [1.0, 0.5])
-def test_shared_prompt_logprobs_and_gradients_equal_whole_rows(temperature):
+def test_shared_prompt_logprobs_and_gradients_equal_whole_rows(temperature=0.5):
   gdef, params = nnx.split(tfm.init_model(CFG, seed=3))
   seq, seq_mask, comp_mask = _rows()
   w = jnp.asarray(np.random.default_rng(1).normal(size=(B * G, T)), jnp.float32) * comp_mask
@@ -82,10 +81,11 @@ def test_prompt_group_inside_microbatches():
     _setup(shared_prompt=1)
 
 
-@pytest.mark.parametrize('microbatches', [1, 2])
-def test_grpo_update_with_shared_prompts_equals_whole_rows(microbatches):
-  """μ = 2 with a KL to a reference model, Adam: the update that runs each prompt once gives
-  the parameters and metrics of the one that runs every row whole (microbatches 1 and 2)."""
+def test_grpo_update_with_shared_prompts_equals_whole_rows(microbatches=2):
+  """μ = 2 with a KL to a reference model, Adam, 2 microbatches (each holding G/2 rows of
+  every prompt): the update that runs each prompt once gives the parameters and metrics of the
+  one that runs every row whole. (One microbatch: tests/training/grpo_test.py compares the
+  update with the gradient of whole rows.)"""
   gdef, params = nnx.split(tfm.init_model(CFG, seed=4))
   _, ref = nnx.split(tfm.init_model(CFG, seed=5))
   seq, seq_mask, comp_mask = _rows(seed=2)
