@@ -33,10 +33,9 @@ import optax
 from flax import nnx
 
 from rlm_jax.data.steps import StepEnds
-from rlm_jax.models.transformer import positions_from_mask
 from rlm_jax.sampling.sampler import SampleOutput, SamplingConfig, logprob_temperature
 from rlm_jax.training import advantages, losses
-from rlm_jax.training.rollout import head_model, rollout, shared_prompt_hidden
+from rlm_jax.training.rollout import completion_hidden, head_model, rollout
 from rlm_jax.training.rewards import RewardConfig
 from rlm_jax.training.state import TrainState, all_finite, apply_gradients
 
@@ -149,12 +148,7 @@ def forward(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int, temperatur
     (logp_BxT, entropy_BxT, values_BxT) float32, T = seq length − prompt_len.
   """
   model = head_model(graphdef, params)
-  if group_size > 1:
-    hidden_BxTxD = shared_prompt_hidden(model, seq_BxL, seq_mask_BxL, prompt_len, group_size)
-  else:
-    out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none', values='none',
-                hidden_from=prompt_len - 1)
-    hidden_BxTxD = out.hidden_BxLxD[:, :-1]
+  hidden_BxTxD = completion_hidden(model, seq_BxL, seq_mask_BxL, prompt_len, group_size)
   logp_BxT, entropy_BxT = losses.lm_head_logprobs(hidden_BxTxD, model.lm_head_DxV(), seq_BxL[:, prompt_len:],
                                                   temperature, chunk_tokens)
   values_BxT = model.value_head(hidden_BxTxD).astype(jnp.float32)

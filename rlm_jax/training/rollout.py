@@ -119,15 +119,20 @@ def completion_logprobs(graphdef, params, seq_BxL, seq_mask_BxL, prompt_len: int
     (logp_BxT, entropy_BxT) float32, T = L - prompt_len columns.
   """
   model = head_model(graphdef, params)
-  if group_size > 1:
-    hidden_BxTxD = shared_prompt_hidden(model, seq_BxL, seq_mask_BxL, prompt_len, group_size)
-  else:
-    # The last layer runs from the last prompt position on: nothing before it reaches a loss.
-    out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none', values='none',
-                hidden_from=prompt_len - 1)
-    hidden_BxTxD = out.hidden_BxLxD[:, :-1]
+  hidden_BxTxD = completion_hidden(model, seq_BxL, seq_mask_BxL, prompt_len, group_size)
   return losses.lm_head_logprobs(hidden_BxTxD, model.lm_head_DxV(), seq_BxL[:, prompt_len:], temperature,
                                  chunk_tokens)
+
+
+def completion_hidden(model, seq_BxL, seq_mask_BxL, prompt_len: int, group_size: int = 1) -> jax.Array:
+  """Final-norm hidden states [B, L - Lp, D] at positions Lp-1 .. L-2, those that predict the
+  completion tokens: one forward whose last layer starts at the last prompt position (nothing
+  before it reaches a loss), or with `group_size > 1` `shared_prompt_hidden`."""
+  if group_size > 1:
+    return shared_prompt_hidden(model, seq_BxL, seq_mask_BxL, prompt_len, group_size)
+  out = model(seq_BxL, positions_from_mask(seq_mask_BxL), seq_mask_BxL, logits='none', values='none',
+              hidden_from=prompt_len - 1)
+  return out.hidden_BxLxD[:, :-1]
 
 
 def shared_prompt_hidden(model, seq_BxL, seq_mask_BxL, prompt_len: int, group_size: int) -> jax.Array:
