@@ -137,9 +137,9 @@ def short_sum(x):
   """Sum over a short last axis (the K children of a node, the W walkers) as elementwise adds.
 
   XLA:CPU hands a reduce (or a dot) to a library kernel whose fixed cost, ~10-50 µs, is many
-  times that of adding 16 numbers per row; the adds fuse into one loop with their inputs. In
-  the search's backup and selection this took 14-15% off a 64-simulation search of
-  `benchmarks/search.py` part (a) at B=256. Axes longer than SHORT_AXIS use jnp.sum;
+  times that of adding 16 numbers per row; the adds fuse into one loop with their inputs (the
+  search's backup and selection, `benchmarks/search.py` part (a)). Axes longer than SHORT_AXIS
+  use jnp.sum;
   `short_max` and `short_any` likewise.
   """
   return _unrolled(x, jnp.add, jnp.sum)
