@@ -75,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                        weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0),
       # Parents need one re-entry after their expansion (1 + K + 1 visits): the shares of a node
       # expanded once are uniform over its unique samples, no search signal.
-      policy_target='visits', q_temperature=0.5, policy_min_visits=6, solved_trees_only=True,
+      policy_target='visits', q_temperature=0.5, adv_clip=0.2, policy_min_visits=6, solved_trees_only=True,
       value_target='mc', min_visits=2, kl_beta=0.05,
       # sft_mix > 0: the cross-entropy of sft_mix_batch solver traces joins each distillation
       # step (a data mix against forgetting; `:mix` turns it on).

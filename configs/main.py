@@ -80,8 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
           step_tokens=16, use_value_model=True, buffer_size=256, distill_steps=4, distill_batch=32,
           value_steps=4, value_batch=32, value_optim=_optim(b2=0.98),
           # Targets: every node's step by its visit share, Monte Carlo values ('best_path' + 'q':
-          # rejection-sampling fine-tuning on each tree's best path); kl_beta anchors to the start policy.
-          policy_target='visits', q_temperature=0.5, policy_min_visits=1, solved_trees_only=True,
+          # rejection-sampling fine-tuning on each tree's best path; 'advantage': every step's Monte Carlo
+          # outcome against its siblings', a clipped policy gradient); kl_beta anchors to the start policy.
+          policy_target='visits', q_temperature=0.5, adv_clip=0.2, policy_min_visits=1, solved_trees_only=True,
           value_target='mc', min_visits=2, kl_beta=0.0,
           # sft_mix > 0 adds the cross-entropy of sft_mix_batch solver traces to each distillation step.
           sft_mix=0.0, sft_mix_batch=16))

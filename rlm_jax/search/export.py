@@ -291,13 +291,50 @@ def mc_values(tree: tree_lib.Tree, gamma: float, max_depth: int):
   return (jnp.where(has_BxN, value_BxN, 0.0), has_BxN, (wins_BxN > 0) | win_BxN)
 
 
+def sibling_advantages(tree: tree_lib.Tree, value_BxN, valid_BxN) -> jax.Array:
+  """Step advantages against the siblings' mean (jittable, no loop over nodes):
+
+    A(c) = V(c) - mean of V over the valued siblings of c (c included),
+
+  for every child c with a value whose parent has at least two valued children (0 elsewhere).
+  With V the Monte Carlo outcome of each subtree (`mc_values`, gamma = 1) this is the tree's
+  own policy-gradient signal: steps whose subtrees were solved more often than their siblings'
+  get A > 0, the rest A < 0, and the advantages of one parent's children sum to 0.
+
+  Args:
+    tree: search trees.
+    value_BxN: a value per node (e.g. `mc_values`).
+    valid_BxN: bool, which nodes have one.
+
+  Returns:
+    adv_BxN float32.
+  """
+  valid_BxN = jnp.asarray(valid_BxN, bool) & _used(tree) & (tree.parent_BxN >= 0)
+  v_BxN = jnp.where(valid_BxN, jnp.asarray(value_BxN, jnp.float32), 0.0)
+  total_BxN, child_BxN = _scatter_to_parent(tree, v_BxN, 'sum')
+  count_BxN, _ = _scatter_to_parent(tree, valid_BxN.astype(jnp.float32), 'sum')
+  ok_BxN = valid_BxN & child_BxN & (count_BxN >= 2)
+  return jnp.where(ok_BxN, v_BxN - total_BxN / jnp.maximum(count_BxN, 1.0), 0.0)
+
+
 def node_targets(tree: tree_lib.Tree, gamma: float, max_depth: int, *, kind: str = 'visits',
                  temperature: float = 1.0, min_visits: int = 1, min_parent_visits: int = 1) -> NodeTargets:
   """Policy and value targets over every node of every tree (jittable; see `sibling_shares`
   and `mc_values`). Non-terminal nodes with fewer than `min_visits` visits get no value
-  target (too few evaluations below them); verified terminals always do."""
-  weight_BxN = sibling_shares(tree, kind, temperature, min_parent_visits)
+  target (too few evaluations below them); verified terminals always do.
+
+  kind='advantage' makes the policy weight a signed advantage (`sibling_advantages` of the
+  undiscounted Monte Carlo outcomes of the nodes that have a value target) instead of a share:
+  the steps that lost to their siblings become negatives."""
   value_BxN, has_BxN, solved_BxN = mc_values(tree, gamma, max_depth)
   exact_BxN = tree.terminal_BxN & ~jnp.isnan(tree.reward_BxN)
-  valid_BxN = has_BxN & ((tree.visits_BxN >= min_visits) | exact_BxN) & (jnp.arange(tree.num_slots)[None] > 0)
+  enough_BxN = (tree.visits_BxN >= min_visits) | exact_BxN
+  valid_BxN = has_BxN & enough_BxN & (jnp.arange(tree.num_slots)[None] > 0)
+  if kind == 'advantage':
+    # Outcomes, not discounted values: with gamma < 1 a failed step whose failure comes later
+    # would look better than a sibling that fails at once.
+    outcome_BxN = value_BxN if gamma == 1.0 else mc_values(tree, 1.0, max_depth)[0]
+    weight_BxN = sibling_advantages(tree, outcome_BxN, valid_BxN)
+  else:
+    weight_BxN = sibling_shares(tree, kind, temperature, min_parent_visits)
   return NodeTargets(weight_BxN, jnp.where(valid_BxN, value_BxN, 0.0), valid_BxN, solved_BxN)

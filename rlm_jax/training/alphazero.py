@@ -19,12 +19,19 @@ One round is ONE compiled program (`alphazero_round_jit`):
      * 'best_path' (rejection-sampling fine-tuning): one row per tree, its best terminal path
        (a solved path whenever the search found one, else the most-visited path), weight 1
        when solved, each step's q (or Monte Carlo value) on its last token (`search_rows`).
+     * 'advantage' (a policy gradient over the tree, with negatives): every node row whose
+       step has a Monte Carlo outcome and a valued sibling carries the signed advantage
+       A = outcome - mean of its siblings' outcomes (`export.sibling_advantages`), and the
+       step's log-prob under the policy that searched.
      Labels are P(correct) = (v + 1) / 2, on the step's last token.
   3. Replay: the rows enter a fixed-size FIFO buffer of device arrays (`ReplayBuffer`).
   4. Policy distillation: `distill_steps` steps on buffer rows drawn in proportion to their
      weight (so the expected loss is the weighted cross-entropy), plus `kl_beta` times the KL
      of the policy to the frozen start policy on the rows' path positions (an anchor against
-     forgetting what SFT taught).
+     forgetting what SFT taught). With 'advantage' the rows are drawn in proportion to |A| and
+     each contributes the clipped surrogate -min(ρ·sign A, clip(ρ, 1 ± adv_clip)·sign A) of
+     its step, ρ = (π / π_search)^(1/len) (a length-normalised step ratio), so the expected
+     gradient is Σ A ∇ mean log π / Σ |A| at ρ = 1 and rows from earlier rounds are clipped.
   5. Value / PRM regression: `value_steps` steps on the buffer rows that carry a target.
 
 The buffer is part of the state that the pipeline checkpoints each round, so a resumed run
@@ -80,10 +87,12 @@ class AlphaZeroConfig:
     value_steps, value_batch: value steps per round and rows per step (all rows).
     value_optim: optimizer of the value model in this loop.
     policy_target: 'visits' (each node's step weighted by its visit share among its
-      siblings: AlphaZero), 'q_softmax' (softmax of the siblings' q / q_temperature) or
+      siblings: AlphaZero), 'q_softmax' (softmax of the siblings' q / q_temperature),
       'best_path' (the best terminal path of each solved tree, weight 1: rejection-sampling
-      fine-tuning).
+      fine-tuning) or 'advantage' (every step with a Monte Carlo outcome against its
+      siblings' mean: a policy gradient over the tree whose losing steps are pushed down).
     q_temperature: temperature of 'q_softmax'.
+    adv_clip: with 'advantage', the clip range of the step ratio (PPO's epsilon).
     policy_min_visits: children of a node with fewer visits get no policy weight (a node
       expanded once and never re-entered has uniform shares); 1 keeps every expanded node.
     solved_trees_only: policy rows only from trees in which the search verified a solution
@@ -109,8 +118,9 @@ class AlphaZeroConfig:
   value_steps: int = 4
   value_batch: int = 32
   value_optim: OptimConfig = OptimConfig()
-  policy_target: Literal['visits', 'q_softmax', 'best_path'] = 'visits'
+  policy_target: Literal['visits', 'q_softmax', 'best_path', 'advantage'] = 'visits'
   q_temperature: float = 0.5
+  adv_clip: float = 0.2
   policy_min_visits: int = 1
   solved_trees_only: bool = True
   value_target: Literal['mc', 'q'] = 'mc'
@@ -132,6 +142,8 @@ class AlphaZeroConfig:
       raise ValueError(f'alphazero.q_temperature={self.q_temperature}: must be > 0')
     if self.kl_beta < 0:
       raise ValueError(f'alphazero.kl_beta={self.kl_beta}: must be >= 0')
+    if not 0 < self.adv_clip < 1:
+      raise ValueError(f'alphazero.adv_clip={self.adv_clip}: must be in (0, 1)')
     if self.sft_mix < 0:
       raise ValueError(f'alphazero.sft_mix={self.sft_mix}: must be >= 0')
 
@@ -160,6 +172,7 @@ class AZSetup:
   value_batch: int
   policy_target: str = 'visits'
   q_temperature: float = 0.5
+  adv_clip: float = 0.2
   policy_min_visits: int = 1
   solved_trees_only: bool = True
   value_target: str = 'mc'
@@ -192,7 +205,10 @@ class ReplayBuffer:
     targets_CxL, target_mask_CxL: value / PRM labels (float32).
     policy_mask_CxL: bool, t where token t + 1 is a policy target (a node row: its last
       step; a path row: the whole path).
-    weight_C: policy weight (0: not a distillation row).
+    weight_C: policy weight (0: not a distillation row); a signed advantage with
+      policy_target='advantage'.
+    logp_C: log π of the row's policy-target tokens under the policy that searched (the
+      behaviour policy of 'advantage'; 0 where unknown).
     solved_C: the row's last step lies on a verified-correct path.
     valid_C: the slot holds a row.
     next_: slot the next row goes to (FIFO: the oldest row is overwritten first).
@@ -205,6 +221,7 @@ class ReplayBuffer:
   target_mask_CxL: jax.Array
   policy_mask_CxL: jax.Array
   weight_C: jax.Array
+  logp_C: jax.Array
   solved_C: jax.Array
   valid_C: jax.Array
   next_: jax.Array
@@ -223,7 +240,7 @@ def empty_buffer(capacity: int, length: int, pad_id: int) -> ReplayBuffer:
   return ReplayBuffer(
       tokens_CxL=jnp.full((capacity, length), pad_id, jnp.int32), mask_CxL=zeros(bool),
       targets_CxL=zeros(jnp.float32), target_mask_CxL=zeros(jnp.float32), policy_mask_CxL=zeros(bool),
-      weight_C=jnp.zeros((capacity,), jnp.float32), solved_C=jnp.zeros((capacity,), bool),
+      weight_C=jnp.zeros((capacity,), jnp.float32), logp_C=jnp.zeros((capacity,), jnp.float32), solved_C=jnp.zeros((capacity,), bool),
       valid_C=jnp.zeros((capacity,), bool), next_=jnp.zeros((), jnp.int32), added=jnp.zeros((), jnp.int32))
 
 
@@ -244,7 +261,7 @@ def buffer_add(buffer: ReplayBuffer, rows: dict, keep_P) -> ReplayBuffer:
   Args:
     buffer: the buffer.
     rows: dict tokens, mask, targets, target_mask, policy_mask ([P, L]), weight and solved
-      [P] (`tree_rows`).
+      [P] (`tree_rows`), and optionally logp [P] (0 when absent).
     keep_P: bool, which rows to add.
 
   Returns:
@@ -269,7 +286,7 @@ def buffer_add(buffer: ReplayBuffer, rows: dict, keep_P) -> ReplayBuffer:
       targets_CxL=put(buffer.targets_CxL, rows['targets']),
       target_mask_CxL=put(buffer.target_mask_CxL, rows['target_mask']),
       policy_mask_CxL=put(buffer.policy_mask_CxL, rows['policy_mask']),
-      weight_C=put(buffer.weight_C, rows['weight']), solved_C=put(buffer.solved_C, rows['solved']),
+      weight_C=put(buffer.weight_C, rows['weight']), logp_C=put(buffer.logp_C, rows.get('logp', jnp.zeros_like(keep_P, jnp.float32))), solved_C=put(buffer.solved_C, rows['solved']),
       valid_C=put(buffer.valid_C, jnp.ones_like(keep_P)),
       next_=(buffer.next_ + written) % c, added=buffer.added + n_keep)
 
@@ -299,10 +316,12 @@ def path_loss_mask(mask_NxL, prompt_len: int):
 
 def sft_rows(buffer: ReplayBuffer, index_N, prompt_len: int) -> dict:
   """Distillation batch of buffer rows: `sft.sft_step` layout (the loss covers the rows'
-  policy targets) and kl_mask, the whole path after the prompt (where the anchor applies)."""
+  policy targets), kl_mask, the whole path after the prompt (where the anchor applies), and
+  for the advantage loss sign (of each row's weight) and old_logp (`ReplayBuffer.logp_C`)."""
   tokens, mask = buffer.tokens_CxL[index_N], buffer.mask_CxL[index_N]
   return {'tokens': tokens, 'mask': mask, 'loss_mask': buffer.policy_mask_CxL[index_N],
-          'kl_mask': path_loss_mask(mask, prompt_len)}
+          'kl_mask': path_loss_mask(mask, prompt_len), 'sign': jnp.sign(buffer.weight_C[index_N]),
+          'old_logp': buffer.logp_C[index_N]}
 
 
 def value_rows(buffer: ReplayBuffer, index_N) -> dict:
@@ -381,6 +400,10 @@ def path_rows(tree: tree_lib.Tree, setup: AZSetup, targets: export.NodeTargets) 
     rows['targets'], rows['target_mask'] = mc['targets'] * tmask, tmask
   rows['policy_mask'] = path_loss_mask(rows['mask'], setup.prompt_len)
   rows['weight'] = rows['solved'].astype(jnp.float32)
+  b = leaf_B.shape[0]
+  path_BxS = tree_lib.path_by_depth(tree, jnp.arange(b), leaf_B, d)
+  rows['logp'] = jnp.sum(jnp.where(path_BxS >= 0, tree.logprob_BxN[jnp.arange(b)[:, None], jnp.maximum(path_BxS, 0)],
+                                   0.0), axis=1)
   rows['keep'] = jnp.ones(rows['solved'].shape, bool)
   return rows
 
@@ -391,7 +414,8 @@ def node_rows(tree: tree_lib.Tree, setup: AZSetup, targets: export.NodeTargets) 
   yields more rows than the buffer holds, the early (shallow) nodes of every tree stay.
 
   The row's policy target is its last step, with weight `targets.weight_BxN` (0 outside a
-  solved tree when `solved_trees_only`); its value target, on the last step's last token, is
+  solved tree when `solved_trees_only`; a signed advantage with 'advantage') and logp, the
+  step's log-prob under the searching policy; its value target, on the last step's last token, is
   the node's Monte Carlo value ('mc', where valid) or its q ('q').
 
   Returns:
@@ -421,11 +445,13 @@ def node_rows(tree: tree_lib.Tree, setup: AZSetup, targets: export.NodeTargets) 
   rows['targets'] = rows['targets'] * rows['target_mask']
   rows['policy_mask'] = (pos_L >= (end_M - len_M)[:, None]) & (pos_L < end_M[:, None]) & used_M[:, None]
   weight_M = jnp.where(used_M, targets.weight_BxN[b_M, c_M], 0.0)
-  if setup.solved_trees_only:
+  if setup.solved_trees_only and setup.policy_target != 'advantage':
+    # (An unsolved tree's outcomes are all -1: its advantages are 0 anyway.)
     weight_M = jnp.where(targets.solved_BxN[b_M, 0], weight_M, 0.0)
   rows['weight'] = weight_M
+  rows['logp'] = jnp.where(used_M, tree.logprob_BxN[b_M, c_M], 0.0)
   rows['solved'] = targets.solved_BxN[b_M, c_M] & used_M
-  rows['keep'] = used_M & ((weight_M > 0) | (rows['target_mask'].sum(1) > 0))
+  rows['keep'] = used_M & ((weight_M != 0) | (rows['target_mask'].sum(1) > 0))
   return rows
 
 
@@ -502,25 +528,53 @@ def anchor_kl(logits_NxLxV, ref_logits_NxLxV, mask_NxL):
   return jnp.sum(kl_NxL * m) / jnp.maximum(jnp.sum(m), 1.0)
 
 
+def advantage_loss(logp_NxL, mask_NxL, sign_N, old_logp_N, clip: float):
+  """Clipped step surrogate of rows drawn in proportion to |A|: the mean over rows of
+  -min(ρ·s, clip(ρ, 1 - clip, 1 + clip)·s), s = sign(A), ρ = exp(mean log π - old_logp / len)
+  over the row's step tokens (the length-normalised ratio of the step to the policy that
+  sampled it). At ρ = 1 its gradient is -mean over rows of s ∇ mean log π.
+
+  Returns:
+    (loss, aux) with aux = {'ratio': mean ρ, 'clipped': share of rows whose clip binds}.
+  """
+  m_NxL = mask_NxL.astype(jnp.float32)
+  n_N = jnp.maximum(jnp.sum(m_NxL, axis=1), 1.0)
+  mean_logp_N = jnp.sum(logp_NxL * m_NxL, axis=1) / n_N
+  ratio_N = jnp.exp(mean_logp_N - old_logp_N / n_N)
+  s_N = sign_N.astype(jnp.float32)
+  surrogate_N = jnp.minimum(ratio_N * s_N, jnp.clip(ratio_N, 1.0 - clip, 1.0 + clip) * s_N)
+  clipped_N = (ratio_N * s_N) > (jnp.clip(ratio_N, 1.0 - clip, 1.0 + clip) * s_N)
+  return -jnp.mean(surrogate_N), {'ratio': jnp.mean(ratio_N), 'clipped': jnp.mean(clipped_N.astype(jnp.float32))}
+
+
 def distill_loss_fn(graphdef: nnx.GraphDef, params, batch: dict, ref_params=None, kl_beta: float = 0.0,
-                    sft_mix: float = 0.0):
-  """Cross-entropy of the rows' policy targets + kl_beta * KL to the reference policy
-  + sft_mix * cross-entropy of solver traces.
+                    sft_mix: float = 0.0, adv_clip: float | None = None):
+  """Cross-entropy of the rows' policy targets (or with adv_clip the clipped advantage
+  surrogate, `advantage_loss`) + kl_beta * KL to the reference policy + sft_mix *
+  cross-entropy of solver traces.
 
   Args:
     graphdef, params: the policy.
     batch: tokens, mask, loss_mask (`sft_rows`: policy targets) and kl_mask (path positions);
-      with sft_mix > 0 also mix_tokens, mix_mask, mix_loss_mask (`encoding.encode_sft` rows).
+      with adv_clip also sign and old_logp; with sft_mix > 0 also mix_tokens, mix_mask,
+      mix_loss_mask (`encoding.encode_sft` rows).
     ref_params: the frozen start policy (same graphdef); used only when kl_beta > 0.
     kl_beta: static weight of the anchor.
     sft_mix: static weight of the data mix.
+    adv_clip: static; None: cross-entropy (the targets are shares), else the surrogate's clip.
 
   Returns:
-    (loss, aux) with aux = {'ce', 'kl', 'mix', 'accuracy'}.
+    (loss, aux) with aux = {'ce', 'kl', 'mix', 'accuracy'} (ce: the rows' mean
+    cross-entropy whichever loss is used).
   """
   model = nnx.merge(graphdef, params)
   logits_NxLxV = model(batch['tokens'], mask_BxL=batch['mask']).logits_BxLxV[:, :-1]
   ce, aux = losses.sft_loss(logits_NxLxV, batch['tokens'][:, 1:], batch['loss_mask'][:, :-1])
+  policy_loss = ce
+  if adv_clip is not None:
+    logp_NxL = losses.token_logprobs(logits_NxLxV, batch['tokens'][:, 1:])
+    policy_loss, _ = advantage_loss(logp_NxL, batch['loss_mask'][:, :-1], batch['sign'], batch['old_logp'],
+                                    adv_clip)
   kl = jnp.zeros((), jnp.float32)
   if kl_beta > 0:
     ref = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params))
@@ -531,14 +585,15 @@ def distill_loss_fn(graphdef: nnx.GraphDef, params, batch: dict, ref_params=None
     mix_logits = model(batch['mix_tokens'], mask_BxL=batch['mix_mask']).logits_BxLxV
     # `encode_sft`'s loss_mask is aligned with logits[:, :-1] predicting tokens[:, 1:].
     mix, _ = losses.sft_loss(mix_logits[:, :-1], batch['mix_tokens'][:, 1:], batch['mix_loss_mask'][:, :-1])
-  return ce + kl_beta * kl + sft_mix * mix, {'ce': ce, 'kl': kl, 'mix': mix, 'accuracy': aux['accuracy']}
+  return (policy_loss + kl_beta * kl + sft_mix * mix,
+          {'ce': ce, 'kl': kl, 'mix': mix, 'accuracy': aux['accuracy']})
 
 
 def distill_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState, batch: dict,
-                 ref_params=None, kl_beta: float = 0.0, sft_mix: float = 0.0):
+                 ref_params=None, kl_beta: float = 0.0, sft_mix: float = 0.0, adv_clip: float | None = None):
   """One optimizer step of `distill_loss_fn`; a non-finite loss or gradient leaves the state
   unchanged. Returns (state, metrics: loss, ce, kl, mix, finite)."""
-  loss_fn = lambda p, b: distill_loss_fn(graphdef, p, b, ref_params, kl_beta, sft_mix)
+  loss_fn = lambda p, b: distill_loss_fn(graphdef, p, b, ref_params, kl_beta, sft_mix, adv_clip)
   (loss, aux), grads = accumulate_gradients(loss_fn, state.params, batch, 1)
   finite = jnp.isfinite(loss) & all_finite(grads)
   new = apply_gradients(state, grads, tx)
@@ -565,9 +620,11 @@ def _fit(step_fn, state: TrainState, eligible_C, make_batch, key, num_steps: int
 
 def distill(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState,
             buffer: ReplayBuffer, key: jax.Array, *, num_steps: int, batch_size: int, prompt_len: int,
-            ref_params=None, kl_beta: float = 0.0, sft_mix: float = 0.0, mix_rows=None):
+            ref_params=None, kl_beta: float = 0.0, sft_mix: float = 0.0, mix_rows=None,
+            adv_clip: float | None = None):
   """Policy distillation: steps on buffer rows drawn in proportion to their weight (the
-  expected loss is the weighted cross-entropy), with the KL anchor and, with sft_mix > 0,
+  expected loss is the weighted cross-entropy; with adv_clip, rows drawn in proportion to
+  |weight| and the advantage surrogate), with the KL anchor and, with sft_mix > 0,
   step i's solver traces `mix_rows` (tokens, mask, loss_mask, each [num_steps, M, Ls]).
   Traceable.
 
@@ -577,7 +634,7 @@ def distill(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: Tra
   """
   if sft_mix > 0 and mix_rows is None:
     raise ValueError(f'distill: sft_mix={sft_mix} needs mix_rows (solver traces)')
-  step = lambda st, b: distill_step(graphdef, tx, st, b, ref_params, kl_beta, sft_mix)
+  step = lambda st, b: distill_step(graphdef, tx, st, b, ref_params, kl_beta, sft_mix, adv_clip)
 
   def make(idx, i):
     rows = sft_rows(buffer, idx, prompt_len)
@@ -585,8 +642,8 @@ def distill(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: Tra
       rows.update({f'mix_{k}': mix_rows[k][i] for k in ('tokens', 'mask', 'loss_mask')})
     return rows
 
-  return _fit(step, state, buffer.valid_C & (buffer.weight_C > 0), make, key, num_steps, batch_size,
-              buffer.weight_C)
+  weight_C = buffer.weight_C if adv_clip is None else jnp.abs(buffer.weight_C)
+  return _fit(step, state, buffer.valid_C & (weight_C > 0), make, key, num_steps, batch_size, weight_C)
 
 
 def fit_value(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, state: TrainState,
@@ -658,7 +715,8 @@ def alphazero_round(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef,
   policy, d_T, sft_finite, sft_ok = distill(
       policy_graphdef, policy_tx, state.policy, buffer, k_distill, num_steps=setup.distill_steps,
       batch_size=setup.distill_batch, prompt_len=setup.prompt_len, ref_params=ref_params, kl_beta=setup.kl_beta,
-      sft_mix=setup.sft_mix, mix_rows=mix_rows)
+      sft_mix=setup.sft_mix, mix_rows=mix_rows,
+      adv_clip=setup.adv_clip if setup.policy_target == 'advantage' else None)
   value, v_T, v_finite, _ = fit_value(
       value_graphdef, value_tx, state.value, buffer, k_value, num_steps=setup.value_steps,
       batch_size=setup.value_batch, mode=setup.value_mode)
@@ -668,7 +726,7 @@ def alphazero_round(policy_graphdef: nnx.GraphDef, value_graphdef: nnx.GraphDef,
   keep = rows['keep']
   metrics = {
       'solve_rate': jnp.mean(rows['solved_B'].astype(jnp.float32)),
-      'policy_rows': jnp.sum(keep & (rows['weight'] > 0)).astype(jnp.int32),
+      'policy_rows': jnp.sum(keep & (rows['weight'] != 0)).astype(jnp.int32),
       'value_labels': jnp.sum(jnp.where(keep[:, None], rows['target_mask'], 0.0)).astype(jnp.int32),
       'buffer_size': jnp.sum(buffer.valid_C).astype(jnp.int32),
       'buffer_solved': jnp.sum(buffer.valid_C & buffer.solved_C).astype(jnp.int32),
@@ -696,7 +754,7 @@ def make_setup(cfg: AlphaZeroConfig, ids: lm.TokenIds, prompt_len: int, completi
   return AZSetup(search=cfg.mcts, lm=opts, ids=ids, prompt_len=prompt_len, value_mode=value_mode,
                  use_value_model=cfg.use_value_model, distill_steps=cfg.distill_steps,
                  distill_batch=cfg.distill_batch, value_steps=cfg.value_steps, value_batch=cfg.value_batch,
-                 policy_target=cfg.policy_target, q_temperature=cfg.q_temperature,
+                 policy_target=cfg.policy_target, q_temperature=cfg.q_temperature, adv_clip=cfg.adv_clip,
                  policy_min_visits=cfg.policy_min_visits, solved_trees_only=cfg.solved_trees_only,
                  value_target=cfg.value_target, min_visits=cfg.min_visits, kl_beta=cfg.kl_beta,
                  sft_mix=cfg.sft_mix, sft_mix_batch=cfg.sft_mix_batch, reward=reward)
