@@ -13,7 +13,8 @@ tiny transformer.
     always at the widest width ('full') and at widths by depth ('halving', the default; the
     column "per simulation" lists the children's state width of each simulation); the
     children's values read from the policy's decode ('decode', actor-critic) or by the same
-    weights as a separate value model over every child state ('value pass'). The same
+    weights as a separate value model ('value pass': each leaf's state read once for its K
+    children, `SearchModel.extension_value_fn`; 'whole states': over every child state). The same
     policy / value calls the search makes, at the same widths, are timed alone in one compiled
     program whose inputs depend on the previous call's outputs (nothing can be hoisted); the
     rest of the search's time is bookkeeping (selection, tree writes, backup, state building).
@@ -184,6 +185,9 @@ def _models_alone(model, params, key, prompt, mask, depths, cfg, ls, t_full):
     first = steps.tokens_MxKxL[..., 0].reshape(-1)
     if steps.value_MxK is not None:
       v = steps.value_MxK.reshape(-1)
+    elif model.extension_value_fn is not None:  # each node's state read once for its K children
+      v = expansion.end_values(model, params, nodes, steps.tokens_MxKxL,
+                               jnp.arange(ls) < steps.lengths_MxK[..., None])
     else:
       children = NodeBatch(pad(prompt, t_child).repeat(k, 0).at[:, -1].set(first),
                            pad(mask, t_child).repeat(k, 0) & (first >= 0)[:, None],
@@ -204,10 +208,12 @@ def part_b(repeats: int, b: int = 256):
                      d_ff=128, value_head='sigmoid')
   gd, st = nnx.split(Transformer(mcfg, rngs=nnx.Rngs(params=0)))
   opts = lm.LMOptions(step_tokens=8, completion_tokens=32, value_from_policy=True)
+  separate = lm.make_search_model(gd, dataclasses.replace(opts, value_from_policy=False), lm.TokenIds.of(tok),
+                                  value_graphdef=gd)
   models = {  # the actor-critic's values read from its decode, or the same weights as a value model
       'decode': (lm.make_search_model(gd, opts, lm.TokenIds.of(tok)), lm.LMParams(policy=st)),
-      'value pass': (lm.make_search_model(gd, dataclasses.replace(opts, value_from_policy=False), lm.TokenIds.of(tok),
-                                          value_graphdef=gd), lm.LMParams(policy=st, value=st))}
+      'value pass': (separate, lm.LMParams(policy=st, value=st)),
+      'value pass, whole states': (separate._replace(extension_value_fn=None), lm.LMParams(policy=st, value=st))}
   ids = tok.encode('What is 12+30?', bos=True) + [tok.step_id]
   lp = len(ids)
   prompt = jnp.tile(jnp.asarray(ids)[None], (b, 1))
@@ -221,7 +227,8 @@ def part_b(repeats: int, b: int = 256):
   print('| state widths | child values | per simulation | search wall s | model calls alone | outside (wall) | '
         'search CPU s | model calls alone | outside (CPU) | trivial model (wall) |')
   print('|' + '---|' * 10)
-  for width, values in (('full', 'decode'), ('halving', 'decode'), ('halving', 'value pass')):
+  for width, values in (('full', 'decode'), ('halving', 'decode'), ('halving', 'value pass'),
+                        ('halving', 'value pass, whole states')):
     model, params = models[values]
     cfg = dataclasses.replace(base, state_width=width)
     search = jax.jit(functools.partial(mcts_lib.mcts_search, model=model, config=cfg))

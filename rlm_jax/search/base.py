@@ -96,6 +96,10 @@ class SearchModel(NamedTuple):
       or splits); None: a step ends at `step_id` only.
     last_value_fn: `(params, nodes) -> values_M`, each node's value at its last token only
       (what a search reads), without the other positions' head; None: `value_fn(...)[:, -1]`.
+    extension_value_fn: `(params, nodes, tokens_MxKxL, mask_MxKxL) -> (values_MxKxL, values_M)`:
+      the value at every token of K extensions of each node (its children's steps, rollouts,
+      completions; any padding layout, 0 on padding) and at the node's own last token, each
+      node's state read once for its K extensions; None: `value_fn` over every extended state.
   """
 
   policy_fn: PolicyFn
@@ -106,6 +110,8 @@ class SearchModel(NamedTuple):
   step_id: int
   step_ends: Optional[StepEnds] = None
   last_value_fn: Optional[Callable[[Params, NodeBatch], jax.Array]] = None
+  extension_value_fn: Optional[Callable[[Params, NodeBatch, jax.Array, jax.Array],
+                                        tuple[jax.Array, jax.Array]]] = None
 
 
 @chex.dataclass(frozen=True)

@@ -81,6 +81,11 @@ def score_completions(params: Params, model: SearchModel, roots: NodeBatch, comp
   if comp.values_BxNxL is not None:  # values read from the decode: no value pass
     return _decode_scores(_flat(comp.values_BxNxL), is_end, _flat(comp.lengths_BxN), scorer).reshape(b, n), \
         jnp.zeros((b, n), jnp.int32)
+  if model.extension_value_fn is not None:  # each question's prompt read once for its N completions
+    values, own = model.extension_value_fn(params, roots, comp.tokens_BxNxL, comp.mask_BxNxL)
+    v = _decode_scores(_flat(values), is_end, _flat(comp.lengths_BxN), scorer)
+    v = jnp.where(_flat(comp.lengths_BxN) > 0, v, jnp.repeat(own, n))
+    return v.reshape(b, n), jnp.ones((b, n), jnp.int32)
   p_tok = jnp.repeat(roots.tokens_MxT, n, axis=0)
   p_mask = jnp.repeat(roots.mask_MxT, n, axis=0)
   full, full_mask, _ = tree_lib.pack(jnp.concatenate([p_tok, tok], 1),

@@ -2,8 +2,9 @@
 
 Shared by MCTS and beam search. For B trees with W leaves each, the policy samples K next steps
 per leaf in ONE call (B*W*K rows); the new children get consecutive slots, are written into the
-tree, and are scored in ONE value call (B*W*K rows; none when the policy carries the value
-head: its decode already computed each child's value, `lm.make_search_model`). Terminal
+tree, and are scored in ONE value call (B*W*K rows, each leaf's state read once for its K
+children with `SearchModel.extension_value_fn`; none when the policy carries the value head:
+its decode already computed each child's value, `lm.make_search_model`). Terminal
 children are scored by the verifier (training mode) or by the value model / PRM (inference);
 non-terminal children can mix in rollouts to the end:
 q = (1 - alpha) q_model + alpha * mean(rollout rewards).
@@ -107,6 +108,17 @@ def last_values(model: SearchModel, params: Params, nodes: NodeBatch) -> jax.Arr
   return model.value_fn(params, nodes)[:, -1].astype(jnp.float32)
 
 
+def end_values(model: SearchModel, params: Params, nodes: NodeBatch, tokens_MxKxL, mask_MxKxL) -> jax.Array:
+  """Value of each node extended by each of its K extensions (any padding layout), at the
+  extension's last token (the node's own value where it is empty): [M * K], node-major, from
+  `model.extension_value_fn` (each node's state read once for its K extensions)."""
+  m, k, l = tokens_MxKxL.shape
+  values_MxKxL, own_M = model.extension_value_fn(params, nodes, tokens_MxKxL, mask_MxKxL)
+  last = jnp.max(jnp.where(mask_MxKxL, jnp.arange(l), -1), axis=-1)
+  v = jnp.take_along_axis(values_MxKxL, jnp.maximum(last, 0)[..., None], axis=-1)[..., 0]
+  return jnp.where(last >= 0, v, own_M[:, None]).reshape(m * k).astype(jnp.float32)
+
+
 def root_nodes(prompt_BxLp, prompt_mask_BxLp, problem_B, pad_id: int) -> NodeBatch:
   tokens, mask, _ = tree_lib.pack(prompt_BxLp.astype(jnp.int32), prompt_mask_BxLp, pad_id, align='right')
   b = prompt_BxLp.shape[0]
@@ -140,6 +152,9 @@ def _rollout_values(params, key, model: SearchModel, sol, child_nodes: NodeBatch
   elif out.value_MxK is not None:  # the value of each rollout's end, read from its decode
     rew = out.value_MxK.reshape(m * r)
     calls_M = jnp.full((m,), r, jnp.int32)
+  elif model.extension_value_fn is not None:  # each child's state read once for its R rollouts
+    rew = end_values(model, params, child_nodes, out.tokens_MxKxL, comp_mask.reshape(m, r, lc))
+    calls_M = jnp.full((m,), r * 2, jnp.int32)
   else:
     tok = jnp.concatenate([rep(child_nodes.tokens_MxT), comp], axis=1)
     msk = jnp.concatenate([rep(child_nodes.mask_MxT), comp_mask], axis=1)
@@ -206,7 +221,10 @@ def _sample_and_score(params: Params, key: jax.Array, tree: tree_lib.Tree, b_M, 
     q0_M = steps.value_MxK.reshape(m * k).astype(jnp.float32)
     scored_M = jnp.zeros((m * k,), bool)
   else:
-    q0_M = last_values(model, params, child_nodes)
+    if model.extension_value_fn is not None:  # each leaf's state read once for its K children
+      q0_M = end_values(model, params, nodes, tok_MxKxL, smask_MxKxL)
+    else:
+      q0_M = last_values(model, params, child_nodes)
     scored_M = jnp.full((m * k,), model.value_fn is not None)
   term_M = steps.terminal_MxK.reshape(-1)
   reward_M = jnp.full(term_M.shape, jnp.nan, jnp.float32)

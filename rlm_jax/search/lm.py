@@ -14,8 +14,10 @@
   EOS. The step's prior comes from the sampler's
   untempered log-probs.
 * Value: a separate value model (`value_graphdef`), its head run at the last token of each
-  node's state only (`last_value_fn`; PRM-min scoring reads every step end through
-  `value_fn`), or the policy's own value head (`value_from_policy=True`, actor-critic): then
+  node's state only (`last_value_fn`). New states (children, rollouts, completions) are
+  scored by `extension_value_fn`: each parent's state is prefilled once into the value model's
+  KV cache, broadcast to its K extensions, and only their new tokens run against it (an
+  expansion reads M·(T + K·L) token positions instead of M·K·(T + L)), or the policy's own value head (`value_from_policy=True`, actor-critic): then
   the value of a new step's end state is read from the decode that sampled it (the forward
   that writes the step's last token computes its hidden state), so an expansion runs no
   second model over the children. A 'logit' head (P(correct)) is mapped to reward units
@@ -39,7 +41,7 @@ from flax import nnx
 
 from rlm_jax.data.steps import StepEnds, as_step_ends
 from rlm_jax.data.tokenizer import Tokenizer, pad_batch
-from rlm_jax.models.transformer import positions_from_mask
+from rlm_jax.models.transformer import KVCache, positions_from_mask
 from rlm_jax.sampling import sampler as sampler_lib
 from rlm_jax.search.base import NodeBatch, SearchModel, SearchResult, Steps
 
@@ -106,6 +108,26 @@ def _values(graphdef, state, tokens_MxT, mask_MxT, where: str = 'all') -> jax.Ar
   return _reward_units(model.cfg, out.values_BxL)
 
 
+def _extension_values(graphdef, state, nodes: NodeBatch, tokens_MxKxL, mask_MxKxL):
+  """Values at every token of K extensions of each node and at the node's last token:
+  (values_MxKxL, 0 on padding; values_M), the node's state prefilled once and its KV cache
+  shared by its K extensions."""
+  model = nnx.merge(graphdef, state)
+  if model.cfg.value_head == 'none':
+    raise ValueError('value model has no value head (model.value_head is "none")')
+  (m, t), (_, k, l) = nodes.tokens_MxT.shape, tokens_MxKxL.shape
+  pre = model(nodes.tokens_MxT, positions_from_mask(nodes.mask_MxT), nodes.mask_MxT,
+              cache=KVCache.zeros(model.cfg, m, t + l), cache_index=0, logits='none', values='last')
+  rep = lambda x: jnp.repeat(x, k, axis=0)
+  mask = mask_MxKxL.reshape(m * k, l).astype(bool)
+  start = rep(jnp.sum(nodes.mask_MxT, axis=1, dtype=jnp.int32))
+  positions = start[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+  out = model(tokens_MxKxL.reshape(m * k, l), positions, mask, cache=jax.tree.map(rep, pre.cache), cache_index=t,
+              logits='none', values='all')
+  values = jnp.where(mask, _reward_units(model.cfg, out.values_BxL), 0.0)
+  return values.reshape(m, k, l), _reward_units(model.cfg, pre.values_BxL[:, 0])
+
+
 def _reward_units(cfg, v):
   v = v.astype(jnp.float32)
   return 2.0 * jax.nn.sigmoid(v) - 1.0 if cfg.value_head == 'logit' else v
@@ -156,19 +178,21 @@ def make_search_model(policy_graphdef: nnx.GraphDef, options: LMOptions, ids: To
                  terminal_MxK=shape(out.stop_reason_B == sampler_lib.StopReason.EOS), value_MxK=value,
                  values_MxKxL=values)
 
-  value_fn = last_value_fn = None
+  value_fn = last_value_fn = extension_value_fn = None
   if value_graphdef is not None or options.value_from_policy:
     graphdef, which = (value_graphdef, 'value') if value_graphdef is not None else (policy_graphdef, 'policy')
     value_fn = lambda params, nodes: _values(graphdef, getattr(params, which), nodes.tokens_MxT, nodes.mask_MxT)
     last_value_fn = lambda params, nodes: _values(graphdef, getattr(params, which), nodes.tokens_MxT,
                                                   nodes.mask_MxT, 'last')[:, 0]
+    extension_value_fn = lambda params, nodes, tokens, mask: _extension_values(graphdef, getattr(params, which),
+                                                                               nodes, tokens, mask)
 
   search_reward = None
   if reward_fn is not None:
     search_reward = lambda params, tokens, mask, problem: reward_fn(params.reward, tokens, mask, problem)
   return SearchModel(policy_fn=policy_fn, value_fn=value_fn, reward_fn=search_reward,
                      pad_id=ids.pad_id, eos_id=ids.eos_id, step_id=ids.step_id, step_ends=ids.step_ends,
-                     last_value_fn=last_value_fn)
+                     last_value_fn=last_value_fn, extension_value_fn=extension_value_fn)
 
 
 # ------------------------------------------------------------------------------------------

@@ -295,3 +295,75 @@ def test_best_of_n_scores_from_the_decode_equal_the_value_pass(scorer):
   np.testing.assert_allclose(decode.extra['scores_BxN'], separate.extra['scores_BxN'], rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(decode.tokens_BxL, separate.tokens_BxL)
   np.testing.assert_array_equal(separate.model_calls_B - decode.model_calls_B, 4)
+
+
+_VALUE_GD, _VALUE_STATE = _model(value_head='logit', seed=7)  # a separate value model / PRM
+
+
+@pytest.mark.parametrize('strategy', ['mcts', 'mcts_rollouts', 'beam', 'prm_min', 'orm'])
+def test_shared_state_values_equal_the_whole_state_pass(strategy):
+  """A separate value model reads each leaf's (prompt's) state once for its K children (N
+  completions, R rollouts): the same tree, picks and scores as the value model over every
+  extended state whole (`extension_value_fn=None`), and the same compute counts."""
+  from rlm_jax.search.beam import BeamConfig, beam_search
+  from rlm_jax.search.completions import BestOfNConfig, best_of_n
+  from rlm_jax.search.mcts import MCTSConfig, mcts_search
+  configs = {
+      'mcts': (mcts_search, MCTSConfig(num_simulations=4, num_children=3, num_walkers=2, max_depth=3)),
+      'mcts_rollouts': (mcts_search, MCTSConfig(num_simulations=3, num_children=2, num_walkers=2, max_depth=3,
+                                                num_rollouts=2, rollout_weight=0.5)),
+      'beam': (beam_search, BeamConfig(beam_width=2, expansions=3, max_depth=3)),
+      'prm_min': (best_of_n, BestOfNConfig(num_samples=4, scorer='prm_min')),
+      'orm': (best_of_n, BestOfNConfig(num_samples=4, scorer='orm')),
+  }
+  search, config = configs[strategy]
+  shared = lm.make_search_model(GD, dataclasses.replace(OPTS, value_from_policy=False), IDS,
+                                value_graphdef=_VALUE_GD)
+  assert shared.extension_value_fn is not None
+  whole = shared._replace(extension_value_fn=None)
+  params = lm.LMParams(policy=STATE, value=_VALUE_STATE)
+  run = lambda model: jax.device_get(jax.jit(functools.partial(search, model=model, config=config))(
+      params, jax.random.key(2), *_prompts()))
+  a, b = run(shared), run(whole)
+  np.testing.assert_array_equal(a.tokens_BxL, b.tokens_BxL)
+  np.testing.assert_allclose(a.score_B, b.score_B, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(a.model_calls_B, b.model_calls_B)
+  if a.tree is not None:
+    for name in a.tree.keys():
+      x, y = np.asarray(getattr(a.tree, name)), np.asarray(getattr(b.tree, name))
+      if x.dtype.kind == 'f':
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name)
+      else:
+        np.testing.assert_array_equal(x, y, err_msg=name)
+    q = np.asarray(a.tree.value_BxN)[np.arange(a.tree.parent_BxN.shape[1])[None] < a.tree.num_nodes_B[:, None]]
+    assert np.ptp(q) > 1e-3  # the value model's scores differ between nodes (the test can fail)
+  else:
+    np.testing.assert_allclose(a.extra['scores_BxN'], b.extra['scores_BxN'], rtol=1e-4, atol=1e-5)
+    assert np.ptp(a.extra['scores_BxN']) > 1e-3
+
+
+def test_extension_values_equal_the_value_head_over_each_extended_state():
+  """`extension_value_fn` on left- and right-padded extensions (and an empty one): the value
+  head over the parent state + the extension's tokens at each real token, the parent's own
+  last value, zeros on padding."""
+  model = lm.make_search_model(GD, dataclasses.replace(OPTS, value_from_policy=False), IDS,
+                               value_graphdef=_VALUE_GD)
+  params = lm.LMParams(policy=STATE, value=_VALUE_STATE)
+  p, m = _prompts()
+  nodes = NodeBatch(p, m, jnp.zeros((2,), jnp.int32), jnp.arange(2))
+  rng = np.random.default_rng(0)
+  ext = jnp.asarray(rng.integers(3, TOK.vocab_size, (2, 3, 5)), jnp.int32)
+  mask = jnp.asarray([[[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]],
+                      [[1, 1, 1, 1, 1], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0]]], bool)
+  values, own = jax.jit(model.extension_value_fn)(params, nodes, ext, mask)
+  np.testing.assert_allclose(own, model.last_value_fn(params, nodes), rtol=1e-5, atol=1e-6)
+  for i in range(2):
+    for j in range(3):
+      real = np.flatnonzero(mask[i, j])
+      np.testing.assert_array_equal(np.asarray(values[i, j])[~np.asarray(mask[i, j])], 0.0)
+      if real.size == 0:
+        continue
+      tok = jnp.concatenate([p[i], ext[i, j, real]])[None]
+      msk = jnp.concatenate([m[i], jnp.ones((real.size,), bool)])[None]
+      whole = model.value_fn(params, NodeBatch(tok, msk, jnp.ones((1,), jnp.int32), jnp.array([i])))[0, -real.size:]
+      np.testing.assert_allclose(np.asarray(values[i, j])[real], whole, rtol=1e-4, atol=1e-5)
