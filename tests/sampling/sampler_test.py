@@ -256,7 +256,8 @@ def test_tempered_logprobs_are_those_of_logits_over_t(model):
   assert np.abs(np.asarray(out.logprobs_BxT - raw.logprobs_BxT)).max() > 1e-2
 
 
-@pytest.mark.parametrize('num_samples', [1, 3])
+# num_samples=3 covers the shared prefill too; 1 is slow only to keep the default suite short.
+@pytest.mark.parametrize('num_samples', [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_values_from_the_decode_equal_a_full_forward(num_samples):
   """`return_values`: the value head at each generated token (and at the last prompt token)
   equals the full forward's value at that position of prompt + completion; 0 on padding."""

@@ -149,7 +149,8 @@ def _tree_arrays_equal(full, other):
   np.testing.assert_array_equal(other.model_calls_B, full.model_calls_B)
 
 
-@pytest.mark.parametrize('strategy', ['mcts', 'beam'])
+# Beam builds its states by the same `expansion` code as MCTS; slow only to keep the default suite short.
+@pytest.mark.parametrize('strategy', ['mcts', pytest.param('beam', marks=pytest.mark.slow)])
 def test_states_built_by_depth_give_the_full_width_search(strategy):
   """States as wide as the deepest expanding leaf needs (a lax.switch over a few widths) give
   the search of full-width states, for a fixed key: same samples, values, rewards and tree."""
@@ -250,7 +251,7 @@ def test_policy_values_read_from_the_decode_equal_the_value_pass():
   assert plain.policy_fn(params, jax.random.key(5), nodes, 3, to_end=False, greedy=False).value_MxK is None
 
 
-@pytest.mark.parametrize('strategy', ['mcts', 'beam'])
+@pytest.mark.parametrize('strategy', ['mcts', pytest.param('beam', marks=pytest.mark.slow)])
 def test_actor_critic_search_equals_the_same_weights_as_a_value_model(strategy):
   """MCTS / beam with the policy's own value head read from its decode build the tree that the
   same weights give as a separate value model (one more forward over every child), minus
@@ -281,7 +282,9 @@ def test_actor_critic_search_equals_the_same_weights_as_a_value_model(strategy):
   assert children.min() > 0
 
 
-@pytest.mark.parametrize('scorer', ['orm', 'prm_min', 'prm_last'])
+# The scorers differ only in `completions._decode_scores`' last reduction (completions_test.py).
+@pytest.mark.parametrize('scorer', [pytest.param('orm', marks=pytest.mark.slow),
+                                    pytest.param('prm_min', marks=pytest.mark.slow), 'prm_last'])
 def test_best_of_n_scores_from_the_decode_equal_the_value_pass(scorer):
   """Best-of-N with an actor-critic scores its samples with the values its decode computed:
   the scores (and picks) of the same weights as a separate value model, no value rows."""
@@ -300,7 +303,10 @@ def test_best_of_n_scores_from_the_decode_equal_the_value_pass(scorer):
 _VALUE_GD, _VALUE_STATE = _model(value_head='logit', seed=7)  # a separate value model / PRM
 
 
-@pytest.mark.parametrize('strategy', ['mcts', 'mcts_rollouts', 'beam', 'prm_min', 'orm'])
+# 'mcts_rollouts' covers both the children's and the rollouts' shared reads (beam expands by the same code).
+@pytest.mark.parametrize('strategy', [pytest.param('mcts', marks=pytest.mark.slow), 'mcts_rollouts',
+                                      pytest.param('beam', marks=pytest.mark.slow), 'prm_min',
+                                      pytest.param('orm', marks=pytest.mark.slow)])
 def test_shared_state_values_equal_the_whole_state_pass(strategy):
   """A separate value model reads each leaf's (prompt's) state once for its K children (N
   completions, R rollouts): the same tree, picks and scores as the value model over every

@@ -87,59 +87,6 @@ def test_advantage_loss_by_hand():
   assert float(g2[2, 0]) > 0  # the negative row with rho > 1 is still pushed down
 
 
-NUM_SFT = 12
-V, LP, L = 12, 3, 5
-PROMPT = [4, 5, 6]
-GOOD, BAD = 7, 8
-
-
-def _node_row(step_token: int, weight: float, logp: float) -> dict:
-  tokens = np.zeros((1, L), np.int32)
-  tokens[0, :LP] = PROMPT
-  tokens[0, LP:LP + 2] = [step_token, 3]
-  policy = np.zeros((1, L), bool)
-  policy[0, LP - 1] = True
-  return {'tokens': tokens, 'mask': tokens != 0, 'targets': np.zeros((1, L), np.float32),
-          'target_mask': np.zeros((1, L), np.float32), 'policy_mask': policy,
-          'weight': np.array([weight], np.float32), 'solved': np.array([weight > 0]),
-          'logp': np.array([logp], np.float32)}
-
-
-def test_advantage_distillation_raises_the_good_step_and_lowers_the_bad_sibling():
-  gd, params = nnx.split(Transformer(ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
-                                                 head_dim=8, d_ff=32), rngs=nnx.Rngs(params=0)))
-  tx = make_optimizer(OptimConfig(learning_rate=1e-2, grad_clip=0.0))
-
-  @jax.jit
-  def logp(p):
-    logits = nnx.merge(gd, p)(jnp.asarray([PROMPT])).logits_BxLxV[0, -1]
-    return jax.nn.log_softmax(logits)[jnp.array([GOOD, BAD])]
-
-  # A policy that prefers the bad step (cross-entropy on it: p = 0.75 vs 0.02) ...
-  sft = jax.jit(lambda st, buf, key: az.distill(gd, tx, st, buf, key, num_steps=NUM_SFT, batch_size=8, prompt_len=LP)[0])
-  state = sft(create_train_state(params, tx), _buffer(_node_row(BAD, 1.0, 0.0)), jax.random.key(0))
-  good0, bad0 = map(float, logp(state.params))
-  assert np.exp(bad0) > 0.6 and np.exp(good0) < 0.05
-  # ... then one round's rows: the good step won (A = +0.5), the bad sibling lost (A = -0.5),
-  # each with its log-prob under the policy that searched; a new optimizer state (a new phase).
-  fit = jax.jit(lambda b, key: az.distill(gd, tx, create_train_state(state.params, tx), b, key, num_steps=4,
-                                          batch_size=8, prompt_len=LP, adv_clip=0.2)[0])
-  state1 = fit(_buffer(_node_row(GOOD, 0.5, good0), _node_row(BAD, -0.5, bad0)), jax.random.key(1))
-  good1, bad1 = map(float, logp(state1.params))
-  assert good1 > good0 + 1.0 and bad1 < bad0 - 1.0 and good1 > bad1
-  # The signs carry the direction: the same rows with the advantages swapped raise the bad step.
-  state2 = fit(_buffer(_node_row(GOOD, -0.5, good0), _node_row(BAD, 0.5, bad0)), jax.random.key(1))
-  good2, bad2 = map(float, logp(state2.params))
-  assert good2 < good0 and bad2 > bad0
-
-
-def _buffer(*rows):
-  buf = az.empty_buffer(4, L, 0)
-  for r in rows:
-    buf = az.buffer_add(buf, r, np.ones(1, bool))
-  return buf
-
-
 def test_advantage_config_is_checked():
   with pytest.raises(ValueError, match='adv_clip'):
     az.AlphaZeroConfig(adv_clip=0.0)
