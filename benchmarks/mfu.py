@@ -3,6 +3,7 @@
   python benchmarks/mfu.py                                   # tiny model, any CPU, < 1 min
   python benchmarks/mfu.py --preset=1b --dtype=bfloat16      # ~1.2B Llama-3.2-1B shape, GPU/TPU
   python benchmarks/mfu.py --preset=1b --dtype=bfloat16 --batch=8 --remat=full --mesh=1,-1,1
+  python benchmarks/mfu.py --preset=1b --dtype=bfloat16 --attention=cudnn  # cuDNN flash attention
 
 Train step = `rlm_jax.training.sft.sft_step` (forward, completion-only cross-entropy,
 backward, global-norm clip, AdamW) jitted with the state donated, on a mesh over all local
@@ -101,6 +102,8 @@ def parse_args(argv=None):
   p.add_argument('--param-dtype', default='float32', choices=['float32', 'bfloat16'],
                  help='master weights (float32: bf16 compute with fp32 master weights)')
   p.add_argument('--remat', default=None, choices=['none', 'full', 'dots'])
+  p.add_argument('--attention', default='einsum', choices=['einsum', 'xla', 'cudnn'],
+                 help="train step's attention (model.attention; 'cudnn': fused flash attention, NVIDIA GPUs)")
   p.add_argument('--mesh', default='1,-1,1', help="('data', 'fsdp', 'tensor') sizes")
   p.add_argument('--steps', type=int, default=5, help='timed train steps')
   p.add_argument('--decode-batch', type=int, default=None, help='default: --batch')
@@ -119,7 +122,7 @@ def model_config(args) -> tuple[ModelConfig, int, int]:
                     n_layers=pick(args.n_layers, n), n_heads=pick(args.n_heads, h),
                     n_kv_heads=pick(args.n_kv_heads, kv), head_dim=pick(args.head_dim, dh),
                     d_ff=pick(args.d_ff, ff), tie_embeddings=tie, dtype=args.dtype,
-                    param_dtype=args.param_dtype, remat=pick(args.remat, remat))
+                    param_dtype=args.param_dtype, remat=pick(args.remat, remat), attention=args.attention)
   return cfg, pick(args.seq_len, seq), pick(args.batch, batch)
 
 
@@ -272,7 +275,7 @@ def main(argv=None):
   print(f'model: preset {args.preset}: D={cfg.d_model} layers={cfg.n_layers} '
         f'H={cfg.n_heads}/KVH={cfg.n_kv_heads} Dh={cfg.head_dim} F={cfg.d_ff} V={cfg.vocab_size} '
         f'tied={cfg.tie_embeddings}; matmul params N_mm={n_mm / 1e6:.1f}M; '
-        f'compute {cfg.dtype}, params {cfg.param_dtype}, remat {cfg.remat}')
+        f'compute {cfg.dtype}, params {cfg.param_dtype}, remat {cfg.remat}, attention {cfg.attention}')
 
   tr = bench_train(cfg, seq, batch, mesh, rules, args.steps)
   flops = train_flops(cfg, batch, seq)

@@ -3,6 +3,7 @@ tiny transformer.
 
   python benchmarks/search.py            # both parts, prints two tables
   python benchmarks/search.py --part a   # only the mctx comparison
+  python benchmarks/search.py --part b --b-batch=1024   # B*W*K = 8192 rows per simulation (GPU)
 
 (a) Trivial model (random candidates / values, no network), K = 16 actions or candidate steps,
     S = 64 simulations, B = 256 and B = 1024 trees. mctx `gumbel_muzero_policy` expands one
@@ -198,7 +199,7 @@ def _models_alone(model, params, key, prompt, mask, depths, cfg, ls, t_full):
   return acc + last_M.sum()
 
 
-def part_b(repeats: int, b: int = 256):
+def part_b(repeats: int, b: int = 256, walkers: int = 2):
   from rlm_jax.data.tokenizer import CharTokenizer
   from rlm_jax.models.transformer import ModelConfig, Transformer
   from rlm_jax.search import lm
@@ -219,28 +220,31 @@ def part_b(repeats: int, b: int = 256):
   prompt = jnp.tile(jnp.asarray(ids)[None], (b, 1))
   mask = jnp.ones_like(prompt, bool)
   key = jax.random.key(0)
-  base = mcts_lib.MCTSConfig(num_simulations=4, num_children=4, num_walkers=2, max_depth=4)
+  base = mcts_lib.MCTSConfig(num_simulations=4, num_children=4, num_walkers=walkers, max_depth=4)
   w, k, d, ls = base.num_walkers, base.num_children, base.max_depth, opts.step_tokens
   t_full = lp + d * ls
   print(f'\n(b) tiny transformer (d=64, 2 layers, vocab {tok.vocab_size}), B={b}, K={k}, W={w}, '
-        f'S={base.num_simulations}, step {ls} tokens, prompt {lp}, widest state {t_full} tokens')
-  print('| state widths | child values | per simulation | search wall s | model calls alone | outside (wall) | '
+        f'S={base.num_simulations}, step {ls} tokens, prompt {lp}, widest state {t_full} tokens, '
+        f'B*W*K = {b * w * k} rows per simulation; on {jax.devices()[0].device_kind}')
+  print('| state widths | child values | per simulation | search wall s | nodes/s | model calls alone | outside (wall) | '
         'search CPU s | model calls alone | outside (CPU) | trivial model (wall) |')
-  print('|' + '---|' * 10)
+  print('|' + '---|' * 11)
   for width, values in (('full', 'decode'), ('halving', 'decode'), ('halving', 'value pass'),
                         ('halving', 'value pass, whole states')):
     model, params = models[values]
     cfg = dataclasses.replace(base, state_width=width)
     search = jax.jit(functools.partial(mcts_lib.mcts_search, model=model, config=cfg))
     t_search, c_search = _time(search, params, key, prompt, mask, repeats=repeats)
-    depths = [int(x) for x in jax.device_get(search(params, key, prompt, mask).extra['state_depth_S'])]
+    result = jax.device_get(search(params, key, prompt, mask))
+    depths = [int(x) for x in result.extra['state_depth_S']]
+    nodes = int(result.tree.num_nodes_B.sum()) - b  # created, evaluated children
     alone = jax.jit(functools.partial(_models_alone, model, depths=depths, cfg=cfg, ls=ls, t_full=t_full))
     t_models, c_models = _time(alone, params, key, prompt, mask, repeats=repeats)
     # Cross-check: the same search (shapes, knobs) with a trivial model is all bookkeeping.
     trivial = jax.jit(functools.partial(mcts_lib.mcts_search, model=trivial_model(64, ls), config=cfg))
     t_book, _ = _time(trivial, None, key, prompt, mask, repeats=repeats)
     widths = '/'.join(str(lp + min(x + 1, d) * ls) for x in depths)  # the children's states
-    print(f'| {width} | {values} | {widths} | {t_search:.3f} | {t_models:.3f} | {100 * (1 - t_models / t_search):.1f}% | '
+    print(f'| {width} | {values} | {widths} | {t_search:.3f} | {nodes / t_search:.0f} | {t_models:.3f} | {100 * (1 - t_models / t_search):.1f}% | '
           f'{c_search:.3f} | {c_models:.3f} | {100 * (1 - c_models / c_search):.1f}% | '
           f'{t_book:.4f} ({100 * t_book / t_search:.1f}%) |', flush=True)
 
@@ -249,11 +253,13 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--part', choices=('a', 'b', 'both'), default='both')
   p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--b-batch', type=int, default=256, help='part (b): trees B')
+  p.add_argument('--b-walkers', type=int, default=2, help='part (b): walkers W per tree')
   args = p.parse_args()
   if args.part in ('a', 'both'):
     part_a(args.repeats)
   if args.part in ('b', 'both'):
-    part_b(args.repeats)
+    part_b(args.repeats, args.b_batch, args.b_walkers)
 
 
 if __name__ == '__main__':

@@ -25,7 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
       d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384,
       rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=True, qkv_bias=False,
       lm_head=True, value_head='none', value_hidden=0,
-      dtype='float32', param_dtype='float32', remat='none', init_std=0.02)
+      dtype='float32', param_dtype='float32', remat='none', init_std=0.02,
+      attention='einsum')  # 'cudnn': jax.nn.dot_product_attention's fused kernel on NVIDIA GPUs
   c.mesh = dict(shape=(1, -1, 1), rules=sharding.DEFAULT_RULES, max_replicated_fraction=1.0)
   # SFT on 3000 solver traces; GRPO on other problems (prompts + answers only), so the RL
   # signal is about generalising rather than about traces the policy has memorised.

@@ -57,10 +57,11 @@ class ModelBuilder:
     self.cfg = cfg
     self.tok = tok
     model_cfg = cfg.model
-    if cfg.hf_checkpoint:  # architecture from the checkpoint; precision and remat from cfg.model
+    if cfg.hf_checkpoint:  # architecture from the checkpoint; precision, remat, attention from cfg.model
       try:
         model_cfg = hf_lib.config_from_hf(cfg.hf_checkpoint, dtype=cfg.model.dtype,
-                                          param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+                                          param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                                          attention=cfg.model.attention)
       except (OSError, ValueError) as e:
         raise ConfigError(f'hf_checkpoint={cfg.hf_checkpoint}: {e}') from e
     if cfg.hf_checkpoint and cfg.tokenizer.kind != 'hf' and model_cfg.vocab_size != tok.vocab_size:

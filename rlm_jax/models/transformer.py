@@ -52,6 +52,11 @@ class ModelConfig:
   param_dtype: str = 'float32'  # storage dtype of the master weights.
   remat: Literal['none', 'full', 'dots'] = 'none'
   init_std: float = 0.02
+  # Attention of the forwards without a KV cache (training, log-prob and value passes):
+  # 'einsum' (ours), or `jax.nn.dot_product_attention` with implementation 'xla' or 'cudnn'
+  # (fused flash attention on NVIDIA GPUs, bfloat16/float16). Prefill and decode with a KV
+  # cache always use ours (the cache layout is the one its contractions read).
+  attention: Literal['einsum', 'xla', 'cudnn'] = 'einsum'
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -64,6 +69,8 @@ class ModelConfig:
       raise ValueError("model has no head: set model.lm_head=True or model.value_head != 'none'")
     if self.tie_embeddings and not self.lm_head:
       raise ValueError('model.tie_embeddings=True needs model.lm_head=True')
+    if self.attention not in ('einsum', 'xla', 'cudnn'):
+      raise ValueError(f"model.attention='{self.attention}': must be one of 'einsum', 'xla', 'cudnn'")
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in ('float32', 'bfloat16', 'float16'):
         raise ValueError(
@@ -244,7 +251,11 @@ class Attention(nnx.Module):
       q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
     q = sharding.constrain(q, ('batch', 'length', 'heads', 'head_dim'))
     q = apply_rope(q, positions_BxL[:, q_from:], cfg.rope_theta, q_rope)
-    k_BxJxDxT = apply_rope(k, positions_BxL, cfg.rope_theta, rope).transpose(0, 2, 3, 1)
+    k = apply_rope(k, positions_BxL, cfg.rope_theta, rope)
+    if kv_cache is None and cfg.attention != 'einsum':
+      out = jax.nn.dot_product_attention(q, k, v, mask=visible_BxLxT[:, None, q_from:], implementation=cfg.attention)
+      return jnp.einsum('blhk,hkd->bld', out.astype(dt), self.wo[...].astype(dt)), None
+    k_BxJxDxT = k.transpose(0, 2, 3, 1)
     v_BxJxTxD = v.transpose(0, 2, 1, 3)
     if kv_cache is not None:
       k_cache, v_cache = kv_cache

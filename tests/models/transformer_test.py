@@ -194,3 +194,38 @@ def test_hidden_from_equals_the_slice_of_the_full_forward(remat):
   chex.assert_trees_all_close(g_part, g_full, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match='hidden_from=9'):
     fwd(st, 9)
+
+
+def test_dot_product_attention_equals_ours_with_padding_gqa_and_hidden_from():
+  """model.attention='xla' (`jax.nn.dot_product_attention`, the call that 'cudnn' makes on a
+  GPU): the same logits, values and gradients as ours on a left-padded GQA batch, with
+  `hidden_from`; forwards with a KV cache keep ours (same outputs)."""
+  cfg = tfm.ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
+                        value_head='sigmoid')
+  gd, st = nnx.split(tfm.init_model(cfg, seed=3))
+  gd_x, _ = nnx.split(tfm.init_model(dataclasses.replace(cfg, attention='xla'), seed=3))
+  tokens = jax.random.randint(jax.random.key(1), (3, 9), 1, 50)
+  mask = jnp.arange(9)[None] >= jnp.array([0, 2, 5])[:, None]
+  pos = tfm.positions_from_mask(mask)
+
+  def loss(g, s, k):
+    out = nnx.merge(g, s)(tokens, pos, mask, hidden_from=k)
+    keep = mask[:, k:, None]
+    return jnp.sum(jnp.where(keep, jnp.sin(out.logits_BxLxV), 0.0)) + jnp.sum(jnp.where(mask[:, k:], out.values_BxL, 0.0))
+
+  for k in (0, 4):
+    fwd = jax.jit(lambda s, g: nnx.merge(g, s)(tokens, pos, mask, hidden_from=k), static_argnums=1)
+    a, b = fwd(st, gd), fwd(st, gd_x)
+    real = np.asarray(mask[:, k:])
+    np.testing.assert_allclose(np.asarray(b.logits_BxLxV)[real], np.asarray(a.logits_BxLxV)[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b.values_BxL)[real], np.asarray(a.values_BxL)[real], rtol=1e-5, atol=1e-5)
+  grad = jax.jit(jax.grad(loss, argnums=1), static_argnums=(0, 2))
+  g_a, g_b = grad(gd, st, 4), grad(gd_x, st, 4)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(g_b))  # fully masked pad queries stay finite
+  chex.assert_trees_all_close(g_b, g_a, rtol=1e-4, atol=1e-5)
+  # A prefill into a KV cache runs ours whatever model.attention says: the same cache and logits.
+  pre = jax.jit(lambda s, g: nnx.merge(g, s)(tokens, pos, mask, cache=tfm.KVCache.zeros(cfg, 3, 12), cache_index=0),
+                static_argnums=1)
+  chex.assert_trees_all_close(pre(st, gd_x), pre(st, gd))
+  with pytest.raises(ValueError, match="model.attention='flash'"):
+    tfm.ModelConfig(vocab_size=50, attention='flash')
