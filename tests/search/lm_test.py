@@ -363,13 +363,16 @@ def test_extension_values_equal_the_value_head_over_each_extended_state():
                       [[1, 1, 1, 1, 1], [0, 0, 0, 0, 1], [1, 0, 0, 0, 0]]], bool)
   values, own = jax.jit(model.extension_value_fn)(params, nodes, ext, mask)
   np.testing.assert_allclose(own, model.last_value_fn(params, nodes), rtol=1e-5, atol=1e-6)
+  whole_fn = jax.jit(lambda t, k: model.value_fn(params, NodeBatch(t, k, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32))))
+  width = p.shape[1] + ext.shape[2]
   for i in range(2):
     for j in range(3):
       real = np.flatnonzero(mask[i, j])
       np.testing.assert_array_equal(np.asarray(values[i, j])[~np.asarray(mask[i, j])], 0.0)
       if real.size == 0:
         continue
-      tok = jnp.concatenate([p[i], ext[i, j, real]])[None]
-      msk = jnp.concatenate([m[i], jnp.ones((real.size,), bool)])[None]
-      whole = model.value_fn(params, NodeBatch(tok, msk, jnp.ones((1,), jnp.int32), jnp.array([i])))[0, -real.size:]
+      # The parent's real tokens and the extension's, left-padded to one width (one compile).
+      tok = np.concatenate([np.asarray(p[i])[np.asarray(m[i])], np.asarray(ext[i, j, real])])
+      pad = width - tok.size
+      whole = whole_fn(jnp.asarray(np.pad(tok, (pad, 0)))[None], (jnp.arange(width) >= pad)[None])[0, -real.size:]
       np.testing.assert_allclose(np.asarray(values[i, j])[real], whole, rtol=1e-4, atol=1e-5)
