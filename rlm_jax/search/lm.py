@@ -17,8 +17,9 @@
   node's state only (`last_value_fn`). New states (children, rollouts, completions) are
   scored by `extension_value_fn`: each parent's state is prefilled once into the value model's
   KV cache, broadcast to its K extensions, and only their new tokens run against it (an
-  expansion reads M·(T + K·L) token positions instead of M·K·(T + L)), or the policy's own value head (`value_from_policy=True`, actor-critic): then
-  the value of a new step's end state is read from the decode that sampled it (the forward
+  expansion reads M·(T + K·L) token positions instead of M·K·(T + L)). Or the policy's own
+  value head (`value_from_policy=True`, actor-critic): then the value of a new step's end
+  state is read from the decode that sampled it (the forward
   that writes the step's last token computes its hidden state), so an expansion runs no
   second model over the children. A 'logit' head (P(correct)) is mapped to reward units
   2 sigmoid(z) - 1 so every q lives in [-1, 1].
