@@ -41,16 +41,22 @@ def _buffer(*rows):
   return buf
 
 
-def test_visit_share_targets_raise_the_good_sibling_and_lower_the_bad_one():
+def _tiny_policy(learning_rate: float):
+  """(graphdef, params, optimizer, logp): a 1-layer policy and log pi(GOOD), log pi(BAD) after the prompt."""
   gd, params = nnx.split(Transformer(ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
                                                  head_dim=8, d_ff=32), rngs=nnx.Rngs(params=0)))
-  tx = make_optimizer(OptimConfig(learning_rate=3e-2, grad_clip=0.0))
 
   @jax.jit
-  def probs(p):
+  def logp(p):
     logits = nnx.merge(gd, p)(jnp.asarray([PROMPT])).logits_BxLxV[0, -1]
-    return jax.nn.softmax(logits)[jnp.array([GOOD, BAD])]
+    return jax.nn.log_softmax(logits)[jnp.array([GOOD, BAD])]
 
+  return gd, params, make_optimizer(OptimConfig(learning_rate=learning_rate, grad_clip=0.0)), logp
+
+
+def test_visit_share_targets_raise_the_good_sibling_and_lower_the_bad_one():
+  gd, params, tx, logp = _tiny_policy(3e-2)
+  probs = lambda p: jnp.exp(logp(p))
   fit = jax.jit(lambda st, buf, key: az.distill(gd, tx, st, buf, key, num_steps=60, batch_size=8, prompt_len=LP)[0])
   # A policy that prefers the bad step (as after SFT on a misleading trace) ...
   state = fit(create_train_state(params, tx), _buffer(_node_row(BAD, 1.0)), jax.random.key(0))
@@ -64,15 +70,7 @@ def test_visit_share_targets_raise_the_good_sibling_and_lower_the_bad_one():
 
 
 def test_advantage_distillation_raises_the_good_step_and_lowers_the_bad_sibling():
-  gd, params = nnx.split(Transformer(ModelConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
-                                                 head_dim=8, d_ff=32), rngs=nnx.Rngs(params=0)))
-  tx = make_optimizer(OptimConfig(learning_rate=1e-2, grad_clip=0.0))
-
-  @jax.jit
-  def logp(p):
-    logits = nnx.merge(gd, p)(jnp.asarray([PROMPT])).logits_BxLxV[0, -1]
-    return jax.nn.log_softmax(logits)[jnp.array([GOOD, BAD])]
-
+  gd, params, tx, logp = _tiny_policy(1e-2)
   # A policy that prefers the bad step (cross-entropy on it: p = 0.75 vs 0.02) ...
   sft = jax.jit(lambda st, buf, key: az.distill(gd, tx, st, buf, key, num_steps=NUM_SFT, batch_size=8, prompt_len=LP)[0])
   state = sft(create_train_state(params, tx), _buffer(_node_row(BAD, 1.0, 0.0)), jax.random.key(0))
