@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
                         max_steps=8, outcome_weight=0.0),
       ppo=dict(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, entropy_coef=0.0, gamma=1.0, lam=0.95,
                kl_coef=0.05, num_ppo_epochs=4, whiten_rewards=False, num_minibatches=1,
+               shuffle='rows',  # 'groups': minibatches of whole prompt groups (their passes share prompts)
                whiten_advantages=True),
       # neg_logp_floor: negatively weighted tokens stop being pushed below this log-prob (None: never).
       em=dict(weights='raw', normalize='sequence_sum', num_m_steps=1, neg_logp_floor=-5.0),

@@ -48,6 +48,9 @@ class PPOSetup:
     baseline is the value head).
   num_minibatches: each PPO epoch splits the B·G rollouts into this many shuffled
     minibatches (one optimizer step each); B·G must be divisible by it.
+  shuffle: what a minibatch is drawn as: 'rows' (rollouts one by one, as TRL) or 'groups'
+    (each prompt's G rollouts together, B divisible by num_minibatches): then the minibatch
+    passes, too, run each prompt once for its G completions (`shared_prompt`).
   whiten_advantages: normalise advantages over the valid tokens of the batch (TRL does).
   """
 
@@ -57,6 +60,7 @@ class PPOSetup:
   step_id: int
   group_size: int = 1
   num_minibatches: int = 1
+  shuffle: str = 'rows'
   whiten_advantages: bool = True
   # Jittable verifier: (SampleOutput, batch with rows repeated G times) -> scores in {-1, 0, 1, 2}.
   # None: the final step must equal batch['answer'] (`rewards.final_step_score`).
@@ -71,8 +75,8 @@ class PPOSetup:
   # update's, e.g. a rollout mesh with other precision).
   recompute_old: bool = False
   # The forward passes run each prompt once for its G completions (`rollout.shared_prompt_hidden`)
-  # when the update takes the rollout whole (num_minibatches = 1: shuffled minibatches split
-  # the groups); False: every row whole.
+  # when the update takes whole groups (num_minibatches = 1 or shuffle='groups'; shuffled rows
+  # split the groups); False: every row whole.
   shared_prompt: bool = True
 
   def __post_init__(self):
@@ -85,6 +89,8 @@ class PPOSetup:
       raise ValueError(f'PPOSetup.group_size must be an int >= 1, got {self.group_size!r}')
     if not isinstance(self.num_minibatches, int) or self.num_minibatches < 1:
       raise ValueError(f'PPOSetup.num_minibatches must be an int >= 1, got {self.num_minibatches!r}')
+    if self.shuffle not in ('rows', 'groups'):
+      raise ValueError(f"PPOSetup.shuffle='{self.shuffle}': must be 'rows' or 'groups'")
 
 
 def actor_critic_params(actor_critic: nnx.State, policy: nnx.State) -> nnx.State:
@@ -181,6 +187,9 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
   if n % setup.num_minibatches:
     raise ValueError(f'PPOSetup.num_minibatches={setup.num_minibatches} does not divide the '
                      f'{n} rollouts (batch × group_size)')
+  if setup.shuffle == 'groups' and (n // setup.group_size) % setup.num_minibatches:
+    raise ValueError(f"PPOSetup.num_minibatches={setup.num_minibatches} does not divide the "
+                     f"{n // setup.group_size} prompt groups (shuffle='groups')")
   k_roll, k_shuffle = jax.random.split(key)
   ro = rollout(graphdef, state.params, batch, k_roll, setup, return_values=not setup.recompute_old)
   lp = ro['prompt'].shape[1]
@@ -192,6 +201,7 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
   temp, chunk = logprob_temperature(setup.sampling), setup.logprob_chunk_tokens
   nmb = setup.num_minibatches
   group = setup.group_size if setup.shared_prompt else 1
+  whole_groups = nmb == 1 or setup.shuffle == 'groups'  # minibatches hold each prompt's G rows together
   forward_all = lambda p: forward(graphdef, p, seq, seq_mask, lp, temp, chunk, group)
   if setup.recompute_old:
     old_logp_BxT, _, old_v_BxT = sg(forward_all(state.params))
@@ -216,7 +226,7 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
 
   def loss_fn(params, mb):
     logp, entropy, values = forward(graphdef, params, mb['seq'], mb['seq_mask'], lp, temp, chunk,
-                                    group if nmb == 1 else 1)
+                                    group if whole_groups else 1)
     return losses.ppo_loss(logp, mb['old_logp'], mb['adv'], values, mb['old_v'], mb['returns'],
                            mb['mask'], entropy, cfg)
 
@@ -228,7 +238,13 @@ def ppo_iteration(graphdef, tx: optax.GradientTransformation, setup: PPOSetup, s
     return new, dict(aux, loss=loss, grad_norm=optax.global_norm(grads), finite=finite)
 
   def epoch(st: TrainState, k):
-    perm = jax.random.permutation(k, n) if nmb > 1 else jnp.arange(n)
+    if nmb == 1:
+      perm = jnp.arange(n)
+    elif setup.shuffle == 'groups':  # prompts shuffled, each group's rows kept in order
+      g = setup.group_size
+      perm = (jax.random.permutation(k, n // g)[:, None] * g + jnp.arange(g)).reshape(n)
+    else:
+      perm = jax.random.permutation(k, n)
     mbs = jax.tree.map(lambda x: x[perm].reshape((nmb, n // nmb) + x.shape[1:]), data)
     return jax.lax.scan(update, st, mbs)
 
@@ -269,7 +285,13 @@ class PPOSection(losses.PPOConfig):
   """`config.rl.ppo`: the loss knobs of `losses.PPOConfig` plus the batching of `PPOSetup`."""
 
   num_minibatches: int = 1
+  shuffle: str = 'rows'
   whiten_advantages: bool = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.shuffle not in ('rows', 'groups'):
+      raise ValueError(f"shuffle='{self.shuffle}': must be 'rows' or 'groups'")
 
 
 def build_phase(ctx, section: PPOSection):
@@ -282,7 +304,8 @@ def build_phase(ctx, section: PPOSection):
   ref = jax.tree.map(jnp.copy, params) if section.kl_coef > 0 else None
   setup = PPOSetup(loss=section, sampling=ctx.sampling, reward=rl.reward, step_id=ctx.tok.step_id,
                    step_ends=StepEnds.of(ctx.tok), group_size=rl.group_size,
-                   num_minibatches=section.num_minibatches, whiten_advantages=section.whiten_advantages,
+                   num_minibatches=section.num_minibatches, shuffle=section.shuffle,
+                   whiten_advantages=section.whiten_advantages,
                    logprob_chunk_tokens=rl.logprob_chunk_tokens, recompute_old=rl.recompute_old_logp,
                    shared_prompt=rl.shared_prompt)
   state = create_train_state(params, tx, ctx.mesh, ctx.rules)

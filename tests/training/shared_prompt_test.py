@@ -112,7 +112,8 @@ def test_grpo_update_with_shared_prompts_equals_whole_rows(microbatches=2):
 
 def test_ppo_forward_and_iteration_with_shared_prompts_equal_whole_rows():
   """The actor-critic's log-probs, entropies and values per completion token, and a whole PPO
-  iteration (recomputed π_old / V_old, KL to a reference, 2 epochs), agree with whole rows."""
+  iteration (recomputed π_old / V_old, KL to a reference, 2 epochs of 3 minibatches of whole
+  prompt groups, `shuffle='groups'`), agree with whole rows."""
   from rlm_jax.training import ppo  # pylint: disable=g-import-not-at-top
 
   cfg = tfm.ModelConfig(**{**CFG.__dict__, 'value_head': 'sigmoid'})
@@ -127,7 +128,8 @@ def test_ppo_forward_and_iteration_with_shared_prompts_equal_whole_rows():
   loss = losses.PPOConfig(num_ppo_epochs=2, kl_coef=0.05, vf_coef=0.5)
   setup = lambda shared: ppo.PPOSetup(loss=loss, sampling=SamplingConfig(max_new_tokens=T, eos_id=2, pad_id=0),
                                       reward=RewardConfig(correct=1.0, wrong=-1.0), step_id=1, group_size=G,
-                                      recompute_old=True, shared_prompt=shared,
+                                      recompute_old=True, shared_prompt=shared, num_minibatches=3,
+                                      shuffle='groups',
                                       score_fn=lambda out, batch: jnp.where(out.tokens_BxT[:, 0] % 2 == 0, 2, 0))
   tx = optax.adam(1e-2)
   batch = {'prompt': seq[::G, :LP], 'prompt_mask': seq_mask[::G, :LP]}
@@ -137,4 +139,5 @@ def test_ppo_forward_and_iteration_with_shared_prompts_equal_whole_rows():
   for k in ('reward', 'kl', 'value_mean', 'pg_loss', 'vf_loss', 'loss'):
     np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-4, atol=1e-6, err_msg=k)
   assert 0.0 < float(m1['reward'] + 1.0) / 2.0 < 1.0  # mixed rewards: a real policy gradient
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), s1.params, s2.params)
+  # 6 Adam steps at lr 1e-2 (2 epochs x 3 minibatches) carry float error: measured max 1.6e-5.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5), s1.params, s2.params)
